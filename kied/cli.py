@@ -1,0 +1,167 @@
+"""The ``kied`` command: serve, inspect-callback, simulate.
+
+This is the entry point: the only place that reads ``os.environ``, configures logging
+and installs signal handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import trio
+
+from kied import __version__
+from kied.errors import ConfigError
+from kied.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["main"]
+
+logger = logging.getLogger("kied")
+
+_COMMANDS = """\
+commands:
+  serve             run the daemon (kied serve --help lists every setting)
+  inspect-callback  show what kied makes of a callback body: kied inspect-callback FILE|-
+  simulate          run a fake KIE API for development (kied simulate --help)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kied`` command line; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(f"usage: kied COMMAND [ARGS]\n\n{_COMMANDS}")
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(f"kied {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        return _serve(rest)
+    if command == "inspect-callback":
+        return _inspect_callback(rest)
+    if command == "simulate":
+        from kied.kie.simulator import main as simulate
+
+        return simulate(rest)
+    print(f"kied: unknown command {command!r}\n\n{_COMMANDS}", file=sys.stderr)
+    return 2
+
+
+def configure_logging(level: str) -> None:
+    """Plain lines on stderr; under systemd the journal adds its own timestamps."""
+    under_journal = "JOURNAL_STREAM" in os.environ
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if under_journal
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+
+
+def _serve(argv: Sequence[str]) -> int:
+    try:
+        settings = load_settings(os.environ, argv)
+    except ConfigError as exc:
+        print(f"kied: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    failure: OSError | None = None
+    try:
+        trio.run(_serve_async, settings)
+    except* OSError as group:
+        failure = _first_leaf(group)
+    if failure is not None:
+        # One line for the user; the log above has the detail.
+        print(f"kied: cannot serve on {settings.host}:{settings.port}: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_async(settings: Settings) -> None:
+    from kied.daemon import run
+
+    stop = trio.Event()
+    # Signals are caught before anything else starts: without this, SIGTERM kills the
+    # process with no cleanup and SIGINT can be swallowed inside a request handler.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    logger.info("[HTTP] %s received: stopping", signal.Signals(signum).name)
+                    stop.set()
+
+            nursery.start_soon(watch_signals)
+            await run(settings, stop=stop)
+            nursery.cancel_scope.cancel()
+
+
+def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, OSError)
+    return exc
+
+
+def _inspect_callback(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kied inspect-callback",
+        description="Print, as one JSON object, what kied makes of a callback body.",
+    )
+    parser.add_argument("file", help="a file with the body, or - for standard input")
+    parser.add_argument(
+        "--query", default="", help="the callback URL's query string, e.g. 'taskId=abc'"
+    )
+    parser.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="a request header; repeatable",
+    )
+    args = parser.parse_args(list(argv))
+    try:
+        if args.file == "-":
+            body = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as f:
+                body = f.read()
+    except OSError as exc:
+        print(f"kied inspect-callback: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    from urllib.parse import parse_qsl
+
+    from kied.core.callbacks import parse_callback, result_to_json
+
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep:
+            print(
+                f"kied inspect-callback: --header wants NAME:VALUE, not {item!r}", file=sys.stderr
+            )
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    parsed = parse_callback(
+        body,
+        query=dict(parse_qsl(args.query, keep_blank_values=True)),
+        headers=headers,
+        content_type=headers.get("content-type"),
+    )
+    print(json.dumps(result_to_json(parsed), ensure_ascii=False, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Jobs and their one state table.
+
+A job is kied's record of one KIE task. Every change of state goes through
+:func:`advance`, and the store applies the result as a compare-and-set over
+:func:`sources`, so that whichever of callback, poller or deadline comes first
+wins and every later writer is a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Final, NewType
+
+from kied.errors import IllegalTransitionError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from kied.core._json import JsonObject, JsonValue
+
+__all__ = [
+    "ACTIVE_STATES",
+    "TERMINAL_STATES",
+    "EndedBy",
+    "EventKind",
+    "Job",
+    "JobId",
+    "JobState",
+    "NewJob",
+    "Report",
+    "TaskId",
+    "advance",
+    "is_late",
+    "sources",
+    "target",
+]
+
+JobId = NewType("JobId", str)
+TaskId = NewType("TaskId", str)
+
+
+class JobState(StrEnum):
+    SUBMITTING = "submitting"
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+#: States a poller still works on.
+ACTIVE_STATES: Final = frozenset({JobState.SUBMITTING, JobState.PENDING})
+#: States that end polling. ``timed_out`` may still be replaced by a late KIE outcome.
+TERMINAL_STATES: Final = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
+)
+
+
+class EventKind(StrEnum):
+    ACCEPTED = "accepted"  # KIE answered createTask with a task id
+    PROGRESS = "progress"  # KIE says the task is still running
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEADLINE = "deadline"  # the job's deadline passed with no outcome
+    CANCEL = "cancel"  # the application stopped tracking the job
+
+
+class EndedBy(StrEnum):
+    CALLBACK = "callback"
+    POLL = "poll"
+    SUBMIT = "submit"  # createTask itself was refused
+    DEADLINE = "deadline"
+    CANCEL = "cancel"
+
+
+_S = JobState
+_E = EventKind
+
+_TRANSITIONS: Final[Mapping[tuple[JobState, EventKind], JobState]] = {
+    (_S.SUBMITTING, _E.ACCEPTED): _S.PENDING,
+    (_S.SUBMITTING, _E.PROGRESS): _S.PENDING,
+    (_S.SUBMITTING, _E.SUCCEEDED): _S.SUCCEEDED,
+    (_S.SUBMITTING, _E.FAILED): _S.FAILED,
+    (_S.SUBMITTING, _E.DEADLINE): _S.TIMED_OUT,
+    (_S.SUBMITTING, _E.CANCEL): _S.CANCELLED,
+    (_S.PENDING, _E.ACCEPTED): _S.PENDING,
+    (_S.PENDING, _E.PROGRESS): _S.PENDING,
+    (_S.PENDING, _E.SUCCEEDED): _S.SUCCEEDED,
+    (_S.PENDING, _E.FAILED): _S.FAILED,
+    (_S.PENDING, _E.DEADLINE): _S.TIMED_OUT,
+    (_S.PENDING, _E.CANCEL): _S.CANCELLED,
+    # A KIE outcome that arrives after the deadline still replaces timed_out (marked late).
+    (_S.TIMED_OUT, _E.SUCCEEDED): _S.SUCCEEDED,
+    (_S.TIMED_OUT, _E.FAILED): _S.FAILED,
+    (_S.TIMED_OUT, _E.CANCEL): _S.CANCELLED,
+}
+
+# Every event leads to one state whatever it starts from, so a compare-and-set
+# on the set of source states is the whole rule.
+_TARGETS: Final[Mapping[EventKind, JobState]] = {e: s for (_, e), s in _TRANSITIONS.items()}
+_SOURCES: Final[Mapping[EventKind, frozenset[JobState]]] = {
+    event: frozenset(s for (s, e) in _TRANSITIONS if e is event) for event in EventKind
+}
+
+
+def advance(state: JobState, event: EventKind) -> JobState:
+    """Return the state that ``event`` moves a job in ``state`` to.
+
+    Raises:
+        IllegalTransitionError: the table has no such transition (for example any
+            event on a succeeded job); nothing is changed.
+    """
+    try:
+        return _TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransitionError(f"no transition from {state} on {event}") from None
+
+
+def sources(event: EventKind) -> frozenset[JobState]:
+    """The states from which ``event`` may move a job: the compare-and-set guard."""
+    return _SOURCES[event]
+
+
+def target(event: EventKind) -> JobState:
+    """The state ``event`` moves a job to from any of :func:`sources`."""
+    return _TARGETS[event]
+
+
+def is_late(state: JobState, event: EventKind) -> bool:
+    """Whether applying ``event`` in ``state`` is a KIE outcome arriving after the deadline."""
+    return state is JobState.TIMED_OUT and event in (EventKind.SUCCEEDED, EventKind.FAILED)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewJob:
+    """A job as the application asks for it, before it is stored."""
+
+    id: JobId
+    family: str
+    model: str | None = None
+    task_id: TaskId | None = None
+    request: JsonObject | None = None
+    metadata: JsonObject | None = None
+    idempotency_key: str | None = None
+    created_at: float
+    deadline_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Job:
+    """kied's record of one KIE task, as stored."""
+
+    id: JobId
+    family: str
+    model: str | None
+    task_id: TaskId | None
+    state: JobState
+    request: JsonObject | None
+    metadata: JsonObject | None
+    idempotency_key: str | None
+    created_at: float
+    updated_at: float
+    deadline_at: float
+    kie_state: str | None = None
+    result_urls: tuple[str, ...] = ()
+    result: JsonValue = None
+    error_code: str | None = None
+    error_message: str | None = None
+    ended_by: EndedBy | None = None
+    ended_at: float | None = None
+    late: bool = False
+    last_error: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    """One thing learned about a job: from a callback, a poll, the deadline or the application."""
+
+    event: EventKind
+    source: EndedBy
+    kie_state: str | None = None
+    result_urls: tuple[str, ...] = ()
+    result: JsonValue = None
+    error_code: str | None = None
+    error_message: str | None = None

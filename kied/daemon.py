@@ -1,0 +1,252 @@
+"""The root nursery: HTTP first, then storage, then leadership.
+
+::
+
+    run()
+    ├── HTTP server (Hypercorn trio serve + Quart-Trio app)   started first
+    ├── storage: opened after the port, retried while it fails
+    └── leadership: loop { acquire lock -> ACTIVE; lose it -> PASSIVE }
+          └── while ACTIVE: the leader's nursery, cancelled when the lock is lost
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from enum import StrEnum
+from typing import Any
+
+import trio
+import trio.lowlevel
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from kied import __version__
+from kied.errors import LeadershipLostError, StoreError, StoreUnavailableError
+from kied.leadership import Leader, open_leadership
+from kied.service import CallbackService
+from kied.settings import FileLockSettings, NoLockSettings, Settings
+from kied.store import JobStore, open_store
+from kied.web import create_app
+
+__all__ = ["Daemon", "LeaderTask", "Mode", "hypercorn_config", "run"]
+
+logger = logging.getLogger(__name__)
+
+#: How long a request waits for storage that is still opening before it gives up.
+_STORE_WAIT_S = 10.0
+_STORE_RETRY_MAX_S = 30.0
+_READY_PROBE_S = 2.0
+
+LeaderTask = Callable[[JobStore, Leader], Awaitable[None]]
+
+
+class Mode(StrEnum):
+    ACTIVE = "ACTIVE"
+    PASSIVE = "PASSIVE"
+
+
+class Daemon:
+    """The state the HTTP layer reads, and the long-running tasks of one kied process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        now: Callable[[], float] = time.time,
+        leader_tasks: Sequence[LeaderTask] = (),
+    ) -> None:
+        self.settings = settings
+        self.now = now
+        self.mode = Mode.PASSIVE
+        self._leader: Leader | None = None
+        self._leader_tasks = tuple(leader_tasks)
+        self._store: JobStore | None = None
+        self._store_ready = trio.Event()
+        self._store_problem = "storage is opening"
+        self._started_at = trio.current_time()
+        self.callbacks = CallbackService(settings, store=self.store, now=now)
+
+    @property
+    def lock_backend(self) -> str:
+        if isinstance(self.settings.lock, FileLockSettings):
+            return "file"
+        if isinstance(self.settings.lock, NoLockSettings):
+            return "none"
+        return "postgres"
+
+    def health(self) -> dict[str, Any]:
+        leader = self._leader
+        return {
+            "status": "ok",
+            "mode": self.mode.value,
+            "version": __version__,
+            "lock": self.lock_backend,
+            "leader_for_s": (
+                round(trio.current_time() - leader.acquired_at, 3) if leader is not None else None
+            ),
+            "storage": "ready" if self._store is not None else "unavailable",
+            "uptime_s": round(trio.current_time() - self._started_at, 3),
+        }
+
+    async def readiness(self) -> str | None:
+        store = self._store
+        if store is None:
+            return self._store_problem
+        try:
+            with trio.fail_after(_READY_PROBE_S):
+                await store.ping()
+        except trio.TooSlowError:
+            return f"storage did not answer within {_READY_PROBE_S:g} s"
+        except StoreError as exc:
+            return str(exc)
+        return None
+
+    async def store(self) -> JobStore:
+        """The open store, waiting a bounded time while it is still opening.
+
+        Raises:
+            StoreUnavailableError: storage did not open in time.
+        """
+        if self._store is None:
+            with trio.move_on_after(_STORE_WAIT_S):
+                await self._store_ready.wait()
+        if self._store is None:
+            raise StoreUnavailableError(self._store_problem)
+        return self._store
+
+    async def run_storage(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open storage, retrying while it fails, and keep it open until cancelled.
+
+        Reports started at once: the daemon serves while storage is still opening.
+        """
+        task_status.started()
+        delay = 0.5
+        while True:
+            try:
+                async with open_store(self.settings.store) as store:
+                    self._store = store
+                    self._store_ready.set()
+                    logger.info("[GEN] storage ready: %s", _describe_store(self.settings))
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._store = None
+                        self._store_problem = "storage is closed"
+            except StoreError as exc:
+                self._store_problem = str(exc)
+                logger.error("[GEN] storage unavailable, retrying in %.1f s: %s", delay, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _STORE_RETRY_MAX_S)
+
+    async def run_leadership(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """PASSIVE until the lock is held, ACTIVE while it is, and again, until cancelled."""
+        task_status.started()
+        while True:
+            logger.info("[LOCK] seeking the %s lock; PASSIVE until it is held", self.lock_backend)
+            try:
+                async with open_leadership(self.settings.lock) as leader:
+                    store = await self._wait_store_forever()
+                    self._leader = leader
+                    self.mode = Mode.ACTIVE
+                    logger.info("[LOCK] %s lock held: ACTIVE", leader.backend)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(leader.watch)
+                            for task in self._leader_tasks:
+                                nursery.start_soon(task, store, leader)
+                    finally:
+                        self.mode = Mode.PASSIVE
+                        self._leader = None
+            except* LeadershipLostError as group:
+                for exc in group.exceptions:
+                    logger.warning("[LOCK] leadership lost: %s; PASSIVE", exc)
+            await trio.lowlevel.checkpoint()
+
+    async def _wait_store_forever(self) -> JobStore:
+        while self._store is None:
+            await self._store_ready.wait()
+            if self._store is None:
+                await trio.sleep(0.1)
+        return self._store
+
+
+def _describe_store(settings: Settings) -> str:
+    store = settings.store
+    return f"sqlite {store.path}" if hasattr(store, "path") else "postgresql"
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    """Hypercorn's configuration for ``settings``."""
+    config = HypercornConfig()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.graceful_timeout = settings.graceful_timeout_s
+    config.accesslog = None
+    config.errorlog = logging.getLogger("kied.http")
+    return config
+
+
+async def run(
+    settings: Settings,
+    *,
+    stop: trio.Event,
+    now: Callable[[], float] = time.time,
+    leader_tasks: Sequence[LeaderTask] = (),
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one kied daemon until ``stop`` is set.
+
+    The HTTP port is bound before anything slow happens: ``task_status.started`` hands
+    back the bound URLs (port 0 resolved) as soon as the socket listens; storage and the
+    leadership lock are taken afterwards, in the background.
+
+    Args:
+        settings: validated settings.
+        stop: set it to shut down: the lock is released, in-flight requests finish
+            (bounded by ``settings.graceful_timeout_s``), storage is closed, and the
+            whole stop is bounded by ``settings.shutdown_grace_s``.
+        now: the wall clock (Unix seconds) used for stored times.
+        leader_tasks: work run only while ACTIVE, cancelled when the lock is lost.
+
+    Cancellation: cancelling ``run`` skips the graceful drain; prefer ``stop``.
+    Resource handling: owns the listening socket, storage and the lock.
+    """
+    daemon = Daemon(settings, now=now, leader_tasks=leader_tasks)
+    app = create_app(
+        callbacks=daemon.callbacks,
+        status=daemon,
+        max_callback_bytes=settings.max_callback_bytes,
+        oversized_keep_bytes=settings.oversized_keep_bytes,
+    )
+    http_done = trio.Event()
+
+    async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await serve(
+                app, hypercorn_config(settings), shutdown_trigger=stop.wait, task_status=task_status
+            )
+        finally:
+            http_done.set()
+            stop.set()
+
+    async with trio.open_nursery() as root:
+        urls: list[str] = await root.start(serve_http)
+        logger.info("[HTTP] listening on %s", " ".join(urls))
+        task_status.started(urls)
+        async with trio.open_nursery() as storage:
+            await storage.start(daemon.run_storage)
+            async with trio.open_nursery() as leadership:
+                leadership.start_soon(daemon.run_leadership)
+                await stop.wait()
+                logger.info("[HTTP] shutting down: releasing the lock, draining requests")
+                root.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace_s
+                leadership.cancel_scope.cancel()
+            await http_done.wait()
+            storage.cancel_scope.cancel()
+    logger.info("[HTTP] stopped")

@@ -1,0 +1,82 @@
+"""kied's exceptions.
+
+::
+
+    KiedError
+    ├── ConfigError              a setting is missing or wrong (one line names it)
+    ├── IllegalTransitionError   a job event that the state table does not allow
+    ├── StoreError
+    │   ├── StoreUnavailableError  the database cannot be reached or answered with an error
+    │   └── ConflictError          a write lost to a concurrent one (compare-and-set)
+    ├── LeadershipLostError      the leadership lock was lost while ACTIVE
+    └── UpstreamError            KIE answered badly or not at all
+        ├── UpstreamTimeoutError
+        └── UpstreamRejectedError  KIE refused the request (401, 402, 422, ...)
+
+Malformed callbacks are not errors: the parser returns values.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ConflictError",
+    "IllegalTransitionError",
+    "KiedError",
+    "LeadershipLostError",
+    "StoreError",
+    "StoreUnavailableError",
+    "UpstreamError",
+    "UpstreamRejectedError",
+    "UpstreamTimeoutError",
+]
+
+
+class KiedError(Exception):
+    """The root of kied's own exceptions."""
+
+
+class ConfigError(KiedError):
+    """A setting is missing or invalid; the message names the setting."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+class IllegalTransitionError(KiedError):
+    """The job state table has no transition for this (state, event) pair."""
+
+
+class StoreError(KiedError):
+    """Storage failed."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database could not be reached, or refused the operation."""
+
+
+class ConflictError(StoreError):
+    """A concurrent writer won a compare-and-set."""
+
+
+class LeadershipLostError(KiedError):
+    """The leadership lock was lost while this instance was ACTIVE."""
+
+
+class UpstreamError(KiedError):
+    """KIE answered with an error, or not at all."""
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """KIE did not answer in time."""
+
+
+class UpstreamRejectedError(UpstreamError):
+    """KIE refused the request; retrying will not help."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"KIE refused the request: code {code}: {message}")
+        self.code = code
+        self.message = message

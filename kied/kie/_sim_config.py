@@ -1,0 +1,394 @@
+"""``kied simulate``'s configuration: one frozen object, and the command line that builds it."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
+
+from kied.errors import ConfigError
+from kied.kie._sim_faults import MalformedKind, StatusErrorKind
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+__all__ = ["SimulatorConfig", "parse_simulator_args"]
+
+SECONDS = 1.0
+
+_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+# ============================================================================================
+# Configuration
+
+#: The command-line flag behind each configuration field, for error messages.
+_FLAG: Final[Mapping[str, str]] = {
+    "host": "--host",
+    "port": "--port",
+    "duration_s": "--duration",
+    "fail_rate": "--fail-rate",
+    "drop_callbacks": "--drop-callbacks",
+    "duplicate_callbacks": "--duplicate-callbacks",
+    "late_callbacks": "--late-callbacks",
+    "late_delay_s": "--late-delay",
+    "malformed_callbacks": "--malformed-callbacks",
+    "malformed_kinds": "--malformed-kinds",
+    "stuck": "--stuck",
+    "status_errors": "--status-errors",
+    "status_error_kinds": "--status-error-kinds",
+    "hmac_key": "--hmac-key",
+    "seed": "--seed",
+    "callback_timeout_s": "--callback-timeout",
+    "callback_retries": "--callback-retries",
+    "callback_retry_delay_s": "--callback-retry-delay",
+    "callback_concurrency": "--callback-concurrency",
+    "graceful_timeout_s": "--graceful-timeout",
+    "log_level": "--log-level",
+}
+
+_FRACTIONS: Final = (
+    "fail_rate",
+    "drop_callbacks",
+    "duplicate_callbacks",
+    "late_callbacks",
+    "malformed_callbacks",
+    "stuck",
+    "status_errors",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimulatorConfig:
+    """Everything ``kied simulate`` can be told. Validated on construction.
+
+    Fractions (``fail_rate`` and the fault rates) are probabilities in [0, 1], drawn per task
+    (callback faults, ``stuck``, ``fail_rate``) or per status query (``status_errors``) from a
+    generator seeded with ``seed``.
+    """
+
+    host: str = "127.0.0.1"
+    #: 0 binds any free port
+    port: int = 8081
+    #: each task takes a duration drawn uniformly from [min, max]
+    duration_s: tuple[float, float] = (5 * SECONDS, 15 * SECONDS)
+    fail_rate: float = 0.0
+    drop_callbacks: float = 0.0
+    duplicate_callbacks: float = 0.0
+    late_callbacks: float = 0.0
+    late_delay_s: float = 30 * SECONDS
+    malformed_callbacks: float = 0.0
+    malformed_kinds: tuple[MalformedKind, ...] = tuple(MalformedKind)
+    stuck: float = 0.0
+    status_errors: float = 0.0
+    status_error_kinds: tuple[StatusErrorKind, ...] = tuple(StatusErrorKind)
+    #: sign callbacks the way KIE does when webhook HMAC is switched on
+    hmac_key: bytes | None = None
+    seed: int | None = None
+    #: one callback attempt; KIE allows the receiver 15 s
+    callback_timeout_s: float = 15 * SECONDS
+    #: retries after a failed callback attempt, like KIE's "3 retries, then stop"
+    callback_retries: int = 3
+    #: delay before the first retry; it doubles for each further one
+    callback_retry_delay_s: float = 2 * SECONDS
+    #: callback POSTs in flight at once
+    callback_concurrency: int = 100
+    #: hypercorn's bound for in-flight requests once shutdown begins
+    graceful_timeout_s: float = 3 * SECONDS
+    #: the whole stop, signal to exit, is bounded by this
+    shutdown_grace_s: float = 10 * SECONDS
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.host or any(c.isspace() for c in self.host):
+            _invalid("host", f"not a host name or address: {self.host!r}")
+        if isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            _invalid("port", f"must be a port number in [0, 65535], got {self.port}")
+        low, high = self.duration_s
+        if not (_finite(low) and _finite(high) and 0 <= low <= high):
+            _invalid(
+                "duration_s", f"must be SECONDS or MIN-MAX with 0 <= MIN <= MAX, got {low}-{high}"
+            )
+        for name in _FRACTIONS:
+            value = getattr(self, name)
+            if not (_finite(value) and 0.0 <= value <= 1.0):
+                _invalid(name, f"must be a fraction in [0, 1], got {value}")
+        for name in ("late_delay_s", "callback_retry_delay_s", "graceful_timeout_s"):
+            value = getattr(self, name)
+            if not (_finite(value) and value >= 0):
+                _invalid(name, f"must be a number of seconds >= 0, got {value}")
+        for name in ("callback_timeout_s", "shutdown_grace_s"):
+            value = getattr(self, name)
+            if not (_finite(value) and value > 0):
+                _invalid(name, f"must be a number of seconds > 0, got {value}")
+        if not self.malformed_kinds:
+            _invalid("malformed_kinds", "needs at least one kind")
+        if not self.status_error_kinds:
+            _invalid("status_error_kinds", "needs at least one kind")
+        if self.hmac_key is not None and not self.hmac_key:
+            _invalid("hmac_key", "must not be empty")
+        if self.callback_retries < 0:
+            _invalid("callback_retries", f"must be >= 0, got {self.callback_retries}")
+        if self.callback_concurrency < 1:
+            _invalid("callback_concurrency", f"must be >= 1, got {self.callback_concurrency}")
+        if self.log_level not in _LOG_LEVELS:
+            _invalid("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _invalid(field_name: str, problem: str) -> NoReturn:
+    raise ConfigError(_FLAG.get(field_name, field_name), problem)
+
+
+# ============================================================================================
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        if m := re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message):
+            raise ConfigError(m[1], m[2])
+        if m := re.match(r"unrecognized arguments: (\S+)", message):
+            raise ConfigError(m[1], "unknown flag")
+        raise ConfigError("arguments", message)
+
+
+_EPILOG = """\
+KIE endpoints (all need "Authorization: Bearer <anything>"):
+  Market        POST /api/v1/jobs/createTask         GET /api/v1/jobs/recordInfo?taskId=
+  Veo 3.1       POST /api/v1/veo/generate            GET /api/v1/veo/record-info?taskId=
+  Runway        POST /api/v1/runway/generate         GET /api/v1/runway/record-detail?taskId=
+  Aleph         POST /api/v1/aleph/generate          GET /api/v1/aleph/record-info?taskId=
+  Suno          POST /api/v1/generate                GET /api/v1/generate/record-info?taskId=
+  4o Image      POST /api/v1/gpt4o-image/generate    GET /api/v1/gpt4o-image/record-info?taskId=
+  Flux Kontext  POST /api/v1/flux/kontext/generate   GET /api/v1/flux/kontext/record-info?taskId=
+  Midjourney    POST /api/v1/mj/generate             GET /api/v1/mj/record-info?taskId=
+  Luma          POST /api/v1/modify/generate         GET /api/v1/modify/record-info?taskId=
+
+Control endpoints:
+  GET  /_sim/stats[?taskId=ID]          status queries, callbacks and timings per task
+  POST /_sim/tasks/ID/complete          finish a task now; body {"fail": true} to fail it
+  GET  /_sim/files/ID/NAME              placeholder bytes behind the result URLs
+  GET  /healthz
+
+A create request may pin its task with "X-Sim-Duration: SECONDS" and
+"X-Sim-Outcome: success|fail|stuck". Leave out callBackUrl to get no callbacks.
+The listening URL is printed as one line: "kied simulate listening on URL".
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    d = SimulatorConfig()
+    p = _Parser(
+        prog="kied simulate",
+        description="A fake KIE.ai API with fault injection, for developing, testing and "
+        "benchmarking kied without spending credits.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    low, high = d.duration_s
+    net = p.add_argument_group("listening")
+    net.add_argument("--host", help=f"address to listen on (default: {d.host})")
+    net.add_argument("--port", help=f"port to listen on; 0 picks a free one (default: {d.port})")
+    tasks = p.add_argument_group("tasks")
+    tasks.add_argument(
+        "--duration",
+        metavar="SECONDS|MIN-MAX",
+        help=f"how long a task takes, fixed or uniform in [MIN, MAX] (default: {low:g}-{high:g})",
+    )
+    tasks.add_argument(
+        "--fail-rate", metavar="FRACTION", help="fraction of tasks that fail (default: 0)"
+    )
+    tasks.add_argument(
+        "--stuck",
+        metavar="FRACTION",
+        help="fraction of tasks that never leave a non-terminal state (default: 0)",
+    )
+    tasks.add_argument(
+        "--seed", help="seed for every random draw, for reproducible runs (default: random)"
+    )
+    faults = p.add_argument_group("callback faults (each a fraction of tasks, default 0)")
+    faults.add_argument(
+        "--drop-callbacks", metavar="FRACTION", help="send no callback at all for these tasks"
+    )
+    faults.add_argument(
+        "--duplicate-callbacks", metavar="FRACTION", help="send every callback twice"
+    )
+    faults.add_argument(
+        "--late-callbacks",
+        metavar="FRACTION",
+        help="send the callbacks --late-delay seconds after the task finished",
+    )
+    faults.add_argument(
+        "--late-delay",
+        metavar="SECONDS",
+        help=f"how late a late callback is (default: {d.late_delay_s:g})",
+    )
+    faults.add_argument(
+        "--malformed-callbacks",
+        metavar="FRACTION",
+        help="send broken callback bodies (see --malformed-kinds)",
+    )
+    faults.add_argument(
+        "--malformed-kinds",
+        metavar="KIND,...",
+        help="the ways a malformed body is broken, one drawn per task: "
+        f"{', '.join(MalformedKind)} (default: all)",
+    )
+    status = p.add_argument_group("status query faults")
+    status.add_argument(
+        "--status-errors",
+        metavar="FRACTION",
+        help="fraction of status queries refused with 429, 455 or 5xx, "
+        "as HTTP statuses or as HTTP 200 envelopes (default: 0)",
+    )
+    status.add_argument(
+        "--status-error-kinds",
+        metavar="KIND,...",
+        help=f"the refusals to draw from: {', '.join(StatusErrorKind)} (default: all)",
+    )
+    delivery = p.add_argument_group("callback delivery")
+    delivery.add_argument(
+        "--hmac-key",
+        metavar="KEY",
+        help="sign callbacks like KIE: X-Webhook-Timestamp (unix seconds) and "
+        "X-Webhook-Signature = base64(HMAC-SHA256(KEY, taskId + '.' + timestamp))",
+    )
+    delivery.add_argument(
+        "--callback-timeout",
+        metavar="SECONDS",
+        help=f"time allowed for one callback attempt (default: {d.callback_timeout_s:g})",
+    )
+    delivery.add_argument(
+        "--callback-retries",
+        metavar="N",
+        help="retries after a failed callback attempt, then give up "
+        f"(default: {d.callback_retries})",
+    )
+    delivery.add_argument(
+        "--callback-retry-delay",
+        metavar="SECONDS",
+        help="delay before the first retry, doubling for each further one "
+        f"(default: {d.callback_retry_delay_s:g})",
+    )
+    delivery.add_argument(
+        "--callback-concurrency",
+        metavar="N",
+        help=f"callback POSTs in flight at once (default: {d.callback_concurrency})",
+    )
+    misc = p.add_argument_group("process")
+    misc.add_argument(
+        "--graceful-timeout",
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, time allowed for requests in flight "
+        f"(default: {d.graceful_timeout_s:g})",
+    )
+    misc.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        help=f"log level on stderr (default: {d.log_level})",
+    )
+    return p
+
+
+def _number(flag: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(flag, f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(flag, f"expected a finite number, got {text!r}")
+    return value
+
+
+def _integer(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(flag, f"expected an integer, got {text!r}") from None
+
+
+_NUMBER = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*"
+
+
+def _duration(text: str) -> tuple[float, float]:
+    if m := re.fullmatch(_NUMBER, text):
+        value = float(m[1])
+        return value, value
+    if m := re.fullmatch(f"{_NUMBER}-{_NUMBER}", text):
+        low, high = float(m[1]), float(m[2])
+        if low > high:
+            raise ConfigError("--duration", f"MIN must not exceed MAX, got {text!r}")
+        return low, high
+    raise ConfigError("--duration", f"expected SECONDS or MIN-MAX (both >= 0), got {text!r}")
+
+
+_K = TypeVar("_K", MalformedKind, StatusErrorKind)
+
+
+def _kinds(flag: str, text: str, kind: type[_K]) -> tuple[_K, ...]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ConfigError(flag, "needs at least one kind")
+    known = {k.value: k for k in kind}
+    for name in names:
+        if name not in known:
+            raise ConfigError(flag, f"unknown kind {name!r}; known: {', '.join(known)}")
+    return tuple(dict.fromkeys(known[name] for name in names))
+
+
+def parse_simulator_args(argv: Sequence[str]) -> SimulatorConfig:
+    """Build the configuration from ``kied simulate`` arguments (without the command words).
+
+    Args:
+        argv: the arguments after ``kied simulate``.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: a flag is unknown or its value is invalid; the error names the flag.
+        SystemExit: ``--help`` was given; the help has been printed (code 0).
+    """
+    ns = _build_parser().parse_args(list(argv))
+    kw: dict[str, Any] = {}
+    if ns.host is not None:
+        kw["host"] = ns.host
+    if ns.port is not None:
+        kw["port"] = _integer("--port", ns.port)
+    if ns.duration is not None:
+        kw["duration_s"] = _duration(ns.duration)
+    for name in _FRACTIONS:
+        text = getattr(ns, name)
+        if text is not None:
+            kw[name] = _number(_FLAG[name], text)
+    for name, attr in (
+        ("late_delay_s", "late_delay"),
+        ("callback_timeout_s", "callback_timeout"),
+        ("callback_retry_delay_s", "callback_retry_delay"),
+        ("graceful_timeout_s", "graceful_timeout"),
+    ):
+        text = getattr(ns, attr)
+        if text is not None:
+            kw[name] = _number(_FLAG[name], text)
+    for name in ("callback_retries", "callback_concurrency", "seed"):
+        text = getattr(ns, name)
+        if text is not None:
+            kw[name] = _integer(_FLAG[name], text)
+    if ns.malformed_kinds is not None:
+        kw["malformed_kinds"] = _kinds("--malformed-kinds", ns.malformed_kinds, MalformedKind)
+    if ns.status_error_kinds is not None:
+        kw["status_error_kinds"] = _kinds(
+            "--status-error-kinds", ns.status_error_kinds, StatusErrorKind
+        )
+    if ns.hmac_key is not None:
+        kw["hmac_key"] = ns.hmac_key.encode()
+    if ns.log_level is not None:
+        kw["log_level"] = ns.log_level
+    return SimulatorConfig(**kw)

@@ -1,0 +1,175 @@
+"""The callback intake: parse, authenticate, record, apply, wake.
+
+The HTTP layer hands every request to :meth:`CallbackService.handle` and answers 200
+whatever happens here; this module makes sure what was sent is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode
+
+from kied.core.auth import check_callback_auth
+from kied.core.callbacks import CallbackOutcome, Outcome, ParseLimits, Unrecognised, parse_callback
+from kied.core.jobs import EndedBy, EventKind, Job, JobId, Report, TaskId
+from kied.store import CallbackRecord, InboxEntry, JobStore
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+
+    from kied.settings import Settings
+
+__all__ = ["CallbackService", "RawCallback", "report_for"]
+
+logger = logging.getLogger(__name__)
+
+_TOKEN_HEADER = "x-kie-callback-token"
+_SECRET_PARAMS = frozenset({"token"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawCallback:
+    """A callback request as the HTTP layer read it."""
+
+    body: bytes  # what was kept: the whole body, or its head when oversized
+    body_size: int
+    oversized: bool
+    query_string: str
+    headers: Mapping[str, str]  # lower-case names
+    content_type: str | None
+    remote: str | None
+
+
+def report_for(parsed: CallbackOutcome | Unrecognised) -> Report | None:
+    """What a parsed callback says about its job, or ``None`` when it says nothing usable."""
+    if parsed.outcome is Outcome.SUCCESS:
+        return Report(
+            event=EventKind.SUCCEEDED,
+            source=EndedBy.CALLBACK,
+            kie_state=parsed.stage,
+            result_urls=parsed.result_urls,
+        )
+    if parsed.outcome is Outcome.FAIL:
+        return Report(
+            event=EventKind.FAILED,
+            source=EndedBy.CALLBACK,
+            kie_state=parsed.stage,
+            error_code=parsed.error_code,
+            error_message=parsed.error_message,
+        )
+    if parsed.outcome is Outcome.PENDING:
+        return Report(event=EventKind.PROGRESS, source=EndedBy.CALLBACK, kie_state=parsed.stage)
+    return None
+
+
+class CallbackService:
+    """Records every callback durably and applies the authentic ones to their jobs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Callable[[], Awaitable[JobStore]],
+        now: Callable[[], float],
+        on_change: Callable[[Job], None] = lambda job: None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._now = now
+        self._on_change = on_change
+        self._limits = ParseLimits(max_bytes=settings.max_callback_bytes)
+
+    async def handle(self, raw: RawCallback) -> CallbackRecord:
+        """Parse, authenticate and store one callback, and apply it to its job.
+
+        Returns:
+            What storing it did.
+
+        Raises:
+            StoreError: the callback could not be stored (the caller still answers 200).
+
+        Cancellation: the store write is one transaction; cancelled before it commits,
+        nothing is written.
+        """
+        received_at = self._now()
+        query = dict(parse_qsl(raw.query_string, keep_blank_values=True))
+        parsed: CallbackOutcome | Unrecognised
+        if raw.oversized:
+            parsed = Unrecognised(
+                reason="oversized",
+                outcome=Outcome.UNKNOWN,
+                result_urls=(),
+                error_code=None,
+                error_message=None,
+                kie_code=None,
+                stage=None,
+            )
+        else:
+            parsed = parse_callback(
+                raw.body,
+                query=query,
+                headers=raw.headers,
+                content_type=raw.content_type,
+                limits=self._limits,
+            )
+        task_id = parsed.task_id if isinstance(parsed, CallbackOutcome) else None
+        given_token = query.get("token") or raw.headers.get(_TOKEN_HEADER)
+        verdict = check_callback_auth(
+            token=self._settings.callback_token,
+            given_token=given_token,
+            hmac_key=self._settings.webhook_hmac_key,
+            task_id=task_id,
+            timestamp=raw.headers.get("x-webhook-timestamp"),
+            signature=raw.headers.get("x-webhook-signature"),
+            now=received_at,
+            max_skew_s=self._settings.webhook_max_skew_s,
+        )
+        job_param = query.get("job", "").strip()
+        entry = InboxEntry(
+            received_at=received_at,
+            body=raw.body,
+            body_size=raw.body_size,
+            content_type=raw.content_type,
+            query=_redact(raw.query_string),
+            remote=raw.remote,
+            task_id=TaskId(task_id) if task_id else None,
+            found_by=parsed.found_by if isinstance(parsed, CallbackOutcome) else None,
+            job_id=JobId(job_param) if job_param else None,
+            outcome=parsed.outcome.value,
+            problem=parsed.reason if isinstance(parsed, Unrecognised) else None,
+            authenticated=verdict.authenticated,
+            auth=verdict.detail,
+        )
+        store = await self._store()
+        record = await store.record_callback(entry, report_for(parsed))
+        logger.info(
+            "[KIE_CALLBACK] task %s job %s: %s, %s (%s)",
+            task_id or "-",
+            record.job.id if record.job else entry.job_id or "-",
+            parsed.outcome.value,
+            record.effect.value,
+            verdict.detail,
+            extra={
+                "action": "callback",
+                "task_id": task_id,
+                "effect": record.effect.value,
+                "inbox_id": record.inbox_id,
+            },
+        )
+        if entry.problem is not None:
+            logger.warning(
+                "[KIE_CALLBACK] inbox #%d: %s (%d bytes)",
+                record.inbox_id,
+                entry.problem,
+                raw.body_size,
+            )
+        if record.job is not None and record.effect.value == "changed":
+            self._on_change(record.job)
+        return record
+
+
+def _redact(query_string: str) -> str:
+    pairs = parse_qsl(query_string, keep_blank_values=True)
+    return urlencode([(k, "***" if k in _SECRET_PARAMS else v) for k, v in pairs])

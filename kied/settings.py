@@ -1,0 +1,275 @@
+"""One frozen Settings object, built from the environment and flags, validated at start.
+
+Only the entry point reads ``os.environ``; it hands the mapping to :func:`load_settings`,
+which is pure. A bad value raises :class:`~kied.errors.ConfigError` naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os.path
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+from urllib.parse import urlsplit
+
+from kied.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+__all__ = [
+    "ENVIRONMENT_HELP",
+    "FileLockSettings",
+    "NoLockSettings",
+    "PgLockSettings",
+    "PostgresStoreSettings",
+    "Settings",
+    "SqliteStoreSettings",
+    "load_settings",
+    "serve_parser",
+]
+
+SECONDS = 1.0
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SqliteStoreSettings:
+    path: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PostgresStoreSettings:
+    url: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileLockSettings:
+    path: Path
+    retry_s: float = 0.5 * SECONDS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PgLockSettings:
+    retry_s: float = 1.0 * SECONDS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoLockSettings:
+    """No lock: this instance is always ACTIVE (tests, or one process that knows it is alone)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    store: SqliteStoreSettings | PostgresStoreSettings
+    lock: FileLockSettings | PgLockSettings | NoLockSettings
+    callback_token: str | None = None
+    webhook_hmac_key: bytes | None = None
+    webhook_max_skew_s: float = 300 * SECONDS
+    kie_api_key: str | None = None
+    kie_base_url: str = "https://api.kie.ai"
+    public_url: str | None = None
+    api_token: str | None = None
+    job_timeout_s: float = 900 * SECONDS
+    max_callback_bytes: int = 1 * MIB
+    oversized_keep_bytes: int = 64 * 1024
+    #: hypercorn's bound for in-flight requests once shutdown begins
+    graceful_timeout_s: float = 5 * SECONDS
+    #: the whole stop, signal to exit, is bounded by this
+    shutdown_grace_s: float = 10 * SECONDS
+    #: bound for shielded cleanup (lock release, closing storage)
+    cleanup_s: float = 2 * SECONDS
+    log_level: str = "INFO"
+
+
+ENVIRONMENT_HELP = """\
+environment (flags win over the environment):
+  PORT                 port to listen on (Render sets it); default 8080
+  KIED_HOST            address to bind; default 0.0.0.0 when PORT is set, else 127.0.0.1
+  KIED_DATABASE_URL    sqlite:///ABSOLUTE/PATH, a plain file path, or postgresql://...
+  DATABASE_URL         used when KIED_DATABASE_URL is not set
+                       default: $STATE_DIRECTORY/kied.db when set, else ./var/kied.db
+  KIED_LOCK            file (a lock file beside the SQLite file; default), file:PATH, none
+  KIED_CALLBACK_TOKEN  secret a callback must carry as ?token= or X-KIE-Callback-Token
+  KIE_WEBHOOK_HMAC_KEY KIE's webhookHmacKey: callbacks must carry a valid X-Webhook-Signature
+  KIE_API_KEY          KIE API key
+  KIE_BASE_URL         default https://api.kie.ai
+  KIED_PUBLIC_URL      this daemon's public URL, for the callback URL given to KIE
+  RENDER_EXTERNAL_URL  used when KIED_PUBLIC_URL is not set
+  KIED_API_TOKEN       bearer token the /v1 API requires when set
+  KIED_JOB_TIMEOUT     seconds a job may take before it is timed_out; default 900
+  KIED_LOG_LEVEL       DEBUG, INFO (default), WARNING, ERROR
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError("command line", message)
+
+
+def serve_parser(prog: str = "kied serve") -> argparse.ArgumentParser:
+    """The flags of ``kied serve``; bad flags raise ``ConfigError`` instead of exiting."""
+    parser = _Parser(
+        prog=prog,
+        description="Run the kied daemon: HTTP first, then storage, then leadership.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", help="address to bind (KIED_HOST)")
+    parser.add_argument("--port", help="port to listen on, 0 for any free port (PORT)")
+    parser.add_argument("--database", help="database URL or SQLite path (KIED_DATABASE_URL)")
+    parser.add_argument("--lock", help="file, file:PATH or none (KIED_LOCK)")
+    parser.add_argument(
+        "--job-timeout", help="seconds before a job is timed_out (KIED_JOB_TIMEOUT)"
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (KIED_LOG_LEVEL)")
+    return parser
+
+
+def load_settings(environ: Mapping[str, str], argv: Sequence[str] = ()) -> Settings:
+    """Build and validate the settings of ``kied serve``.
+
+    Args:
+        environ: the process environment (only the entry point passes ``os.environ``).
+        argv: the flags after ``kied serve``.
+
+    Returns:
+        The frozen settings.
+
+    Raises:
+        ConfigError: a value is missing or wrong; the message names the setting.
+    """
+    flags = serve_parser().parse_args(list(argv))
+
+    def pick(flag: str | None, *names: str) -> tuple[str, str] | None:
+        if flag is not None:
+            return ("--" + names[0].lower().removeprefix("kied_").replace("_", "-"), flag)
+        for name in names:
+            value = environ.get(name)
+            if value is not None and value.strip() != "":
+                return (name, value.strip())
+        return None
+
+    port_src = pick(flags.port, "PORT")
+    port = 8080 if port_src is None else _port(*port_src)
+    if flags.port is not None:
+        port_src = ("--port", flags.port)
+    host_src = pick(flags.host, "KIED_HOST")
+    host = host_src[1] if host_src else ("0.0.0.0" if environ.get("PORT") else "127.0.0.1")
+
+    db_src = pick(flags.database, "KIED_DATABASE_URL", "DATABASE_URL")
+    store = _store(db_src, environ)
+
+    lock_src = pick(flags.lock, "KIED_LOCK")
+    lock = _lock(lock_src, store)
+
+    timeout_src = pick(flags.job_timeout, "KIED_JOB_TIMEOUT")
+    job_timeout_s = 900.0 if timeout_src is None else _positive_seconds(*timeout_src)
+
+    level_src = pick(flags.log_level, "KIED_LOG_LEVEL")
+    log_level = "INFO"
+    if level_src is not None:
+        log_level = level_src[1].upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(
+                level_src[0], f"must be DEBUG, INFO, WARNING or ERROR, not {level_src[1]!r}"
+            )
+
+    hmac_key = environ.get("KIE_WEBHOOK_HMAC_KEY", "").strip()
+    public_src = pick(None, "KIED_PUBLIC_URL", "RENDER_EXTERNAL_URL")
+    base_src = pick(None, "KIE_BASE_URL")
+    return Settings(
+        host=host,
+        port=port,
+        store=store,
+        lock=lock,
+        callback_token=_secret(environ, "KIED_CALLBACK_TOKEN"),
+        webhook_hmac_key=hmac_key.encode() if hmac_key else None,
+        kie_api_key=_secret(environ, "KIE_API_KEY"),
+        kie_base_url=_http_url(*base_src) if base_src else "https://api.kie.ai",
+        public_url=_http_url(*public_src) if public_src else None,
+        api_token=_secret(environ, "KIED_API_TOKEN"),
+        job_timeout_s=job_timeout_s,
+        log_level=log_level,
+    )
+
+
+def _port(name: str, value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ConfigError(name, f"must be a port number 0-65535, not {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(name, f"must be a port number 0-65535, not {value!r}")
+    return port
+
+
+def _positive_seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(name, f"must be a number of seconds, not {value!r}") from None
+    if not 0 < seconds <= 30 * 24 * 3600:
+        raise ConfigError(name, f"must be more than 0 and at most 30 days, not {value!r}")
+    return seconds
+
+
+def _secret(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+def _http_url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(name, f"must be an http:// or https:// URL, not {value!r}")
+    return value.rstrip("/")
+
+
+def _store(
+    src: tuple[str, str] | None, environ: Mapping[str, str]
+) -> SqliteStoreSettings | PostgresStoreSettings:
+    if src is None:
+        state_dir = environ.get("STATE_DIRECTORY", "").split(":")[0].strip()
+        base = Path(state_dir) if state_dir else Path("var")
+        return SqliteStoreSettings(path=Path(os.path.abspath(base / "kied.db")))
+    name, value = src
+    scheme = urlsplit(value).scheme.lower()
+    if scheme in ("postgres", "postgresql"):
+        raise ConfigError(name, "PostgreSQL storage is not available in this version of kied")
+    if scheme == "sqlite":
+        if not value.lower().startswith("sqlite:///") or len(value) <= len("sqlite:///"):
+            raise ConfigError(name, f"a SQLite URL is sqlite:///ABSOLUTE/PATH, not {value!r}")
+        # sqlite:///var/kied.db and SQLAlchemy's sqlite:////var/kied.db both mean /var/kied.db
+        path = "/" + value[len("sqlite://") :].lstrip("/")
+    elif "://" in value:
+        raise ConfigError(
+            name, f"must be sqlite:///PATH, postgresql://... or a file path, not {value!r}"
+        )
+    else:
+        path = value
+    if path.endswith("/"):
+        raise ConfigError(name, f"names a directory, not a database file: {value!r}")
+    return SqliteStoreSettings(path=Path(os.path.abspath(path)))
+
+
+def _lock(
+    src: tuple[str, str] | None, store: SqliteStoreSettings | PostgresStoreSettings
+) -> FileLockSettings | PgLockSettings | NoLockSettings:
+    value = "file" if src is None else src[1]
+    name = "KIED_LOCK" if src is None else src[0]
+    if value == "none":
+        return NoLockSettings()
+    if value == "file":
+        if not isinstance(store, SqliteStoreSettings):
+            raise ConfigError(name, "a file lock needs a SQLite store; set KIED_LOCK=file:PATH")
+        return FileLockSettings(path=store.path.with_name(store.path.name + ".lock"))
+    if value.startswith("file:"):
+        path = value[len("file:") :]
+        if not path or path.endswith("/"):
+            raise ConfigError(name, f"file:PATH needs a file path, not {value!r}")
+        return FileLockSettings(path=Path(os.path.abspath(path)))
+    raise ConfigError(name, f"must be file, file:PATH or none, not {value!r}")

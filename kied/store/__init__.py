@@ -1,0 +1,68 @@
+"""Durable jobs and the callback inbox, behind one interface: :class:`JobStore`."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import trio
+
+from kied.errors import ConfigError
+from kied.settings import PostgresStoreSettings, SqliteStoreSettings
+from kied.store._base import CallbackEffect as CallbackEffect
+from kied.store._base import CallbackRecord as CallbackRecord
+from kied.store._base import InboxEntry as InboxEntry
+from kied.store._base import JobStore as JobStore
+from kied.store._base import StoredCallback as StoredCallback
+from kied.store._sqlite import SqliteStore as SqliteStore
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+__all__ = [
+    "CallbackEffect",
+    "CallbackRecord",
+    "InboxEntry",
+    "JobStore",
+    "SqliteStore",
+    "StoredCallback",
+    "open_store",
+]
+
+
+@asynccontextmanager
+async def open_store(
+    settings: SqliteStoreSettings | PostgresStoreSettings, *, cleanup_s: float = 2.0
+) -> AsyncIterator[JobStore]:
+    """Open the configured store, migrated and ready, for the length of the block.
+
+    Args:
+        settings: which backend, and where.
+        cleanup_s: bound on closing the store when the block exits.
+
+    Yields:
+        The open store.
+
+    Raises:
+        ConfigError: the backend is not available in this version of kied (PostgreSQL).
+        StoreUnavailableError: the database cannot be opened or migrated, or its schema
+            is newer than this version of kied knows.
+
+    Cancellation:
+        Cancelling while the database opens takes effect once the open finishes. Closing
+        on exit is shielded, and bounded by ``cleanup_s``.
+
+    Resource handling:
+        The store belongs to the block: it is closed when the block exits, however it
+        exits, and must not be used after.
+    """
+    if isinstance(settings, PostgresStoreSettings):
+        raise ConfigError(
+            "KIED_DATABASE_URL", "PostgreSQL storage is not available in this version of kied"
+        )
+    store = await SqliteStore.connect(settings.path)
+    try:
+        yield store
+    finally:
+        with trio.move_on_after(cleanup_s, shield=True):
+            await store.aclose()

@@ -1,0 +1,140 @@
+"""The storage interface every backend implements, and the records it trades in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from kied.core.jobs import Job, JobId, NewJob, Report, TaskId
+
+__all__ = [
+    "CallbackEffect",
+    "CallbackRecord",
+    "InboxEntry",
+    "JobStore",
+    "StoredCallback",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboxEntry:
+    """One callback as received, before it is stored. Nothing here is ever dropped."""
+
+    received_at: float
+    body: bytes  # at most the configured bound; body_size tells what was sent
+    body_size: int
+    content_type: str | None
+    query: str  # the query string, with any token removed
+    remote: str | None
+    task_id: TaskId | None
+    found_by: str | None  # where the task id was found, e.g. "data.taskId"
+    job_id: JobId | None  # kied's own job id, from the callback URL
+    outcome: str  # success | fail | pending | unknown
+    problem: str | None  # why the body could not be read: "oversized", "invalid JSON", ...
+    authenticated: bool
+    auth: str  # "token", "hmac", "token+hmac", "open", or why it was rejected
+
+
+class CallbackEffect(StrEnum):
+    CHANGED = "changed"  # the callback moved its job
+    NO_OP = "no-op"  # the job was already past what the callback says
+    NO_JOB = "no job"  # no job matches (yet): kept for when one is created with that task id
+    REJECTED = "rejected"  # not authenticated: changes nothing
+    NOT_APPLICABLE = "not applicable"  # nothing to apply (unknown outcome)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallbackRecord:
+    """What storing a callback did."""
+
+    inbox_id: int
+    effect: CallbackEffect
+    job: Job | None  # the job the callback names, as it stands after the callback
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredCallback:
+    """An inbox row, as read back."""
+
+    id: int
+    entry: InboxEntry
+    effect: CallbackEffect
+    matched_job_id: JobId | None
+
+
+class JobStore(Protocol):
+    """Durable jobs and the callback inbox.
+
+    Every state change is a compare-and-set guarded by :func:`kied.core.jobs.sources`:
+    terminal states are sticky and repeating any write is a no-op.
+    """
+
+    async def ping(self) -> None:
+        """Return when storage answers; raise ``StoreUnavailableError`` otherwise."""
+        ...
+
+    async def create_job(self, new: NewJob) -> tuple[Job, bool]:
+        """Store a new job; ``(job, True)``.
+
+        A job with the same ``idempotency_key`` (or, for a tracked task, the same
+        ``task_id``) already stored is returned as ``(existing, False)``. When the job
+        carries a task id and the inbox already holds an authenticated callback for it
+        that no job matched, its outcome is applied at once.
+        """
+        ...
+
+    async def get_job(self, job_id: JobId) -> Job | None: ...
+
+    async def get_job_by_task(self, task_id: TaskId) -> Job | None: ...
+
+    async def list_jobs(
+        self, *, states: Collection[str] | None = None, limit: int = 100
+    ) -> list[Job]:
+        """Jobs, newest first, optionally only those in ``states``."""
+        ...
+
+    async def unfinished_jobs(self) -> list[Job]:
+        """Every job in ``submitting`` or ``pending``, oldest deadline first."""
+        ...
+
+    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
+        """Record KIE's task id for a job and move it to ``pending`` (event ``accepted``).
+
+        Returns the job after the write, or ``None`` when no such job exists. An inbox
+        callback for that task id that arrived first is applied, as in :meth:`create_job`.
+        """
+        ...
+
+    async def apply(self, job_id: JobId, report: Report, *, now: float) -> Job | None:
+        """Apply ``report`` as a compare-and-set.
+
+        Returns the job as written when the write changed it, ``None`` when it was a
+        no-op (unknown job, or a state the event does not apply to).
+        """
+        ...
+
+    async def note_error(self, job_id: JobId, message: str, *, now: float) -> None:
+        """Keep the latest poller error on the job, as a fact for operators."""
+        ...
+
+    async def record_callback(self, entry: InboxEntry, report: Report | None) -> CallbackRecord:
+        """Store one callback and, when it is authenticated, apply ``report`` to its job.
+
+        The job is found by ``entry.job_id`` first, then by ``entry.task_id``. The inbox
+        row and the job's change commit together.
+        """
+        ...
+
+    async def list_callbacks(
+        self, *, task_id: TaskId | None = None, limit: int = 100
+    ) -> list[StoredCallback]:
+        """Inbox rows, newest first."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections and threads. Idempotent."""
+        ...

@@ -1,0 +1,88 @@
+"""The database schema, as ordered migrations per SQL dialect.
+
+Migration ``n`` (counting from 1) is ``MIGRATIONS[dialect][n - 1]``. A backend applies the
+ones a database has not seen yet, in order, in one transaction, and records each version it
+applied. Released migrations are never edited: a schema change is a new entry at the end.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final, LiteralString
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["MIGRATIONS", "SQLITE_MIGRATIONS"]
+
+_SQLITE_0001: Final[LiteralString] = """
+CREATE TABLE jobs (
+    id              TEXT PRIMARY KEY,
+    family          TEXT NOT NULL,
+    model           TEXT,
+    task_id         TEXT,
+    state           TEXT NOT NULL CHECK (state IN (
+                        'submitting', 'pending', 'succeeded', 'failed', 'timed_out', 'cancelled'
+                    )),
+    request         TEXT,                       -- JSON object, or NULL
+    metadata        TEXT,                       -- JSON object, or NULL
+    idempotency_key TEXT,
+    created_at      REAL NOT NULL,              -- epoch seconds
+    updated_at      REAL NOT NULL,
+    deadline_at     REAL NOT NULL,
+    kie_state       TEXT,
+    result_urls     TEXT NOT NULL DEFAULT '[]', -- JSON array of strings
+    result          TEXT,                       -- any JSON value; NULL for null
+    error_code      TEXT,
+    error_message   TEXT,
+    ended_by        TEXT,
+    ended_at        REAL,
+    late            INTEGER NOT NULL DEFAULT 0 CHECK (late IN (0, 1)),
+    last_error      TEXT
+);
+
+CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+CREATE UNIQUE INDEX jobs_task_id ON jobs (task_id) WHERE task_id IS NOT NULL;
+
+CREATE INDEX jobs_state ON jobs (state, deadline_at);
+
+CREATE INDEX jobs_created_at ON jobs (created_at);
+
+CREATE TABLE callback_inbox (
+    id              INTEGER PRIMARY KEY,
+    received_at     REAL NOT NULL,
+    body            BLOB NOT NULL,
+    body_size       INTEGER NOT NULL,
+    content_type    TEXT,
+    query           TEXT NOT NULL,
+    remote          TEXT,
+    task_id         TEXT,
+    found_by        TEXT,
+    job_id          TEXT,
+    outcome         TEXT NOT NULL,
+    problem         TEXT,
+    authenticated   INTEGER NOT NULL CHECK (authenticated IN (0, 1)),
+    auth            TEXT NOT NULL,
+    effect          TEXT NOT NULL,
+    matched_job_id  TEXT REFERENCES jobs (id) ON DELETE SET NULL,
+    -- the report the callback carried, so that it can be applied later to a job
+    -- that did not exist yet when it arrived
+    event           TEXT,
+    kie_state       TEXT,
+    result_urls     TEXT,                       -- JSON array of strings
+    result          TEXT,                       -- any JSON value; NULL for null
+    error_code      TEXT,
+    error_message   TEXT
+);
+
+CREATE INDEX callback_inbox_task_id ON callback_inbox (task_id);
+
+CREATE INDEX callback_inbox_matched_job_id ON callback_inbox (matched_job_id);
+"""
+
+#: SQLite migrations, oldest first.
+SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_SQLITE_0001,)
+
+#: Migrations by dialect name.
+MIGRATIONS: Final[Mapping[str, tuple[LiteralString, ...]]] = {"sqlite": SQLITE_MIGRATIONS}

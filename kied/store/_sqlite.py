@@ -1,0 +1,788 @@
+"""SQLite storage: one file in WAL mode, one connection, driven through one thread at a time."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, LiteralString, TypeVar
+
+import trio
+
+from kied.core.jobs import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    EndedBy,
+    EventKind,
+    Job,
+    JobId,
+    JobState,
+    NewJob,
+    Report,
+    TaskId,
+    is_late,
+    sources,
+    target,
+)
+from kied.errors import ConflictError, StoreUnavailableError
+from kied.store._base import (
+    CallbackEffect,
+    CallbackRecord,
+    InboxEntry,
+    JobStore,
+    StoredCallback,
+)
+from kied.store._migrations import SQLITE_MIGRATIONS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Iterator, Mapping
+    from pathlib import Path
+
+    from kied.core._json import JsonValue
+
+__all__ = ["SqliteStore"]
+
+_T = TypeVar("_T")
+
+#: How long a write waits for another process's transaction (SQLite's busy_timeout).
+_BUSY_TIMEOUT_S: Final = 5.0
+#: Most callbacks written in one transaction, so that none holds the write lock for long.
+_MAX_CALLBACK_BATCH: Final = 256
+
+# ---------------------------------------------------------------------------- SQL
+
+_PRAGMA_WAL: Final[LiteralString] = "PRAGMA journal_mode=WAL"
+_PRAGMA_SYNCHRONOUS: Final[LiteralString] = "PRAGMA synchronous=NORMAL"
+_PRAGMA_FOREIGN_KEYS: Final[LiteralString] = "PRAGMA foreign_keys=ON"
+_BEGIN_IMMEDIATE: Final[LiteralString] = "BEGIN IMMEDIATE"
+_COMMIT: Final[LiteralString] = "COMMIT"
+_ROLLBACK: Final[LiteralString] = "ROLLBACK"
+_SAVEPOINT: Final[LiteralString] = "SAVEPOINT callback"
+_ROLLBACK_TO_SAVEPOINT: Final[LiteralString] = "ROLLBACK TO callback"
+_RELEASE_SAVEPOINT: Final[LiteralString] = "RELEASE callback"
+
+_CREATE_SCHEMA_VERSION: Final[LiteralString] = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version    INTEGER PRIMARY KEY,
+    applied_at REAL NOT NULL
+)"""
+_SELECT_SCHEMA_VERSION: Final[LiteralString] = (
+    "SELECT COALESCE(MAX(version), 0) FROM schema_version"
+)
+_INSERT_SCHEMA_VERSION: Final[LiteralString] = (
+    "INSERT INTO schema_version (version, applied_at)"
+    " VALUES (:version, (julianday('now') - 2440587.5) * 86400.0)"
+)
+
+_JOB_COLUMNS: Final[LiteralString] = (
+    "id, family, model, task_id, state, request, metadata, idempotency_key, created_at,"
+    " updated_at, deadline_at, kie_state, result_urls, result, error_code, error_message,"
+    " ended_by, ended_at, late, last_error"
+)
+_SELECT_JOB: Final[LiteralString] = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = :id"
+_SELECT_JOB_BY_TASK: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE task_id = :task_id"
+)
+_SELECT_JOB_BY_KEY: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE idempotency_key = :idempotency_key"
+)
+_INSERT_JOB: Final[LiteralString] = (
+    "INSERT INTO jobs (id, family, model, task_id, state, request, metadata, idempotency_key,"
+    " created_at, updated_at, deadline_at)"
+    " VALUES (:id, :family, :model, :task_id, :state, :request, :metadata, :idempotency_key,"
+    " :created_at, :created_at, :deadline_at)"
+    " RETURNING " + _JOB_COLUMNS
+)
+_LIST_JOBS: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT :limit"
+)
+_LIST_JOBS_IN_STATES: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs"
+    " WHERE state IN (SELECT value FROM json_each(:states))"
+    " ORDER BY created_at DESC, rowid DESC LIMIT :limit"
+)
+_UNFINISHED_JOBS: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs"
+    " WHERE state IN (SELECT value FROM json_each(:states))"
+    " ORDER BY deadline_at, created_at, rowid"
+)
+_SET_TASK: Final[LiteralString] = (
+    "UPDATE jobs SET task_id = :task_id, updated_at = :now"
+    " WHERE id = :id AND task_id IS NULL"
+    " AND NOT EXISTS (SELECT 1 FROM jobs WHERE task_id = :task_id)"
+)
+_NOTE_ERROR: Final[LiteralString] = (
+    "UPDATE jobs SET last_error = :message, updated_at = :now WHERE id = :id"
+)
+
+# The compare-and-set: the row changes only from a state the event applies to
+# (``sources(event)``, bound as a JSON array). In SET, column names are the old values,
+# so ``late`` is computed from the state the job had before.
+_CAS: Final[LiteralString] = (
+    " WHERE id = :id AND state IN (SELECT value FROM json_each(:sources)) RETURNING " + _JOB_COLUMNS
+)
+_APPLY_PROGRESS: Final[LiteralString] = (
+    "UPDATE jobs SET state = :target, updated_at = :now,"
+    " kie_state = COALESCE(:kie_state, kie_state)" + _CAS
+)
+_APPLY_SUCCEEDED: Final[LiteralString] = (
+    "UPDATE jobs SET state = :target, updated_at = :now,"
+    " kie_state = COALESCE(:kie_state, kie_state),"
+    " result_urls = :result_urls, result = :result, error_code = NULL, error_message = NULL,"
+    " ended_by = :ended_by, ended_at = :now,"
+    " late = (late OR state IN (SELECT value FROM json_each(:late_from)))" + _CAS
+)
+_APPLY_FAILED: Final[LiteralString] = (
+    "UPDATE jobs SET state = :target, updated_at = :now,"
+    " kie_state = COALESCE(:kie_state, kie_state),"
+    " error_code = :error_code, error_message = :error_message,"
+    " ended_by = :ended_by, ended_at = :now,"
+    " late = (late OR state IN (SELECT value FROM json_each(:late_from)))" + _CAS
+)
+# Deadline and cancel: the job ends without an outcome from KIE; an error the report
+# carries (why it was stopped) is kept, and none is invented.
+_APPLY_ENDED: Final[LiteralString] = (
+    "UPDATE jobs SET state = :target, updated_at = :now,"
+    " kie_state = COALESCE(:kie_state, kie_state),"
+    " error_code = COALESCE(:error_code, error_code),"
+    " error_message = COALESCE(:error_message, error_message),"
+    " ended_by = :ended_by, ended_at = :now,"
+    " late = (late OR state IN (SELECT value FROM json_each(:late_from)))" + _CAS
+)
+
+_CALLBACK_COLUMNS: Final[LiteralString] = (
+    "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
+    " outcome, problem, authenticated, auth, effect, matched_job_id"
+)
+_INSERT_CALLBACK: Final[LiteralString] = (
+    "INSERT INTO callback_inbox (received_at, body, body_size, content_type, query, remote,"
+    " task_id, found_by, job_id, outcome, problem, authenticated, auth, effect, matched_job_id,"
+    " event, kie_state, result_urls, result, error_code, error_message)"
+    " VALUES (:received_at, :body, :body_size, :content_type, :query, :remote, :task_id,"
+    " :found_by, :job_id, :outcome, :problem, :authenticated, :auth, :effect, :matched_job_id,"
+    " :event, :kie_state, :result_urls, :result, :error_code, :error_message)"
+)
+# A callback that arrived before any job had its task id: the newest authenticated
+# outcome (success or failure) no job matched.
+_WAITING_CALLBACK: Final[LiteralString] = (
+    "SELECT id, event, kie_state, result_urls, result, error_code, error_message"
+    " FROM callback_inbox"
+    " WHERE task_id = :task_id AND authenticated = 1 AND effect = :no_job"
+    " AND outcome IN ('success', 'fail')"
+    " AND event IN (SELECT value FROM json_each(:events))"
+    " ORDER BY id DESC LIMIT 1"
+)
+_SET_CALLBACK_EFFECT: Final[LiteralString] = (
+    "UPDATE callback_inbox SET effect = :effect, matched_job_id = :job_id WHERE id = :id"
+)
+_LIST_CALLBACKS: Final[LiteralString] = (
+    "SELECT " + _CALLBACK_COLUMNS + " FROM callback_inbox ORDER BY id DESC LIMIT :limit"
+)
+_LIST_CALLBACKS_FOR_TASK: Final[LiteralString] = (
+    "SELECT " + _CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = :task_id"
+    " ORDER BY id DESC LIMIT :limit"
+)
+_PING: Final[LiteralString] = "SELECT 1"
+
+
+def _apply_sql(event: EventKind) -> LiteralString:
+    if event is EventKind.SUCCEEDED:
+        return _APPLY_SUCCEEDED
+    if event is EventKind.FAILED:
+        return _APPLY_FAILED
+    if target(event) in TERMINAL_STATES:
+        return _APPLY_ENDED
+    return _APPLY_PROGRESS
+
+
+def _json_array(values: Collection[str]) -> str:
+    return json.dumps(sorted(values))
+
+
+_APPLY_BY_EVENT: Final[Mapping[EventKind, LiteralString]] = {e: _apply_sql(e) for e in EventKind}
+_SOURCES_JSON: Final[Mapping[EventKind, str]] = {e: _json_array(sources(e)) for e in EventKind}
+_LATE_FROM_JSON: Final[Mapping[EventKind, str]] = {
+    e: _json_array([s for s in sources(e) if is_late(s, e)]) for e in EventKind
+}
+_ACTIVE_JSON: Final = _json_array(ACTIVE_STATES)
+_OUTCOME_EVENTS_JSON: Final = _json_array([EventKind.SUCCEEDED, EventKind.FAILED])
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _map_store_errors() -> Iterator[None]:
+    """Turn the driver's (and the file system's) errors into ``StoreUnavailableError``."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreUnavailableError(f"SQLite: {exc}") from exc
+    except OSError as exc:
+        raise StoreUnavailableError(f"SQLite file: {exc}") from exc
+
+
+@contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front: a deferred transaction that reads and then
+    # writes fails at once, busy_timeout or not, when another connection wrote in between.
+    conn.execute(_BEGIN_IMMEDIATE)
+    try:
+        yield
+        conn.execute(_COMMIT)
+    finally:
+        if conn.in_transaction:
+            conn.execute(_ROLLBACK)
+
+
+def _dump_json(value: JsonValue) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _load_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=JobId(row["id"]),
+        family=row["family"],
+        model=row["model"],
+        task_id=None if row["task_id"] is None else TaskId(row["task_id"]),
+        state=JobState(row["state"]),
+        request=_load_json(row["request"]),
+        metadata=_load_json(row["metadata"]),
+        idempotency_key=row["idempotency_key"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        deadline_at=row["deadline_at"],
+        kie_state=row["kie_state"],
+        result_urls=tuple(json.loads(row["result_urls"])),
+        result=_load_json(row["result"]),
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        ended_by=None if row["ended_by"] is None else EndedBy(row["ended_by"]),
+        ended_at=row["ended_at"],
+        late=bool(row["late"]),
+        last_error=row["last_error"],
+    )
+
+
+def _stored_callback(row: sqlite3.Row) -> StoredCallback:
+    entry = InboxEntry(
+        received_at=row["received_at"],
+        body=bytes(row["body"]),
+        body_size=row["body_size"],
+        content_type=row["content_type"],
+        query=row["query"],
+        remote=row["remote"],
+        task_id=None if row["task_id"] is None else TaskId(row["task_id"]),
+        found_by=row["found_by"],
+        job_id=None if row["job_id"] is None else JobId(row["job_id"]),
+        outcome=row["outcome"],
+        problem=row["problem"],
+        authenticated=bool(row["authenticated"]),
+        auth=row["auth"],
+    )
+    matched = row["matched_job_id"]
+    return StoredCallback(
+        id=row["id"],
+        entry=entry,
+        effect=CallbackEffect(row["effect"]),
+        matched_job_id=None if matched is None else JobId(matched),
+    )
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be 0 or more, not {limit}")
+
+
+def _script_statements(script: str) -> Iterator[str]:
+    # The driver runs one statement per call, and executescript() would commit the
+    # migration transaction, so a script is cut where SQLite itself says a statement ends.
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        yield pending
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    with _write_transaction(conn):
+        conn.execute(_CREATE_SCHEMA_VERSION)
+        (version,) = conn.execute(_SELECT_SCHEMA_VERSION).fetchone()
+        known = len(SQLITE_MIGRATIONS)
+        if version > known:
+            raise StoreUnavailableError(
+                f"{path}: the database has schema version {version}, newer than the"
+                f" {known} this kied knows; run a newer kied or restore a backup"
+            )
+        for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
+            for statement in _script_statements(script):
+                conn.execute(statement)
+            conn.execute(_INSERT_SCHEMA_VERSION, {"version": number})
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        path,
+        timeout=_BUSY_TIMEOUT_S,
+        isolation_level=None,  # autocommit; transactions are explicit
+        check_same_thread=False,  # trio's worker threads take turns, one at a time
+    )
+    try:
+        conn.row_factory = sqlite3.Row
+        (mode,) = conn.execute(_PRAGMA_WAL).fetchone()
+        if str(mode).lower() != "wal":
+            raise StoreUnavailableError(f"{path}: SQLite refused WAL mode (journal mode {mode})")
+        conn.execute(_PRAGMA_SYNCHRONOUS)
+        conn.execute(_PRAGMA_FOREIGN_KEYS)
+        _migrate(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _apply(conn: sqlite3.Connection, job_id: JobId, report: Report, now: float) -> Job | None:
+    event = report.event
+    params = {
+        "id": job_id,
+        "now": now,
+        "target": target(event).value,
+        "sources": _SOURCES_JSON[event],
+        "late_from": _LATE_FROM_JSON[event],
+        "kie_state": report.kie_state,
+        "result_urls": json.dumps(list(report.result_urls), ensure_ascii=False),
+        "result": _dump_json(report.result),
+        "error_code": report.error_code,
+        "error_message": report.error_message,
+        "ended_by": report.source.value,
+    }
+    rows = conn.execute(_APPLY_BY_EVENT[event], params).fetchall()
+    return _job(rows[0]) if rows else None
+
+
+def _select_job(conn: sqlite3.Connection, job_id: JobId) -> Job | None:
+    row = conn.execute(_SELECT_JOB, {"id": job_id}).fetchone()
+    return None if row is None else _job(row)
+
+
+def _select_job_by_task(conn: sqlite3.Connection, task_id: TaskId) -> Job | None:
+    row = conn.execute(_SELECT_JOB_BY_TASK, {"task_id": task_id}).fetchone()
+    return None if row is None else _job(row)
+
+
+def _apply_waiting_callback(
+    conn: sqlite3.Connection, job_id: JobId, task_id: TaskId, now: float
+) -> None:
+    row = conn.execute(
+        _WAITING_CALLBACK,
+        {"task_id": task_id, "no_job": CallbackEffect.NO_JOB, "events": _OUTCOME_EVENTS_JSON},
+    ).fetchone()
+    if row is None:
+        return
+    report = Report(
+        event=EventKind(row["event"]),
+        source=EndedBy.CALLBACK,
+        kie_state=row["kie_state"],
+        result_urls=tuple(_load_json(row["result_urls"]) or ()),
+        result=_load_json(row["result"]),
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+    )
+    changed = _apply(conn, job_id, report, now)
+    effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
+    conn.execute(_SET_CALLBACK_EFFECT, {"id": row["id"], "effect": effect, "job_id": job_id})
+
+
+def _record_callback(
+    conn: sqlite3.Connection, entry: InboxEntry, report: Report | None
+) -> CallbackRecord:
+    effect, job = _resolve_callback(conn, entry, report)
+    cursor = conn.execute(
+        _INSERT_CALLBACK,
+        {
+            "received_at": entry.received_at,
+            "body": entry.body,
+            "body_size": entry.body_size,
+            "content_type": entry.content_type,
+            "query": entry.query,
+            "remote": entry.remote,
+            "task_id": entry.task_id,
+            "found_by": entry.found_by,
+            "job_id": entry.job_id,
+            "outcome": entry.outcome,
+            "problem": entry.problem,
+            "authenticated": entry.authenticated,
+            "auth": entry.auth,
+            "effect": effect.value,
+            "matched_job_id": None if job is None else job.id,
+            "event": None if report is None else report.event.value,
+            "kie_state": None if report is None else report.kie_state,
+            "result_urls": None
+            if report is None
+            else json.dumps(list(report.result_urls), ensure_ascii=False),
+            "result": None if report is None else _dump_json(report.result),
+            "error_code": None if report is None else report.error_code,
+            "error_message": None if report is None else report.error_message,
+        },
+    )
+    inbox_id = cursor.lastrowid
+    assert inbox_id is not None  # an INSERT into a rowid table
+    return CallbackRecord(inbox_id=inbox_id, effect=effect, job=job)
+
+
+def _resolve_callback(
+    conn: sqlite3.Connection, entry: InboxEntry, report: Report | None
+) -> tuple[CallbackEffect, Job | None]:
+    if not entry.authenticated:
+        return CallbackEffect.REJECTED, None
+    job = None
+    if entry.job_id is not None:
+        job = _select_job(conn, entry.job_id)
+    if job is None and entry.task_id is not None:
+        job = _select_job_by_task(conn, entry.task_id)
+    if report is None:
+        return CallbackEffect.NOT_APPLICABLE, job
+    if job is None:
+        return CallbackEffect.NO_JOB, None
+    if job.task_id is None and entry.task_id is not None:
+        conn.execute(_SET_TASK, {"id": job.id, "task_id": entry.task_id, "now": entry.received_at})
+    changed = _apply(conn, job.id, report, entry.received_at)
+    if changed is not None:
+        return CallbackEffect.CHANGED, changed
+    after = _select_job(conn, job.id)
+    return CallbackEffect.NO_OP, after
+
+
+def _record_callbacks(
+    batch: list[tuple[InboxEntry, Report | None]], conn: sqlite3.Connection
+) -> list[CallbackRecord | Exception]:
+    results: list[CallbackRecord | Exception] = []
+    with _write_transaction(conn):
+        for entry, report in batch:
+            conn.execute(_SAVEPOINT)
+            try:
+                with _map_store_errors():
+                    results.append(_record_callback(conn, entry, report))
+            except Exception as exc:
+                conn.execute(_ROLLBACK_TO_SAVEPOINT)
+                results.append(exc)
+            conn.execute(_RELEASE_SAVEPOINT)
+    return results
+
+
+def _shared_error(exc: BaseException) -> StoreUnavailableError:
+    # One exception object must not be raised in several tasks (tracebacks would mix).
+    error = StoreUnavailableError(f"the callback's batch failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class _QueuedCallback:
+    entry: InboxEntry
+    report: Report | None
+    # Set when the callback is written or failed, or when its task must write the batch.
+    wake: trio.Event = field(default_factory=trio.Event)
+    record: CallbackRecord | None = None
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.record is not None or self.error is not None
+
+
+# ---------------------------------------------------------------------------- the store
+
+
+class SqliteStore(JobStore):
+    """:class:`~kied.store.JobStore` on one SQLite file.
+
+    Every operation is one transaction run in one worker-thread call, through a
+    ``CapacityLimiter(1)`` of its own, so the connection is used by one thread at a time.
+    Writes use ``BEGIN IMMEDIATE`` and wait up to 5 s for another process that holds the
+    database.
+
+    Callbacks that arrive while one is being written are queued and written together,
+    in arrival order, in one transaction and one thread hop: the thread hop, not SQLite,
+    is what a write costs. Each keeps its own savepoint, so one callback that fails does
+    not fail the others.
+
+    Cancellation:
+        An operation whose thread has started runs to its end (commit or rollback)
+        before the cancellation is seen, so a transaction is never left half done. That
+        bounds the wait by the operation, or by the 5 s busy timeout.
+
+    Resource handling:
+        :meth:`connect` opens the connection and :meth:`aclose` closes it; use
+        :func:`kied.store.open_store`, which does both.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, limiter: trio.CapacityLimiter) -> None:
+        """Wrap an open, migrated connection; use :meth:`connect` instead."""
+        self._conn: sqlite3.Connection | None = conn
+        self._limiter = limiter
+        # Callbacks waiting to be written, and whether a task is writing them (or has
+        # been handed the job of writing the next batch).
+        self._callbacks: list[_QueuedCallback] = []
+        self._writing_callbacks = False
+
+    @classmethod
+    async def connect(cls, path: Path) -> SqliteStore:
+        """Open (creating if needed) and migrate the database file at ``path``.
+
+        Args:
+            path: the database file; missing parent directories are created.
+
+        Returns:
+            The open store.
+
+        Raises:
+            StoreUnavailableError: the file cannot be opened or migrated, or its schema
+                is newer than this version of kied knows.
+
+        Cancellation:
+            Once the open has started in its thread it runs to its end and the store is
+            returned; the cancellation is seen at the caller's next checkpoint.
+
+        Resource handling:
+            The caller owns the store and must :meth:`aclose` it.
+        """
+        limiter = trio.CapacityLimiter(1)
+        with _map_store_errors():
+            conn = await trio.to_thread.run_sync(_connect, path, limiter=limiter)
+        return cls(conn, limiter)
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._conn is None:
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailableError("the store is closed")
+        with _map_store_errors():
+            return await trio.to_thread.run_sync(self._call, operation, limiter=self._limiter)
+
+    def _call(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
+        # Runs in the worker thread, after the limiter let it in: the store may have been
+        # closed while this call waited for its turn.
+        conn = self._conn
+        if conn is None:
+            raise StoreUnavailableError("the store is closed")
+        return operation(conn)
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1``."""
+        await self._run(lambda conn: conn.execute(_PING).fetchall())
+
+    async def create_job(self, new: NewJob) -> tuple[Job, bool]:
+        """Store ``new``; see :meth:`JobStore.create_job`.
+
+        A job with the same id, idempotency key or task id is returned as it is, with
+        ``False``. A job created with a task id starts ``pending``, else ``submitting``.
+        """
+
+        def create(conn: sqlite3.Connection) -> tuple[Job, bool]:
+            with _write_transaction(conn):
+                existing = _select_job(conn, new.id)
+                if existing is None and new.idempotency_key is not None:
+                    row = conn.execute(
+                        _SELECT_JOB_BY_KEY, {"idempotency_key": new.idempotency_key}
+                    ).fetchone()
+                    existing = None if row is None else _job(row)
+                if existing is None and new.task_id is not None:
+                    existing = _select_job_by_task(conn, new.task_id)
+                if existing is not None:
+                    return existing, False
+                state = JobState.SUBMITTING if new.task_id is None else JobState.PENDING
+                row = conn.execute(
+                    _INSERT_JOB,
+                    {
+                        "id": new.id,
+                        "family": new.family,
+                        "model": new.model,
+                        "task_id": new.task_id,
+                        "state": state.value,
+                        "request": _dump_json(new.request),
+                        "metadata": _dump_json(new.metadata),
+                        "idempotency_key": new.idempotency_key,
+                        "created_at": new.created_at,
+                        "deadline_at": new.deadline_at,
+                    },
+                ).fetchall()[0]
+                if new.task_id is None:
+                    return _job(row), True
+                _apply_waiting_callback(conn, new.id, new.task_id, new.created_at)
+                job = _select_job(conn, new.id)
+                assert job is not None  # inserted above, in this transaction
+                return job, True
+
+        return await self._run(create)
+
+    async def get_job(self, job_id: JobId) -> Job | None:
+        return await self._run(lambda conn: _select_job(conn, job_id))
+
+    async def get_job_by_task(self, task_id: TaskId) -> Job | None:
+        return await self._run(lambda conn: _select_job_by_task(conn, task_id))
+
+    async def list_jobs(
+        self, *, states: Collection[str] | None = None, limit: int = 100
+    ) -> list[Job]:
+        _check_limit(limit)
+        params: dict[str, object]
+        if states is None:
+            sql, params = _LIST_JOBS, {"limit": limit}
+        else:
+            sql, params = _LIST_JOBS_IN_STATES, {"states": _json_array(states), "limit": limit}
+        return await self._run(lambda conn: [_job(r) for r in conn.execute(sql, params)])
+
+    async def unfinished_jobs(self) -> list[Job]:
+        params = {"states": _ACTIVE_JSON}
+        return await self._run(
+            lambda conn: [_job(r) for r in conn.execute(_UNFINISHED_JOBS, params)]
+        )
+
+    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
+        """Record ``task_id`` and apply ``accepted``; see :meth:`JobStore.attach_task`.
+
+        The task id is recorded whatever the job's state; only the state change is a
+        compare-and-set. Repeating the call is harmless.
+
+        Raises:
+            ConflictError: the job already tracks another task, or another job tracks
+                this one.
+            StoreUnavailableError: the database failed.
+        """
+
+        def attach(conn: sqlite3.Connection) -> Job | None:
+            with _write_transaction(conn):
+                job = _select_job(conn, job_id)
+                if job is None:
+                    return None
+                if job.task_id is not None and job.task_id != task_id:
+                    raise ConflictError(f"job {job_id} already tracks task {job.task_id}")
+                newly_attached = job.task_id is None
+                if newly_attached:
+                    other = _select_job_by_task(conn, task_id)
+                    if other is not None:
+                        raise ConflictError(f"task {task_id} is already tracked by job {other.id}")
+                    conn.execute(_SET_TASK, {"id": job_id, "task_id": task_id, "now": now})
+                _apply(conn, job_id, Report(event=EventKind.ACCEPTED, source=EndedBy.SUBMIT), now)
+                if newly_attached:
+                    _apply_waiting_callback(conn, job_id, task_id, now)
+                return _select_job(conn, job_id)
+
+        return await self._run(attach)
+
+    async def apply(self, job_id: JobId, report: Report, *, now: float) -> Job | None:
+        def apply(conn: sqlite3.Connection) -> Job | None:
+            with _write_transaction(conn):
+                return _apply(conn, job_id, report, now)
+
+        return await self._run(apply)
+
+    async def note_error(self, job_id: JobId, message: str, *, now: float) -> None:
+        def note(conn: sqlite3.Connection) -> None:
+            with _write_transaction(conn):
+                conn.execute(_NOTE_ERROR, {"id": job_id, "message": message, "now": now})
+
+        await self._run(note)
+
+    async def record_callback(self, entry: InboxEntry, report: Report | None) -> CallbackRecord:
+        """Store ``entry`` and apply ``report``; see :meth:`JobStore.record_callback`.
+
+        ``now`` for the job's change is ``entry.received_at``. A rejected callback looks
+        nothing up; a callback with nothing to apply still names its job.
+
+        Cancellation:
+            Cancelled while it waits its turn, the callback is not written. Once its
+            batch is being written, it is written, whether or not the caller waits.
+        """
+        item = _QueuedCallback(entry=entry, report=report)
+        self._callbacks.append(item)
+        if self._writing_callbacks:
+            try:
+                await item.wake.wait()
+            except BaseException:
+                if item in self._callbacks:  # not taken by a write: drop it
+                    self._callbacks.remove(item)
+                    if item.wake.is_set():  # handed the writing just as it was cancelled
+                        self._hand_off_callbacks()
+                raise
+            if not item.finished:  # handed the writing: write the next batch
+                await self._write_callbacks(item)
+        else:
+            self._writing_callbacks = True
+            await self._write_callbacks(item)
+        if item.error is not None:
+            raise item.error
+        assert item.record is not None
+        return item.record
+
+    async def _write_callbacks(self, own: _QueuedCallback) -> None:
+        # Called only by the one task that holds ``_writing_callbacks``.
+        # The caller's own callback is the oldest queued, so it is always in the batch.
+        batch = self._callbacks[:_MAX_CALLBACK_BATCH]
+        del self._callbacks[:_MAX_CALLBACK_BATCH]
+        try:
+            results = await self._run(
+                partial(_record_callbacks, [(c.entry, c.report) for c in batch])
+            )
+        except trio.Cancelled:
+            # Only raised before the thread started: nothing was written.
+            self._callbacks[:0] = [c for c in batch if c is not own]
+            raise
+        except BaseException as exc:
+            for c in batch:
+                c.error = exc if c is own else _shared_error(exc)
+                c.wake.set()
+            raise
+        else:
+            for c, result in zip(batch, results, strict=True):
+                if isinstance(result, CallbackRecord):
+                    c.record = result
+                else:
+                    c.error = result
+                c.wake.set()
+        finally:
+            self._hand_off_callbacks()
+
+    def _hand_off_callbacks(self) -> None:
+        # The writer is done: the task of the oldest queued callback writes the next batch.
+        if self._callbacks:
+            self._callbacks[0].wake.set()
+        else:
+            self._writing_callbacks = False
+
+    async def list_callbacks(
+        self, *, task_id: TaskId | None = None, limit: int = 100
+    ) -> list[StoredCallback]:
+        _check_limit(limit)
+        params: dict[str, object]
+        if task_id is None:
+            sql, params = _LIST_CALLBACKS, {"limit": limit}
+        else:
+            sql, params = _LIST_CALLBACKS_FOR_TASK, {"task_id": task_id, "limit": limit}
+        return await self._run(
+            lambda conn: [_stored_callback(r) for r in conn.execute(sql, params)]
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection, after any operation already running. Idempotent.
+
+        Cancellation:
+            Cancelled while an operation runs, the connection is left to be closed when
+            the store is garbage-collected; the store refuses new work either way.
+        """
+        conn, self._conn = self._conn, None
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return
+        with _map_store_errors():
+            await trio.to_thread.run_sync(conn.close, limiter=self._limiter)

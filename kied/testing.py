@@ -1,0 +1,364 @@
+"""In-process fakes for tests and development: the same contracts, no I/O.
+
+:class:`MemoryStore` keeps jobs and the callback inbox in memory with exactly the
+semantics of the database stores, so tests of everything above storage can run on the
+autojump clock. ``make_new_job`` and ``make_inbox_entry`` build records with sensible
+defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import trio
+
+from kied.core.jobs import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    EndedBy,
+    EventKind,
+    Job,
+    JobId,
+    JobState,
+    NewJob,
+    Report,
+    TaskId,
+    is_late,
+    sources,
+    target,
+)
+from kied.errors import ConflictError, StoreUnavailableError
+from kied.store._base import (
+    CallbackEffect,
+    CallbackRecord,
+    InboxEntry,
+    JobStore,
+    StoredCallback,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from kied.core._json import JsonObject, JsonValue
+
+__all__ = ["MemoryStore", "make_inbox_entry", "make_new_job"]
+
+_OUTCOME_EVENTS = frozenset({EventKind.SUCCEEDED, EventKind.FAILED})
+
+
+def _json_copy(value: JsonValue) -> JsonValue:
+    # What a database would keep: a detached copy, and a TypeError for what JSON cannot hold.
+    return None if value is None else json.loads(json.dumps(value))
+
+
+def _object_copy(value: JsonObject | None) -> JsonObject | None:
+    if value is None:
+        return None
+    copied: JsonObject = json.loads(json.dumps(value))
+    return copied
+
+
+def _detached(job: Job) -> Job:
+    return replace(
+        job,
+        request=_object_copy(job.request),
+        metadata=_object_copy(job.metadata),
+        result=_json_copy(job.result),
+    )
+
+
+def _applied(job: Job, report: Report, now: float) -> Job | None:
+    """The job after ``report``, or ``None`` when the compare-and-set would not match."""
+    event = report.event
+    if job.state not in sources(event):
+        return None
+    state = target(event)
+    kie_state = job.kie_state if report.kie_state is None else report.kie_state
+    if state not in TERMINAL_STATES:
+        return replace(job, state=state, updated_at=now, kie_state=kie_state)
+    ended = replace(
+        job,
+        state=state,
+        updated_at=now,
+        kie_state=kie_state,
+        ended_by=report.source,
+        ended_at=now,
+        late=job.late or is_late(job.state, event),
+    )
+    if event is EventKind.SUCCEEDED:
+        return replace(
+            ended,
+            result_urls=tuple(report.result_urls),
+            result=_json_copy(report.result),
+            error_code=None,
+            error_message=None,
+        )
+    if event is EventKind.FAILED:
+        return replace(ended, error_code=report.error_code, error_message=report.error_message)
+    return replace(
+        ended,
+        error_code=job.error_code if report.error_code is None else report.error_code,
+        error_message=job.error_message if report.error_message is None else report.error_message,
+    )
+
+
+@dataclass(slots=True, kw_only=True)
+class _InboxRow:
+    id: int
+    entry: InboxEntry
+    report: Report | None
+    effect: CallbackEffect
+    matched_job_id: JobId | None
+
+
+class MemoryStore(JobStore):
+    """:class:`~kied.store.JobStore` in memory.
+
+    Every operation checkpoints once, then runs to its end without yielding, so it is
+    atomic with respect to other trio tasks, like a transaction. Nothing survives the
+    object. After :meth:`aclose` every operation raises ``StoreUnavailableError``.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[JobId, Job] = {}  # in creation order
+        self._by_key: dict[str, JobId] = {}
+        self._by_task: dict[TaskId, JobId] = {}
+        self._inbox: list[_InboxRow] = []
+        self._closed = False
+
+    async def _enter(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise StoreUnavailableError("the store is closed")
+
+    def _find(self, job_id: JobId | None) -> Job | None:
+        return None if job_id is None else self._jobs.get(job_id)
+
+    def _set(self, job: Job) -> Job:
+        self._jobs[job.id] = job
+        if job.task_id is not None:
+            self._by_task[job.task_id] = job.id
+        return _detached(job)
+
+    def _apply(self, job_id: JobId, report: Report, now: float) -> Job | None:
+        job = self._jobs.get(job_id)
+        changed = None if job is None else _applied(job, report, now)
+        return None if changed is None else self._set(changed)
+
+    def _apply_waiting_callback(self, job_id: JobId, task_id: TaskId, now: float) -> None:
+        for row in reversed(self._inbox):
+            if (
+                row.entry.task_id == task_id
+                and row.entry.authenticated
+                and row.effect is CallbackEffect.NO_JOB
+                and row.entry.outcome in ("success", "fail")
+                and row.report is not None
+                and row.report.event in _OUTCOME_EVENTS
+            ):
+                report = replace(row.report, source=EndedBy.CALLBACK)
+                changed = self._apply(job_id, report, now)
+                row.effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
+                row.matched_job_id = job_id
+                return
+
+    async def ping(self) -> None:
+        await self._enter()
+
+    async def create_job(self, new: NewJob) -> tuple[Job, bool]:
+        await self._enter()
+        existing = self._jobs.get(new.id)
+        if existing is None and new.idempotency_key is not None:
+            existing = self._find(self._by_key.get(new.idempotency_key))
+        if existing is None and new.task_id is not None:
+            existing = self._find(self._by_task.get(new.task_id))
+        if existing is not None:
+            return _detached(existing), False
+        job = Job(
+            id=new.id,
+            family=new.family,
+            model=new.model,
+            task_id=new.task_id,
+            state=JobState.SUBMITTING if new.task_id is None else JobState.PENDING,
+            request=_object_copy(new.request),
+            metadata=_object_copy(new.metadata),
+            idempotency_key=new.idempotency_key,
+            created_at=new.created_at,
+            updated_at=new.created_at,
+            deadline_at=new.deadline_at,
+        )
+        self._set(job)
+        if new.idempotency_key is not None:
+            self._by_key[new.idempotency_key] = job.id
+        if new.task_id is not None:
+            self._apply_waiting_callback(job.id, new.task_id, new.created_at)
+        return _detached(self._jobs[job.id]), True
+
+    async def get_job(self, job_id: JobId) -> Job | None:
+        await self._enter()
+        job = self._jobs.get(job_id)
+        return None if job is None else _detached(job)
+
+    async def get_job_by_task(self, task_id: TaskId) -> Job | None:
+        await self._enter()
+        job_id = self._by_task.get(task_id)
+        return None if job_id is None else _detached(self._jobs[job_id])
+
+    async def list_jobs(
+        self, *, states: Collection[str] | None = None, limit: int = 100
+    ) -> list[Job]:
+        await self._enter()
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, not {limit}")
+        wanted = None if states is None else {str(s) for s in states}
+        # Newest first: by creation time, ties broken by the later insert.
+        jobs = sorted(
+            enumerate(self._jobs.values()),
+            key=lambda pair: (pair[1].created_at, pair[0]),
+            reverse=True,
+        )
+        found = [j for _, j in jobs if wanted is None or j.state.value in wanted]
+        return [_detached(j) for j in found[:limit]]
+
+    async def unfinished_jobs(self) -> list[Job]:
+        await self._enter()
+        jobs = sorted(
+            enumerate(self._jobs.values()),
+            key=lambda pair: (pair[1].deadline_at, pair[1].created_at, pair[0]),
+        )
+        return [_detached(j) for _, j in jobs if j.state in ACTIVE_STATES]
+
+    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
+        await self._enter()
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        if job.task_id is not None and job.task_id != task_id:
+            raise ConflictError(f"job {job_id} already tracks task {job.task_id}")
+        newly_attached = job.task_id is None
+        if newly_attached:
+            other = self._by_task.get(task_id)
+            if other is not None:
+                raise ConflictError(f"task {task_id} is already tracked by job {other}")
+            self._set(replace(job, task_id=task_id, updated_at=now))
+        self._apply(job_id, Report(event=EventKind.ACCEPTED, source=EndedBy.SUBMIT), now)
+        if newly_attached:
+            self._apply_waiting_callback(job_id, task_id, now)
+        return _detached(self._jobs[job_id])
+
+    async def apply(self, job_id: JobId, report: Report, *, now: float) -> Job | None:
+        await self._enter()
+        return self._apply(job_id, report, now)
+
+    async def note_error(self, job_id: JobId, message: str, *, now: float) -> None:
+        await self._enter()
+        job = self._jobs.get(job_id)
+        if job is not None:
+            self._set(replace(job, last_error=message, updated_at=now))
+
+    async def record_callback(self, entry: InboxEntry, report: Report | None) -> CallbackRecord:
+        await self._enter()
+        if report is not None:  # first, so that a result JSON cannot hold changes nothing
+            report = replace(report, result=_json_copy(report.result))
+        effect, job = self._resolve_callback(entry, report)
+        row = _InboxRow(
+            id=len(self._inbox) + 1,
+            entry=entry,
+            report=report,
+            effect=effect,
+            matched_job_id=None if job is None else job.id,
+        )
+        self._inbox.append(row)
+        return CallbackRecord(inbox_id=row.id, effect=effect, job=job)
+
+    def _resolve_callback(
+        self, entry: InboxEntry, report: Report | None
+    ) -> tuple[CallbackEffect, Job | None]:
+        if not entry.authenticated:
+            return CallbackEffect.REJECTED, None
+        job = self._find(entry.job_id)
+        if job is None and entry.task_id is not None:
+            job = self._find(self._by_task.get(entry.task_id))
+        if report is None:
+            return CallbackEffect.NOT_APPLICABLE, None if job is None else _detached(job)
+        if job is None:
+            return CallbackEffect.NO_JOB, None
+        if job.task_id is None and entry.task_id is not None and entry.task_id not in self._by_task:
+            job = replace(job, task_id=entry.task_id, updated_at=entry.received_at)
+            self._set(job)
+        changed = self._apply(job.id, report, entry.received_at)
+        if changed is not None:
+            return CallbackEffect.CHANGED, changed
+        return CallbackEffect.NO_OP, _detached(self._jobs[job.id])
+
+    async def list_callbacks(
+        self, *, task_id: TaskId | None = None, limit: int = 100
+    ) -> list[StoredCallback]:
+        await self._enter()
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, not {limit}")
+        rows = [r for r in reversed(self._inbox) if task_id is None or r.entry.task_id == task_id]
+        return [
+            StoredCallback(id=r.id, entry=r.entry, effect=r.effect, matched_job_id=r.matched_job_id)
+            for r in rows[:limit]
+        ]
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._closed = True
+
+
+def make_new_job(
+    *,
+    job_id: str | None = None,
+    family: str = "market",
+    model: str | None = "test/model",
+    task_id: str | None = None,
+    request: JsonObject | None = None,
+    metadata: JsonObject | None = None,
+    idempotency_key: str | None = None,
+    created_at: float = 1_000.0,
+    timeout_s: float = 900.0,
+) -> NewJob:
+    """A :class:`NewJob` with defaults; its deadline is ``created_at + timeout_s``."""
+    return NewJob(
+        id=JobId(job_id if job_id is not None else f"job-{uuid.uuid4().hex}"),
+        family=family,
+        model=model,
+        task_id=None if task_id is None else TaskId(task_id),
+        request=request,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+        created_at=created_at,
+        deadline_at=created_at + timeout_s,
+    )
+
+
+def make_inbox_entry(
+    *,
+    task_id: str | None = None,
+    job_id: str | None = None,
+    outcome: str = "success",
+    authenticated: bool = True,
+    received_at: float = 1_000.0,
+    body: bytes = b"{}",
+    problem: str | None = None,
+) -> InboxEntry:
+    """An :class:`InboxEntry` for a callback as the HTTP layer would record it."""
+    return InboxEntry(
+        received_at=received_at,
+        body=body,
+        body_size=len(body),
+        content_type="application/json",
+        query="" if job_id is None else f"job={job_id}",
+        remote="127.0.0.1",
+        task_id=None if task_id is None else TaskId(task_id),
+        found_by=None if task_id is None else "data.taskId",
+        job_id=None if job_id is None else JobId(job_id),
+        outcome=outcome,
+        problem=problem,
+        authenticated=authenticated,
+        auth="token" if authenticated else "missing token",
+    )

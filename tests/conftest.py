@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import trio
+
+from kied.daemon import run
+from kied.settings import FileLockSettings, Settings, SqliteStoreSettings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KIED_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    return SHARED
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    db = tmp_path / "kied.db"
+    return Settings(
+        host="127.0.0.1",
+        port=0,
+        store=SqliteStoreSettings(path=db),
+        lock=FileLockSettings(path=tmp_path / "kied.db.lock", retry_s=0.05),
+        graceful_timeout_s=2.0,
+        shutdown_grace_s=5.0,
+    )
+
+
+@dataclass
+class RunningDaemon:
+    url: str
+    stop: trio.Event
+    done: trio.Event
+    settings: Settings
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=10)
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        with trio.fail_after(10):
+            await self.done.wait()
+
+
+class DaemonStarter:
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    async def __call__(self, settings: Settings, **overrides: object) -> RunningDaemon:
+        if overrides:
+            settings = replace(settings, **overrides)  # type: ignore[arg-type]
+        stop = trio.Event()
+        done = trio.Event()
+
+        async def runner(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await run(settings, stop=stop, task_status=task_status)
+            finally:
+                done.set()
+
+        with trio.fail_after(10):
+            urls: list[str] = await self._nursery.start(runner)
+        return RunningDaemon(url=urls[0], stop=stop, done=done, settings=settings)
+
+
+@pytest.fixture
+async def start_daemon(nursery: trio.Nursery) -> AsyncIterator[DaemonStarter]:
+    return DaemonStarter(nursery)
+
+
+async def wait_for(predicate, *, within_s: float = 10.0, interval: float = 0.02):
+    """Poll an async predicate until it returns a truthy value."""
+    with trio.fail_after(within_s):
+        while True:
+            value = await predicate()
+            if value:
+                return value
+            await trio.sleep(interval)
+
+
+PYTHON = sys.executable

@@ -1,0 +1,1014 @@
+"""The JobStore contract, run against every store.
+
+Each backend is one entry in ``STORES``: a function from a scratch directory to an async
+context manager that yields an open, empty store. A PostgreSQL store joins by adding an
+entry. Tests that only make sense for one backend (files on disk, schema versions) sit
+at the end.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+import trio.testing
+
+from kied.core.jobs import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    EndedBy,
+    EventKind,
+    Job,
+    JobId,
+    JobState,
+    Report,
+    TaskId,
+    advance,
+    is_late,
+)
+from kied.errors import ConfigError, ConflictError, IllegalTransitionError, StoreUnavailableError
+from kied.settings import PostgresStoreSettings, SqliteStoreSettings
+from kied.store import CallbackEffect, CallbackRecord, JobStore, SqliteStore, _sqlite, open_store
+from kied.store._migrations import SQLITE_MIGRATIONS
+from kied.testing import MemoryStore, make_inbox_entry, make_new_job
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
+
+#: No test here needs more than a fraction of this.
+TEST_DEADLINE_S = 30.0
+
+E = EventKind
+S = JobState
+
+
+@asynccontextmanager
+async def _memory_store(tmp_path: Path) -> AsyncIterator[JobStore]:
+    store = MemoryStore()
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def _sqlite_store(tmp_path: Path) -> AbstractAsyncContextManager[JobStore]:
+    return open_store(SqliteStoreSettings(path=tmp_path / "kied.db"))
+
+
+STORES: dict[str, Callable[[Path], AbstractAsyncContextManager[JobStore]]] = {
+    "memory": _memory_store,
+    "sqlite": _sqlite_store,
+}
+
+
+@pytest.fixture(autouse=True)
+async def _test_deadline(nursery: trio.Nursery) -> None:
+    # A failing watchdog task cancels the test, so a hang fails with a clear message.
+    async def watchdog() -> None:
+        await trio.sleep(TEST_DEADLINE_S)
+        raise TimeoutError(f"the test did not finish within {TEST_DEADLINE_S} s")
+
+    nursery.start_soon(watchdog)
+
+
+@pytest.fixture(params=sorted(STORES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    async with STORES[request.param](tmp_path) as store:
+        yield store
+
+
+def _report(event: EventKind, *, source: EndedBy | None = None) -> Report:
+    """A report as a poller, callback, deadline or the application would make it."""
+    if event is E.SUCCEEDED:
+        return Report(
+            event=event,
+            source=source or EndedBy.POLL,
+            kie_state="success",
+            result_urls=("https://cdn.example/1.png", "https://cdn.example/2.png"),
+            result={"resultUrls": ["https://cdn.example/1.png"], "seed": 7, "nsfw": False},
+        )
+    if event is E.FAILED:
+        return Report(
+            event=event,
+            source=source or EndedBy.POLL,
+            kie_state="fail",
+            error_code="501",
+            error_message="generation failed: ünïcode",
+        )
+    if event is E.PROGRESS:
+        return Report(event=event, source=source or EndedBy.POLL, kie_state="generating")
+    if event is E.ACCEPTED:
+        return Report(event=event, source=source or EndedBy.SUBMIT, kie_state="waiting")
+    if event is E.DEADLINE:
+        return Report(event=event, source=source or EndedBy.DEADLINE)
+    return Report(event=event, source=source or EndedBy.CANCEL)
+
+
+#: Events that bring a new (submitting) job into each state.
+_PATH_TO: dict[JobState, tuple[EventKind, ...]] = {
+    S.SUBMITTING: (),
+    S.PENDING: (E.ACCEPTED,),
+    S.SUCCEEDED: (E.SUCCEEDED,),
+    S.FAILED: (E.FAILED,),
+    S.TIMED_OUT: (E.DEADLINE,),
+    S.CANCELLED: (E.CANCEL,),
+}
+
+
+async def _job_in(store: JobStore, state: JobState, **new_job: object) -> Job:
+    job, created = await store.create_job(make_new_job(**new_job))  # type: ignore[arg-type]
+    assert created
+    for event in _PATH_TO[state]:
+        changed = await store.apply(job.id, _report(event), now=job.created_at + 10)
+        assert changed is not None
+        job = changed
+    assert job.state is state
+    return job
+
+
+# ------------------------------------------------------------------- jobs
+
+
+async def test_create_and_read_back(store: JobStore) -> None:
+    new = make_new_job(
+        job_id="job-1",
+        family="veo",
+        model="veo3_fast",
+        request={"prompt": "a cat, ünïcode ✓", "n": 2, "ratio": 1.5, "tags": ["a", None]},
+        metadata={"chat_id": 42, "nested": {"deep": [1, {"x": True}]}},
+        idempotency_key="key-1",
+        created_at=1_000.25,
+        timeout_s=900.0,
+    )
+    job, created = await store.create_job(new)
+    assert created
+    assert job == Job(
+        id=JobId("job-1"),
+        family="veo",
+        model="veo3_fast",
+        task_id=None,
+        state=S.SUBMITTING,
+        request=new.request,
+        metadata=new.metadata,
+        idempotency_key="key-1",
+        created_at=1_000.25,
+        updated_at=1_000.25,
+        deadline_at=1_900.25,
+    )
+    assert await store.get_job(JobId("job-1")) == job
+    assert await store.get_job(JobId("no-such-job")) is None
+    assert await store.get_job_by_task(TaskId("no-such-task")) is None
+
+
+async def test_create_with_task_id_starts_pending(store: JobStore) -> None:
+    job, created = await store.create_job(make_new_job(task_id="task-1"))
+    assert created
+    assert job.state is S.PENDING
+    assert job.task_id == "task-1"
+    assert await store.get_job_by_task(TaskId("task-1")) == job
+
+
+async def test_stored_job_is_detached_from_the_caller(store: JobStore) -> None:
+    request = {"prompt": "x", "list": [1]}
+    job, _ = await store.create_job(make_new_job(request=request))  # type: ignore[arg-type]
+    request["list"].append(2)  # type: ignore[attr-defined]
+    assert job.request is not None
+    job.request["prompt"] = "changed"
+    stored = await store.get_job(job.id)
+    assert stored is not None
+    assert stored.request == {"prompt": "x", "list": [1]}
+
+
+async def test_create_is_idempotent_by_key(store: JobStore) -> None:
+    first, created = await store.create_job(make_new_job(idempotency_key="k", created_at=1.0))
+    assert created
+    again, created = await store.create_job(
+        make_new_job(idempotency_key="k", family="other", created_at=2.0)
+    )
+    assert not created
+    assert again == first
+    assert await store.list_jobs() == [first]
+
+
+async def test_create_is_idempotent_by_task_id(store: JobStore) -> None:
+    first, created = await store.create_job(make_new_job(task_id="t"))
+    assert created
+    again, created = await store.create_job(make_new_job(task_id="t", idempotency_key="other"))
+    assert not created
+    assert again == first
+    assert len(await store.list_jobs()) == 1
+
+
+async def test_create_is_idempotent_by_job_id(store: JobStore) -> None:
+    first, _ = await store.create_job(make_new_job(job_id="same"))
+    again, created = await store.create_job(make_new_job(job_id="same", family="other"))
+    assert not created
+    assert again == first
+
+
+async def test_jobs_without_key_or_task_are_distinct(store: JobStore) -> None:
+    await store.create_job(make_new_job())
+    await store.create_job(make_new_job())
+    assert len(await store.list_jobs()) == 2
+
+
+# ------------------------------------------------------------------- transitions
+
+
+@pytest.mark.parametrize("state", list(JobState))
+@pytest.mark.parametrize("event", list(EventKind))
+async def test_every_transition(store: JobStore, state: JobState, event: EventKind) -> None:
+    before = await _job_in(store, state)
+    report = _report(event)
+    after = await store.apply(before.id, report, now=5_000.0)
+    try:
+        expected = advance(state, event)
+    except IllegalTransitionError:
+        assert after is None
+        assert await store.get_job(before.id) == before
+        return
+    assert after is not None
+    assert await store.get_job(before.id) == after
+    assert after.state is expected
+    assert after.updated_at == 5_000.0
+    assert after.kie_state == (report.kie_state or before.kie_state)
+    assert after.late is is_late(state, event)
+    if expected in TERMINAL_STATES:
+        assert (after.ended_by, after.ended_at) == (report.source, 5_000.0)
+    else:
+        assert (after.ended_by, after.ended_at) == (None, None)
+    if event is E.SUCCEEDED:
+        assert after.result_urls == report.result_urls
+        assert after.result == report.result
+        assert (after.error_code, after.error_message) == (None, None)
+    elif event is E.FAILED:
+        assert (after.error_code, after.error_message) == (
+            report.error_code,
+            report.error_message,
+        )
+        assert (after.result_urls, after.result) == (before.result_urls, before.result)
+    else:
+        assert (after.result_urls, after.result) == (before.result_urls, before.result)
+        assert (after.error_code, after.error_message) == (
+            before.error_code,
+            before.error_message,
+        )
+    # Nothing else moves.
+    unchanged = replace(
+        after,
+        state=before.state,
+        updated_at=before.updated_at,
+        kie_state=before.kie_state,
+        result_urls=before.result_urls,
+        result=before.result,
+        error_code=before.error_code,
+        error_message=before.error_message,
+        ended_by=before.ended_by,
+        ended_at=before.ended_at,
+        late=before.late,
+    )
+    assert unchanged == before
+
+
+async def test_progress_on_pending_is_a_change(store: JobStore) -> None:
+    job = await _job_in(store, S.PENDING)
+    first = await store.apply(job.id, _report(E.PROGRESS), now=2_000.0)
+    assert first is not None
+    assert (first.state, first.kie_state, first.updated_at) == (S.PENDING, "generating", 2_000.0)
+    # A report without KIE's state keeps the one already known.
+    second = await store.apply(job.id, Report(event=E.PROGRESS, source=EndedBy.POLL), now=2_001.0)
+    assert second is not None
+    assert (second.kie_state, second.updated_at) == ("generating", 2_001.0)
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (E.SUCCEEDED, E.FAILED),
+        (E.FAILED, E.SUCCEEDED),
+        (E.CANCEL, E.SUCCEEDED),
+        (E.SUCCEEDED, E.DEADLINE),
+        (E.SUCCEEDED, E.CANCEL),
+        (E.FAILED, E.PROGRESS),
+    ],
+)
+async def test_terminal_states_are_sticky(
+    store: JobStore, first: EventKind, then: EventKind
+) -> None:
+    job = await _job_in(store, S.PENDING)
+    ended = await store.apply(job.id, _report(first), now=2_000.0)
+    assert ended is not None
+    assert await store.apply(job.id, _report(then), now=2_001.0) is None
+    assert await store.get_job(job.id) == ended
+
+
+@pytest.mark.parametrize("event", [E.SUCCEEDED, E.FAILED, E.DEADLINE, E.CANCEL])
+async def test_repeating_a_terminal_write_is_a_no_op(store: JobStore, event: EventKind) -> None:
+    job = await _job_in(store, S.PENDING)
+    once = await store.apply(job.id, _report(event), now=2_000.0)
+    assert once is not None
+    assert await store.apply(job.id, _report(event), now=2_001.0) is None
+    assert await store.get_job(job.id) == once
+
+
+async def test_outcome_after_deadline_replaces_timed_out_and_is_late(store: JobStore) -> None:
+    job = await _job_in(store, S.TIMED_OUT)
+    assert not job.late
+    report = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    late = await store.apply(job.id, report, now=3_000.0)
+    assert late is not None
+    assert (late.state, late.late, late.ended_by, late.ended_at) == (
+        S.SUCCEEDED,
+        True,
+        EndedBy.CALLBACK,
+        3_000.0,
+    )
+    assert late.result_urls == report.result_urls
+
+
+async def test_failure_after_deadline_is_late_and_cancel_is_not(store: JobStore) -> None:
+    failed = await store.apply(
+        (await _job_in(store, S.TIMED_OUT)).id, _report(E.FAILED), now=3_000.0
+    )
+    assert failed is not None
+    assert (failed.state, failed.late, failed.error_code) == (S.FAILED, True, "501")
+    cancelled = await store.apply(
+        (await _job_in(store, S.TIMED_OUT)).id, _report(E.CANCEL), now=3_000.0
+    )
+    assert cancelled is not None
+    assert (cancelled.state, cancelled.late) == (S.CANCELLED, False)
+
+
+async def test_apply_to_unknown_job_is_a_no_op(store: JobStore) -> None:
+    assert await store.apply(JobId("nope"), _report(E.SUCCEEDED), now=1.0) is None
+
+
+async def test_concurrent_applies_have_exactly_one_winner(store: JobStore) -> None:
+    job = await _job_in(store, S.PENDING)
+    results: list[Job | None] = []
+
+    async def write(i: int) -> None:
+        # Each of these ends the job for good (timed_out could still be replaced).
+        event = (E.SUCCEEDED, E.FAILED, E.CANCEL)[i % 3]
+        results.append(await store.apply(job.id, _report(event), now=2_000.0 + i))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(write, i)
+    winners = [r for r in results if r is not None]
+    assert len(results) == 40
+    assert len(winners) == 1
+    assert await store.get_job(job.id) == winners[0]
+
+
+# ------------------------------------------------------------------- attach_task, note_error
+
+
+async def test_attach_task_moves_submitting_to_pending(store: JobStore) -> None:
+    job = await _job_in(store, S.SUBMITTING)
+    attached = await store.attach_task(job.id, TaskId("t-1"), now=1_005.0)
+    assert attached is not None
+    assert (attached.state, attached.task_id, attached.updated_at) == (S.PENDING, "t-1", 1_005.0)
+    assert await store.get_job_by_task(TaskId("t-1")) == attached
+    again = await store.attach_task(job.id, TaskId("t-1"), now=1_006.0)
+    assert again is not None
+    assert (again.state, again.task_id) == (S.PENDING, "t-1")
+
+
+async def test_attach_task_to_unknown_job(store: JobStore) -> None:
+    assert await store.attach_task(JobId("nope"), TaskId("t"), now=1.0) is None
+    assert await store.get_job_by_task(TaskId("t")) is None
+
+
+async def test_attach_task_records_the_task_of_an_ended_job(store: JobStore) -> None:
+    job = await _job_in(store, S.CANCELLED)
+    attached = await store.attach_task(job.id, TaskId("t-late"), now=1_100.0)
+    assert attached is not None
+    assert (attached.state, attached.task_id) == (S.CANCELLED, "t-late")
+
+
+async def test_attach_task_conflicts(store: JobStore) -> None:
+    one = await _job_in(store, S.SUBMITTING)
+    two = await _job_in(store, S.SUBMITTING)
+    assert await store.attach_task(one.id, TaskId("t-1"), now=1_001.0) is not None
+    with pytest.raises(ConflictError):
+        await store.attach_task(one.id, TaskId("t-other"), now=1_002.0)
+    with pytest.raises(ConflictError):
+        await store.attach_task(two.id, TaskId("t-1"), now=1_002.0)
+    after_one = await store.get_job(one.id)
+    after_two = await store.get_job(two.id)
+    assert after_one is not None
+    assert after_two is not None
+    assert (after_one.task_id, after_two.task_id, after_two.state) == ("t-1", None, S.SUBMITTING)
+
+
+async def test_note_error(store: JobStore) -> None:
+    job = await _job_in(store, S.PENDING)
+    await store.note_error(job.id, "KIE answered 502", now=1_500.0)
+    await store.note_error(job.id, "KIE answered 429", now=1_600.0)
+    noted = await store.get_job(job.id)
+    assert noted is not None
+    assert (noted.last_error, noted.updated_at, noted.state) == (
+        "KIE answered 429",
+        1_600.0,
+        S.PENDING,
+    )
+    await store.note_error(JobId("nope"), "ignored", now=1.0)
+
+
+# ------------------------------------------------------------------- listing
+
+
+async def test_unfinished_jobs_oldest_deadline_first(store: JobStore) -> None:
+    late_deadline = await _job_in(store, S.PENDING, created_at=100.0, timeout_s=900.0)
+    early = await _job_in(store, S.SUBMITTING, created_at=200.0, timeout_s=100.0)
+    middle = await _job_in(store, S.PENDING, created_at=300.0, timeout_s=400.0)
+    for state in TERMINAL_STATES:
+        await _job_in(store, state, created_at=0.0, timeout_s=1.0)
+    unfinished = await store.unfinished_jobs()
+    assert [j.id for j in unfinished] == [early.id, middle.id, late_deadline.id]
+    assert all(j.state in ACTIVE_STATES for j in unfinished)
+
+
+async def test_list_jobs_newest_first_with_states_and_limit(store: JobStore) -> None:
+    a = await _job_in(store, S.PENDING, created_at=1.0)
+    b = await _job_in(store, S.SUCCEEDED, created_at=3.0)
+    c = await _job_in(store, S.SUBMITTING, created_at=2.0)
+    d = await _job_in(store, S.FAILED, created_at=3.0)  # same time as b, stored later
+    assert [j.id for j in await store.list_jobs()] == [d.id, b.id, c.id, a.id]
+    assert [j.id for j in await store.list_jobs(limit=2)] == [d.id, b.id]
+    assert await store.list_jobs(limit=0) == []
+    active = await store.list_jobs(states=[S.PENDING, S.SUBMITTING])
+    assert [j.id for j in active] == [c.id, a.id]
+    assert [j.id for j in await store.list_jobs(states={"succeeded"})] == [b.id]
+    assert await store.list_jobs(states=[]) == []
+
+
+# ------------------------------------------------------------------- callbacks
+
+
+async def test_callback_changes_its_job(store: JobStore) -> None:
+    job = await _job_in(store, S.PENDING, task_id="t-1")
+    entry = make_inbox_entry(task_id="t-1", received_at=1_200.0, body=b'{"code":200}')
+    report = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    record = await store.record_callback(entry, report)
+    assert record.effect is CallbackEffect.CHANGED
+    assert record.job is not None
+    assert (record.job.id, record.job.state, record.job.ended_by) == (
+        job.id,
+        S.SUCCEEDED,
+        EndedBy.CALLBACK,
+    )
+    assert (record.job.ended_at, record.job.updated_at) == (1_200.0, 1_200.0)
+    assert await store.get_job(job.id) == record.job
+    [stored] = await store.list_callbacks()
+    assert stored.id == record.inbox_id
+    assert stored.entry == entry
+    assert (stored.effect, stored.matched_job_id) == (CallbackEffect.CHANGED, job.id)
+
+
+async def test_repeated_callback_is_a_no_op(store: JobStore) -> None:
+    await _job_in(store, S.PENDING, task_id="t-1")
+    entry = make_inbox_entry(task_id="t-1", received_at=1_200.0)
+    report = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    first = await store.record_callback(entry, report)
+    second = await store.record_callback(replace(entry, received_at=1_201.0), report)
+    assert first.effect is CallbackEffect.CHANGED
+    assert second.effect is CallbackEffect.NO_OP
+    assert second.job == first.job
+    assert second.inbox_id != first.inbox_id
+    stored = await store.list_callbacks(task_id=TaskId("t-1"))
+    assert [c.effect for c in stored] == [CallbackEffect.NO_OP, CallbackEffect.CHANGED]
+
+
+async def test_callback_for_no_known_job(store: JobStore) -> None:
+    record = await store.record_callback(
+        make_inbox_entry(task_id="t-unknown"), _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    )
+    assert (record.effect, record.job) == (CallbackEffect.NO_JOB, None)
+    [stored] = await store.list_callbacks()
+    assert (stored.effect, stored.matched_job_id) == (CallbackEffect.NO_JOB, None)
+
+
+async def test_unauthenticated_callback_changes_nothing(store: JobStore) -> None:
+    job = await _job_in(store, S.PENDING, task_id="t-1")
+    entry = make_inbox_entry(task_id="t-1", job_id=job.id, authenticated=False)
+    record = await store.record_callback(entry, _report(E.SUCCEEDED, source=EndedBy.CALLBACK))
+    assert (record.effect, record.job) == (CallbackEffect.REJECTED, None)
+    assert await store.get_job(job.id) == job
+    [stored] = await store.list_callbacks()
+    assert stored.entry == entry
+    assert (stored.effect, stored.matched_job_id) == (CallbackEffect.REJECTED, None)
+
+
+async def test_callback_without_outcome_is_not_applicable(store: JobStore) -> None:
+    job = await _job_in(store, S.PENDING, task_id="t-1")
+    entry = make_inbox_entry(task_id="t-1", outcome="unknown", problem="invalid JSON")
+    record = await store.record_callback(entry, None)
+    assert (record.effect, record.job) == (CallbackEffect.NOT_APPLICABLE, job)
+    assert await store.get_job(job.id) == job
+    orphan = await store.record_callback(make_inbox_entry(task_id="t-x", outcome="unknown"), None)
+    assert (orphan.effect, orphan.job) == (CallbackEffect.NOT_APPLICABLE, None)
+
+
+async def test_callback_finds_its_job_by_job_id_before_task_id(store: JobStore) -> None:
+    one = await _job_in(store, S.PENDING, task_id="t-1")
+    two = await _job_in(store, S.PENDING, task_id="t-2")
+    report = _report(E.FAILED, source=EndedBy.CALLBACK)
+    record = await store.record_callback(make_inbox_entry(task_id="t-2", job_id=one.id), report)
+    assert record.job is not None
+    assert (record.effect, record.job.id, record.job.state) == (
+        CallbackEffect.CHANGED,
+        one.id,
+        S.FAILED,
+    )
+    assert await store.get_job(two.id) == two
+    # An unknown job id falls back to the task id.
+    record = await store.record_callback(make_inbox_entry(task_id="t-2", job_id="nope"), report)
+    assert record.job is not None
+    assert (record.effect, record.job.id, record.job.state) == (
+        CallbackEffect.CHANGED,
+        two.id,
+        S.FAILED,
+    )
+
+
+async def test_callback_attaches_the_task_id_to_its_job(store: JobStore) -> None:
+    job = await _job_in(store, S.SUBMITTING)
+    entry = make_inbox_entry(task_id="t-9", job_id=job.id, outcome="pending", received_at=1_050.0)
+    record = await store.record_callback(entry, _report(E.PROGRESS, source=EndedBy.CALLBACK))
+    assert record.job is not None
+    assert (record.effect, record.job.state, record.job.task_id, record.job.kie_state) == (
+        CallbackEffect.CHANGED,
+        S.PENDING,
+        "t-9",
+        "generating",
+    )
+    assert await store.get_job_by_task(TaskId("t-9")) == record.job
+
+
+async def test_callback_before_its_job_is_applied_on_create(store: JobStore) -> None:
+    report = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    early = await store.record_callback(
+        make_inbox_entry(task_id="t-early", received_at=1_050.0), report
+    )
+    assert early.effect is CallbackEffect.NO_JOB
+    job, created = await store.create_job(make_new_job(task_id="t-early", created_at=1_100.0))
+    assert created
+    assert (job.state, job.ended_by, job.ended_at, job.late) == (
+        S.SUCCEEDED,
+        EndedBy.CALLBACK,
+        1_100.0,
+        False,
+    )
+    assert (job.result_urls, job.result, job.kie_state) == (
+        report.result_urls,
+        report.result,
+        "success",
+    )
+    assert await store.get_job(job.id) == job
+    [stored] = await store.list_callbacks(task_id=TaskId("t-early"))
+    assert (stored.effect, stored.matched_job_id) == (CallbackEffect.CHANGED, job.id)
+
+
+async def test_callback_before_its_task_is_attached_is_applied(store: JobStore) -> None:
+    job = await _job_in(store, S.SUBMITTING)
+    report = _report(E.FAILED, source=EndedBy.CALLBACK)
+    early = await store.record_callback(
+        make_inbox_entry(task_id="t-early", outcome="fail", received_at=1_050.0), report
+    )
+    assert early.effect is CallbackEffect.NO_JOB
+    attached = await store.attach_task(job.id, TaskId("t-early"), now=1_060.0)
+    assert attached is not None
+    assert (attached.state, attached.task_id, attached.ended_by) == (
+        S.FAILED,
+        "t-early",
+        EndedBy.CALLBACK,
+    )
+    assert (attached.error_code, attached.error_message) == (
+        report.error_code,
+        report.error_message,
+    )
+    [stored] = await store.list_callbacks()
+    assert (stored.effect, stored.matched_job_id) == (CallbackEffect.CHANGED, job.id)
+
+
+async def test_only_the_newest_early_outcome_is_applied(store: JobStore) -> None:
+    fail = _report(E.FAILED, source=EndedBy.CALLBACK)
+    success = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    progress = _report(E.PROGRESS, source=EndedBy.CALLBACK)
+    await store.record_callback(make_inbox_entry(task_id="t", outcome="fail"), fail)
+    await store.record_callback(make_inbox_entry(task_id="t", outcome="success"), success)
+    await store.record_callback(make_inbox_entry(task_id="t", outcome="pending"), progress)
+    job, _ = await store.create_job(make_new_job(task_id="t"))
+    assert job.state is S.SUCCEEDED
+    effects = [c.effect for c in await store.list_callbacks(task_id=TaskId("t"))]
+    assert effects == [CallbackEffect.NO_JOB, CallbackEffect.CHANGED, CallbackEffect.NO_JOB]
+
+
+async def test_early_progress_or_rejected_callbacks_are_not_applied(store: JobStore) -> None:
+    success = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    progress = _report(E.PROGRESS, source=EndedBy.CALLBACK)
+    await store.record_callback(make_inbox_entry(task_id="t", authenticated=False), success)
+    await store.record_callback(make_inbox_entry(task_id="t", outcome="pending"), progress)
+    job, _ = await store.create_job(make_new_job(task_id="t"))
+    assert (job.state, job.kie_state) == (S.PENDING, None)
+
+
+async def test_list_callbacks_newest_first_with_task_and_limit(store: JobStore) -> None:
+    report = _report(E.PROGRESS, source=EndedBy.CALLBACK)
+    ids = []
+    for i, task in enumerate(["a", "b", "a", "c", "a"]):
+        entry = make_inbox_entry(task_id=task, outcome="pending", received_at=1_000.0 + i)
+        ids.append((await store.record_callback(entry, report)).inbox_id)
+    assert [c.id for c in await store.list_callbacks()] == ids[::-1]
+    assert [c.id for c in await store.list_callbacks(limit=2)] == ids[:2:-1]
+    assert [c.id for c in await store.list_callbacks(task_id=TaskId("a"))] == [
+        ids[4],
+        ids[2],
+        ids[0],
+    ]
+    assert [c.id for c in await store.list_callbacks(task_id=TaskId("a"), limit=1)] == [ids[4]]
+    assert await store.list_callbacks(task_id=TaskId("zzz")) == []
+
+
+async def test_callback_entry_round_trips(store: JobStore) -> None:
+    entry = replace(
+        make_inbox_entry(task_id="t", job_id="j", outcome="unknown", problem="oversized"),
+        body=bytes(range(256)),
+        body_size=10_000_000,
+        content_type=None,
+        remote=None,
+        found_by="data.task_id",
+        auth="token+hmac",
+    )
+    await store.record_callback(entry, None)
+    [stored] = await store.list_callbacks()
+    assert stored.entry == entry
+
+
+async def test_callback_that_cannot_be_stored_changes_nothing(store: JobStore) -> None:
+    job = await _job_in(store, S.SUBMITTING)
+    report = Report(event=E.SUCCEEDED, source=EndedBy.CALLBACK, result={"x": object()})  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        await store.record_callback(make_inbox_entry(task_id="t", job_id=job.id), report)
+    assert await store.get_job(job.id) == job
+    assert await store.list_callbacks() == []
+
+
+# ------------------------------------------------------------------- lifecycle
+
+
+async def test_ping_and_close(store: JobStore) -> None:
+    await store.ping()
+    job = await _job_in(store, S.PENDING)
+    await store.aclose()
+    await store.aclose()  # idempotent
+    calls: list[Callable[[], Awaitable[object]]] = [
+        store.ping,
+        lambda: store.create_job(make_new_job()),
+        lambda: store.get_job(job.id),
+        lambda: store.get_job_by_task(TaskId("t")),
+        store.list_jobs,
+        store.unfinished_jobs,
+        lambda: store.attach_task(job.id, TaskId("t"), now=1.0),
+        lambda: store.apply(job.id, _report(E.SUCCEEDED), now=1.0),
+        lambda: store.note_error(job.id, "x", now=1.0),
+        lambda: store.record_callback(make_inbox_entry(), None),
+        store.list_callbacks,
+    ]
+    for call in calls:
+        with pytest.raises(StoreUnavailableError):
+            await call()
+
+
+# ------------------------------------------------------------------- SQLite only
+
+
+async def test_sqlite_data_survives_reopen(tmp_path: Path) -> None:
+    settings = SqliteStoreSettings(path=tmp_path / "kied.db")
+    async with open_store(settings) as store:
+        job = await _job_in(store, S.SUCCEEDED, task_id="t-1", metadata={"chat": 1})
+        entry = make_inbox_entry(task_id="t-1")
+        await store.record_callback(entry, _report(E.SUCCEEDED, source=EndedBy.CALLBACK))
+    with pytest.raises(StoreUnavailableError):
+        await store.ping()
+    async with open_store(settings) as store:
+        assert await store.get_job(job.id) == job
+        [stored] = await store.list_callbacks()
+        assert (stored.entry, stored.effect) == (entry, CallbackEffect.NO_OP)
+
+
+async def test_sqlite_creates_its_directory_and_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "deeper" / "kied.db"
+    async with open_store(SqliteStoreSettings(path=path)) as store:
+        await store.ping()
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        conn.close()
+
+
+async def test_sqlite_migrations_run_once(tmp_path: Path) -> None:
+    path = tmp_path / "kied.db"
+    for _ in range(3):
+        async with open_store(SqliteStoreSettings(path=path)) as store:
+            await store.create_job(make_new_job())
+    conn = sqlite3.connect(path)
+    try:
+        versions = [v for (v,) in conn.execute("SELECT version FROM schema_version")]
+        (jobs,) = conn.execute("SELECT count(*) FROM jobs").fetchone()
+    finally:
+        conn.close()
+    assert versions == list(range(1, len(SQLITE_MIGRATIONS) + 1))
+    assert jobs == 3
+
+
+async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "kied.db"
+    async with open_store(SqliteStoreSettings(path=path)):
+        pass
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)",
+                (len(SQLITE_MIGRATIONS) + 1,),
+            )
+    finally:
+        conn.close()
+    with pytest.raises(StoreUnavailableError, match="newer"):
+        async with open_store(SqliteStoreSettings(path=path)):
+            pass
+
+
+async def test_sqlite_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "kied.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreUnavailableError) as info:
+        await SqliteStore.connect(path)
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+
+
+async def test_sqlite_two_connections_have_exactly_one_winner(tmp_path: Path) -> None:
+    # Two stores on one file stand for two processes during a deploy.
+    settings = SqliteStoreSettings(path=tmp_path / "kied.db")
+    async with open_store(settings) as one, open_store(settings) as two:
+        job = await _job_in(one, S.PENDING)
+        results: list[Job | None] = []
+
+        async def write(store: JobStore, event: EventKind) -> None:
+            for _ in range(5):
+                results.append(await store.apply(job.id, _report(event), now=2_000.0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write, one, E.SUCCEEDED)
+            nursery.start_soon(write, two, E.FAILED)
+        winners = [r for r in results if r is not None]
+        assert len(winners) == 1
+        assert await two.get_job(job.id) == winners[0]
+
+
+async def test_sqlite_each_operation_is_one_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The thread hop, not SQLite, is the cost of a write: a whole operation is one hop.
+    hops = 0
+    run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(*args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await run_sync(*args, **kwargs)
+
+    async with open_store(SqliteStoreSettings(path=tmp_path / "kied.db")) as store:
+        monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+        report = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+        await store.record_callback(make_inbox_entry(task_id="t"), report)
+        job, _ = await store.create_job(make_new_job(task_id="t"))
+        await store.record_callback(make_inbox_entry(task_id="t"), report)
+        await store.apply(job.id, report, now=2_000.0)
+        assert hops == 4
+
+
+@dataclass
+class _Call:
+    """One ``record_callback`` running in its own task and cancel scope."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    result: CallbackRecord | Exception | None = None
+
+
+async def _start_record(
+    nursery: trio.Nursery, store: JobStore, task_id: str, report: Report | None
+) -> _Call:
+    """Start the call and return once it is blocked (queued, or waiting for the connection)."""
+    call = _Call()
+
+    async def record() -> None:
+        with call.scope:
+            try:
+                call.result = await store.record_callback(make_inbox_entry(task_id=task_id), report)
+            except Exception as exc:
+                call.result = exc
+
+    nursery.start_soon(record)
+    await trio.testing.wait_all_tasks_blocked()
+    return call
+
+
+@asynccontextmanager
+async def _queued_sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async with open_store(SqliteStoreSettings(path=tmp_path / "kied.db")) as store:
+        assert isinstance(store, SqliteStore)
+        for i in range(4):
+            await store.create_job(make_new_job(task_id=f"t{i}"))
+        yield store
+
+
+async def _recorded_tasks(store: JobStore) -> list[str | None]:
+    return [c.entry.task_id for c in reversed(await store.list_callbacks())]
+
+
+SUCCESS = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+
+
+async def test_sqlite_queued_callbacks_are_written_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops = 0
+    run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(*args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await run_sync(*args, **kwargs)
+
+    bad = Report(event=E.SUCCEEDED, source=EndedBy.CALLBACK, result={"x": object()})  # type: ignore[dict-item]
+    async with _queued_sqlite_store(tmp_path) as store:
+        monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+        async with trio.open_nursery() as nursery:
+            async with store._limiter:  # hold the connection: the first writer waits
+                first = await _start_record(nursery, store, "t0", SUCCESS)
+                queued = [
+                    await _start_record(nursery, store, "t1", SUCCESS),
+                    await _start_record(nursery, store, "t2", bad),
+                    await _start_record(nursery, store, "t1", SUCCESS),
+                    await _start_record(nursery, store, "t3", None),
+                ]
+        assert hops == 2  # the first callback alone, then the four queued behind it
+        assert isinstance(first.result, CallbackRecord)
+        assert first.result.effect is CallbackEffect.CHANGED
+        effects = [
+            c.result.effect if isinstance(c.result, CallbackRecord) else c.result for c in queued
+        ]
+        assert effects[0] is CallbackEffect.CHANGED
+        assert isinstance(effects[1], TypeError)  # only that callback fails
+        assert effects[2:] == [CallbackEffect.NO_OP, CallbackEffect.NOT_APPLICABLE]
+        assert await _recorded_tasks(store) == ["t0", "t1", "t1", "t3"]
+        job = await store.get_job_by_task(TaskId("t2"))
+        assert job is not None
+        assert job.state is S.PENDING
+
+
+async def test_sqlite_callback_batches_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops = 0
+    run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(*args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await run_sync(*args, **kwargs)
+
+    monkeypatch.setattr(_sqlite, "_MAX_CALLBACK_BATCH", 2)
+    async with _queued_sqlite_store(tmp_path) as store:
+        monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+        async with trio.open_nursery() as nursery:
+            async with store._limiter:
+                calls = [await _start_record(nursery, store, f"t{i % 4}", None) for i in range(5)]
+        assert hops == 3  # the first alone, then two batches of two
+        assert all(isinstance(c.result, CallbackRecord) for c in calls)
+        assert await _recorded_tasks(store) == ["t0", "t1", "t2", "t3", "t0"]
+
+
+async def test_sqlite_cancelled_queued_callback_is_not_written(tmp_path: Path) -> None:
+    async with _queued_sqlite_store(tmp_path) as store:
+        async with trio.open_nursery() as nursery:
+            async with store._limiter:
+                first = await _start_record(nursery, store, "t0", SUCCESS)
+                second = await _start_record(nursery, store, "t1", SUCCESS)
+                third = await _start_record(nursery, store, "t2", SUCCESS)
+                second.scope.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+        assert second.scope.cancelled_caught
+        assert second.result is None
+        assert isinstance(first.result, CallbackRecord)
+        assert isinstance(third.result, CallbackRecord)
+        assert await _recorded_tasks(store) == ["t0", "t2"]
+
+
+async def test_sqlite_cancelled_writer_hands_the_queue_on(tmp_path: Path) -> None:
+    async with _queued_sqlite_store(tmp_path) as store:
+        async with trio.open_nursery() as nursery:
+            async with store._limiter:
+                first = await _start_record(nursery, store, "t0", SUCCESS)
+                queued = [await _start_record(nursery, store, f"t{i}", SUCCESS) for i in (1, 2)]
+                await trio.testing.wait_all_tasks_blocked()
+                first.scope.cancel()  # still waiting for the connection: nothing written
+                await trio.testing.wait_all_tasks_blocked()
+        assert first.scope.cancelled_caught
+        assert all(isinstance(c.result, CallbackRecord) for c in queued)
+        assert await _recorded_tasks(store) == ["t1", "t2"]
+
+
+async def test_sqlite_writer_cancelled_as_it_is_handed_the_queue(tmp_path: Path) -> None:
+    async with _queued_sqlite_store(tmp_path) as store:
+        calls: list[_Call] = []
+
+        async def first_then_cancel_second() -> None:
+            await store.record_callback(make_inbox_entry(task_id="t0"), SUCCESS)
+            # The second task has just been handed the queue and has not run yet.
+            calls[0].scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            async with store._limiter:
+                nursery.start_soon(first_then_cancel_second)
+                await trio.testing.wait_all_tasks_blocked()
+                calls.append(await _start_record(nursery, store, "t1", SUCCESS))
+                calls.append(await _start_record(nursery, store, "t2", SUCCESS))
+        assert calls[0].scope.cancelled_caught
+        assert isinstance(calls[1].result, CallbackRecord)
+        assert await _recorded_tasks(store) == ["t0", "t2"]
+
+
+async def test_sqlite_waiter_cancelled_as_it_is_handed_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _queued_sqlite_store(tmp_path) as store:
+        calls: list[_Call] = []
+        hand_off = store._hand_off_callbacks
+
+        def cancel_then_hand_off() -> None:
+            # The cancellation reaches the second task first; then it is handed the queue.
+            if not calls[1].scope.cancel_called:
+                calls[1].scope.cancel()
+            hand_off()
+
+        async with trio.open_nursery() as nursery:
+            async with store._limiter:
+                calls.append(await _start_record(nursery, store, "t0", SUCCESS))
+                calls.append(await _start_record(nursery, store, "t1", SUCCESS))
+                calls.append(await _start_record(nursery, store, "t2", SUCCESS))
+                monkeypatch.setattr(store, "_hand_off_callbacks", cancel_then_hand_off)
+        assert calls[1].scope.cancelled_caught
+        assert isinstance(calls[2].result, CallbackRecord)
+        assert await _recorded_tasks(store) == ["t0", "t2"]
+
+
+async def test_sqlite_queued_callbacks_fail_when_the_store_closes(tmp_path: Path) -> None:
+    async with _queued_sqlite_store(tmp_path) as store:
+        async with trio.open_nursery() as nursery:
+            async with store._limiter:
+                calls = [await _start_record(nursery, store, f"t{i}", SUCCESS) for i in range(3)]
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(store.aclose)
+                await trio.testing.wait_all_tasks_blocked()
+        assert all(isinstance(c.result, StoreUnavailableError) for c in calls)
+
+
+async def test_sqlite_many_concurrent_callbacks(tmp_path: Path) -> None:
+    async with open_store(SqliteStoreSettings(path=tmp_path / "kied.db")) as store:
+        jobs = [(await store.create_job(make_new_job(task_id=f"t{i}")))[0] for i in range(50)]
+        records: list[CallbackRecord] = []
+
+        async def send(i: int) -> None:
+            event = (E.SUCCEEDED, E.FAILED, E.PROGRESS, E.SUCCEEDED)[i % 4]
+            entry = make_inbox_entry(task_id=f"t{i % 50}", received_at=2_000.0 + i)
+            records.append(
+                await store.record_callback(entry, _report(event, source=EndedBy.CALLBACK))
+            )
+
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(send, i)
+        assert len(records) == 200
+        assert len({r.inbox_id for r in records}) == 200
+        for job in jobs:
+            mine = [r for r in records if r.job is not None and r.job.id == job.id]
+            assert len(mine) == 4
+            ended = [r for r in mine if r.job is not None and r.job.terminal]
+            assert [r.effect for r in ended].count(CallbackEffect.CHANGED) == 1
+        assert len(await store.list_callbacks(limit=1_000)) == 200
+
+
+async def test_postgres_is_not_available_yet() -> None:
+    with pytest.raises(ConfigError) as info:
+        async with open_store(PostgresStoreSettings(url="postgresql://localhost/kied")):
+            pass
+    assert info.value.setting == "KIED_DATABASE_URL"

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kied.errors import ConfigError
+from kied.settings import (
+    FileLockSettings,
+    NoLockSettings,
+    SqliteStoreSettings,
+    load_settings,
+)
+
+
+def test_defaults_are_a_sqlite_file_and_a_file_lock_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = load_settings({})
+    assert s.host == "127.0.0.1"
+    assert s.port == 8080
+    assert s.store == SqliteStoreSettings(path=tmp_path / "var" / "kied.db")
+    assert s.lock == FileLockSettings(path=tmp_path / "var" / "kied.db.lock")
+    assert s.job_timeout_s == 900
+    assert s.kie_base_url == "https://api.kie.ai"
+    assert s.public_url is None
+
+
+def test_render_port_binds_all_interfaces_and_takes_render_url():
+    s = load_settings(
+        {
+            "PORT": "10000",
+            "RENDER_EXTERNAL_URL": "https://kied.onrender.com/",
+            "KIED_DATABASE_URL": "/srv/kied.db",
+        }
+    )
+    assert (s.host, s.port) == ("0.0.0.0", 10000)
+    assert s.public_url == "https://kied.onrender.com"
+
+
+def test_state_directory_is_used_under_systemd():
+    s = load_settings({"STATE_DIRECTORY": "/var/lib/kied:/var/lib/other"})
+    assert s.store == SqliteStoreSettings(path=Path("/var/lib/kied/kied.db"))
+
+
+def test_flags_win_over_the_environment():
+    s = load_settings(
+        {"PORT": "9000", "KIED_HOST": "0.0.0.0", "KIED_LOCK": "file"},
+        [
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.2",
+            "--database",
+            "sqlite:////tmp/x.db",
+            "--lock",
+            "none",
+        ],
+    )
+    assert (s.host, s.port) == ("127.0.0.2", 0)
+    assert s.store == SqliteStoreSettings(path=Path("/tmp/x.db"))
+    assert s.lock == NoLockSettings()
+
+
+def test_database_url_wins_over_render_database_url():
+    s = load_settings({"KIED_DATABASE_URL": "/a.db", "DATABASE_URL": "/b.db"})
+    assert s.store == SqliteStoreSettings(path=Path("/a.db"))
+
+
+def test_explicit_lock_file_and_secrets():
+    s = load_settings(
+        {
+            "KIED_LOCK": "file:/run/kied.lock",
+            "KIED_CALLBACK_TOKEN": " tok ",
+            "KIE_WEBHOOK_HMAC_KEY": "key",
+            "KIED_JOB_TIMEOUT": "1800",
+        }
+    )
+    assert s.lock == FileLockSettings(path=Path("/run/kied.lock"))
+    assert s.callback_token == "tok"
+    assert s.webhook_hmac_key == b"key"
+    assert s.job_timeout_s == 1800
+
+
+@pytest.mark.parametrize(
+    ("environ", "argv", "setting"),
+    [
+        ({"PORT": "http"}, [], "PORT"),
+        ({"PORT": "70000"}, [], "PORT"),
+        ({}, ["--port", "-1"], "--port"),
+        ({"KIED_JOB_TIMEOUT": "0"}, [], "KIED_JOB_TIMEOUT"),
+        ({"KIED_JOB_TIMEOUT": "soon"}, [], "KIED_JOB_TIMEOUT"),
+        ({"KIED_LOCK": "flock"}, [], "KIED_LOCK"),
+        ({"KIED_LOCK": "file:"}, [], "KIED_LOCK"),
+        ({"KIED_DATABASE_URL": "mysql://x/y"}, [], "KIED_DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite://relative.db"}, [], "DATABASE_URL"),
+        ({"KIED_DATABASE_URL": "/var/lib/kied/"}, [], "KIED_DATABASE_URL"),
+        ({"KIE_BASE_URL": "api.kie.ai"}, [], "KIE_BASE_URL"),
+        ({"KIED_PUBLIC_URL": "ftp://x"}, [], "KIED_PUBLIC_URL"),
+        ({"KIED_LOG_LEVEL": "LOUD"}, [], "KIED_LOG_LEVEL"),
+        ({}, ["--bogus"], "command line"),
+    ],
+)
+def test_bad_values_name_the_setting(environ, argv, setting):
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ, argv)
+    assert info.value.setting == setting
+    assert str(info.value).startswith(f"{setting}: ")
+    assert "\n" not in str(info.value)
