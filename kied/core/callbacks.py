@@ -10,15 +10,17 @@ Where the task id is looked for, first match wins:
    JSON sent inside strings (``data(json).taskId``), form fields (``form:taskId``);
 2. a ``taskId``/``task_id`` query parameter of the callback URL;
 3. an ``X-Task-Id``-style header;
-4. a generic ``id`` no deeper than ``data[0].id``, so Suno's track ids (``data.data[].id``)
-   are never taken for the task.
+4. a generic ``id`` at most two levels down (``id``, ``data.id``, ``data[0].id``), so Suno's
+   track ids (``data.data[0].id``) are never taken for the task.
 
 Request echoes (``param``, ``promptJson``, …) are never searched: they may name a parent task.
 
 The outcome: a non-200 envelope ``code`` is a failure; Suno's ``callbackType`` decides next
 (``text``/``first`` pending, ``complete`` success, ``error`` failure); then a state field
-(``state``, ``status``, ``successFlag``) read with the guessed family's map; then ``code`` 200
-is success; an error field alone is a failure; otherwise UNKNOWN.
+(``state``, ``status``, ``successFlag``) read with the guessed family's map, or, when the
+family is unknown, the reading every family agrees on (a value the map does not know is
+UNKNOWN, even beside ``code`` 200); then ``code`` 200 is success; an error field alone is a
+failure; otherwise UNKNOWN.
 """
 
 from __future__ import annotations

@@ -216,6 +216,11 @@ FAMILY_CASES = [
         for state in ("waiting", "queuing", "generating")
     ],
     pytest.param(
+        {"code": 200, "data": {"taskId": "mk1", "model": "kling-2.6", "state": "queuing"}},
+        {"outcome": P, "family": "market"},
+        id="market-without-result-json",
+    ),
+    pytest.param(
         {
             "code": 200,
             "msg": "Veo3.1 video generated successfully.",
@@ -856,6 +861,7 @@ OUTCOME_CASES = [
     pytest.param({"code": 200, "data": {"callbackType": "first"}}, P, id="suno-first"),
     pytest.param({"code": 531, "data": {"callbackType": "first"}}, X, id="suno-first-non-200"),
     pytest.param({"code": True}, U, id="bool-code-is-no-code"),
+    pytest.param({"code": 10**30}, U, id="absurd-code-is-no-code"),
     pytest.param({"code": 200.0}, S, id="float-code"),
 ]
 
@@ -905,6 +911,16 @@ def test_error_fields():
     )
 
 
+def test_error_values_that_are_not_text():
+    body = b'{"code":500,"msg":1e999,"data":{"taskId":"a","failCode":' + b"9" * 400 + b"}}"
+    check(parse_callback(body), error_code="500", error_message=None)
+    check(
+        parse({"code": 500, "data": {"taskId": "a", "failCode": 1.5, "failMsg": 42}}),
+        error_code="1.5",
+        error_message="42",
+    )
+
+
 def test_long_error_messages_are_cut():
     result = parse({"code": 500, "msg": "x" * 10_000, "data": {"taskId": "a"}})
     assert result.error_message is not None
@@ -939,6 +955,16 @@ def test_urls_keep_order_drop_duplicates_empties_and_non_http():
         },
     }
     assert parse(body).result_urls == (URL + "1.png", URL + "2.png", "HTTP://CDN.TEST/3.png")
+
+
+def test_absurd_urls_are_dropped():
+    body = {
+        "data": {
+            "taskId": "a",
+            "resultUrls": [URL + "x" * 9000, "[http://cdn.test/a\x00b, http://cdn.test/ok]"],
+        }
+    }
+    assert parse(body).result_urls == ("http://cdn.test/ok",)
 
 
 def test_callback_url_in_a_status_like_body_is_not_a_result():
@@ -1083,6 +1109,22 @@ def test_the_walk_reports_its_work():
     assert (found.visited, found.exhausted) == (1000, True)
     small = _extract.scan({"a": [1, 2]})
     assert (small.visited, small.exhausted) == (4, False)
+
+
+def test_url_harvest_counts_against_the_budget():
+    urls = [f"http://cdn.test/{n}" for n in range(10)]
+    found = _extract.scan({"resultUrls": urls}, max_nodes=6)
+    assert found.urls == ("http://cdn.test/0", "http://cdn.test/1")
+    assert (found.visited, found.exhausted) == (6, True)
+    stems = {"vocal_url": urls[0], "drums_url": urls[1]}
+    assert _extract.scan({"vocal_removal_info": stems}, max_nodes=4).urls == (urls[0],)
+    text = "[" + ", ".join(urls) + "]"
+    assert _extract.scan({"resultUrls": text}, max_nodes=5).urls == tuple(urls[:3])
+
+
+def test_a_zero_budget_examines_nothing():
+    found = _extract.scan({"data": {"taskId": "a"}}, max_nodes=0)
+    assert (found.visited, found.containers, found.exhausted) == (0, 0, True)
 
 
 def test_limits_are_frozen_with_the_documented_defaults():
