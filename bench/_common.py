@@ -31,11 +31,14 @@ def healthz_ok(port: int) -> bool:
 
 
 def start_and_wait(
-    cmd: list[str], port: int, env: dict[str, str], timeout: float = 30.0
+    cmd: list[str], port: int, env: dict[str, str], timeout: float = 30.0, log: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], float]:
     """Start ``cmd``; return the process and the seconds from exec to the first 200 on /healthz."""
+    out = subprocess.DEVNULL if log is None else log.open("ab")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
+    if log is not None:
+        out.close()
     while not healthz_ok(port):
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd} exited with {proc.returncode}")

@@ -66,6 +66,8 @@ def configure_logging(level: str) -> None:
         else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    # httpx logs every request at INFO: status queries would drown the daemon's own lines.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def _serve(argv: Sequence[str]) -> int:

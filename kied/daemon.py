@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio.lowlevel
@@ -23,14 +22,24 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from kied import __version__
+from kied.core.jobs import TERMINAL_STATES, EndedBy, Job
+from kied.core.schedule import CallbackHealth
 from kied.errors import LeadershipLostError, StoreError, StoreUnavailableError
+from kied.jobs import JobsService, JobWatchers
 from kied.leadership import Leader, open_leadership
 from kied.service import CallbackService
 from kied.settings import FileLockSettings, NoLockSettings, Settings
 from kied.store import JobStore, open_store
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import httpx
+
+    from kied.pollers import PollerSupervisor
 from kied.web import create_app
 
-__all__ = ["Daemon", "LeaderTask", "Mode", "hypercorn_config", "run"]
+__all__ = ["Daemon", "Mode", "hypercorn_config", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +47,6 @@ logger = logging.getLogger(__name__)
 _STORE_WAIT_S = 10.0
 _STORE_RETRY_MAX_S = 30.0
 _READY_PROBE_S = 2.0
-
-LeaderTask = Callable[[JobStore, Leader], Awaitable[None]]
 
 
 class Mode(StrEnum):
@@ -55,18 +62,47 @@ class Daemon:
         settings: Settings,
         *,
         now: Callable[[], float] = time.time,
-        leader_tasks: Sequence[LeaderTask] = (),
+        kie_transport: httpx.AsyncBaseTransport | None = None,
+        store: JobStore | None = None,
     ) -> None:
         self.settings = settings
         self.now = now
         self.mode = Mode.PASSIVE
         self._leader: Leader | None = None
-        self._leader_tasks = tuple(leader_tasks)
-        self._store: JobStore | None = None
+        self._kie_transport = kie_transport
+        self._store: JobStore | None = store
         self._store_ready = trio.Event()
+        if store is not None:
+            self._store_ready.set()
         self._store_problem = "storage is opening"
         self._started_at = trio.current_time()
-        self.callbacks = CallbackService(settings, store=self.store, now=now)
+        self._supervisor: PollerSupervisor | None = None
+        self.health_of_callbacks = CallbackHealth()
+        self.watchers = JobWatchers()
+        self.callbacks = CallbackService(
+            settings,
+            store=self.store,
+            now=now,
+            on_change=self.job_changed,
+            on_callback=self._callback_seen,
+        )
+        self.jobs = JobsService(
+            settings, store=self.store, now=now, watchers=self.watchers, on_change=self.job_changed
+        )
+
+    def job_changed(self, job: Job) -> None:
+        """Every change of a job, from a callback, the API or a poller, passes here."""
+        self.watchers.notify(job.id)
+        if job.state in TERMINAL_STATES and job.ended_by is EndedBy.CALLBACK and job.ended_at:
+            self.health_of_callbacks.job_finished(
+                job.family, job.model, job.ended_at - job.created_at, by="callback"
+            )
+        if self._supervisor is not None:
+            self._supervisor.job_changed(job)
+
+    def _callback_seen(self, authenticated: bool) -> None:
+        if authenticated:
+            self.health_of_callbacks.callback_received(self.now())
 
     @property
     def lock_backend(self) -> str:
@@ -158,8 +194,7 @@ class Daemon:
                     try:
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(leader.watch)
-                            for task in self._leader_tasks:
-                                nursery.start_soon(task, store, leader)
+                            nursery.start_soon(self.run_pollers, store)
                     finally:
                         self.mode = Mode.PASSIVE
                         self._leader = None
@@ -167,6 +202,30 @@ class Daemon:
                 for exc in group.exceptions:
                     logger.warning("[LOCK] leadership lost: %s; PASSIVE", exc)
             await trio.lowlevel.checkpoint()
+
+    async def run_pollers(self, store: JobStore) -> None:
+        """The leader's work: KIE's client and the poller supervisor, until cancelled."""
+        # Imported here, after the port is open: httpx is a good part of start-up time.
+        from kied.kie.client import KieClientSettings, open_kie_client
+        from kied.pollers import PollerSupervisor
+
+        client_settings = KieClientSettings(
+            base_url=self.settings.kie_base_url, api_key=self.settings.kie_api_key
+        )
+        async with open_kie_client(client_settings, transport=self._kie_transport) as kie:
+            supervisor = PollerSupervisor(
+                store=store,
+                kie=kie,
+                settings=self.settings,
+                now=self.now,
+                health=self.health_of_callbacks,
+                on_change=self.job_changed,
+            )
+            self._supervisor = supervisor
+            try:
+                await supervisor.run()
+            finally:
+                self._supervisor = None
 
     async def _wait_store_forever(self) -> JobStore:
         while self._store is None:
@@ -197,7 +256,7 @@ async def run(
     *,
     stop: trio.Event,
     now: Callable[[], float] = time.time,
-    leader_tasks: Sequence[LeaderTask] = (),
+    kie_transport: httpx.AsyncBaseTransport | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one kied daemon until ``stop`` is set.
@@ -212,18 +271,13 @@ async def run(
             (bounded by ``settings.graceful_timeout_s``), storage is closed, and the
             whole stop is bounded by ``settings.shutdown_grace_s``.
         now: the wall clock (Unix seconds) used for stored times.
-        leader_tasks: work run only while ACTIVE, cancelled when the lock is lost.
+        kie_transport: an httpx transport for KIE (tests); the network by default.
 
     Cancellation: cancelling ``run`` skips the graceful drain; prefer ``stop``.
     Resource handling: owns the listening socket, storage and the lock.
     """
-    daemon = Daemon(settings, now=now, leader_tasks=leader_tasks)
-    app = create_app(
-        callbacks=daemon.callbacks,
-        status=daemon,
-        max_callback_bytes=settings.max_callback_bytes,
-        oversized_keep_bytes=settings.oversized_keep_bytes,
-    )
+    daemon = Daemon(settings, now=now, kie_transport=kie_transport)
+    app = create_app(callbacks=daemon.callbacks, jobs=daemon.jobs, status=daemon, settings=settings)
     http_done = trio.Event()
 
     async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:

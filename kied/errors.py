@@ -10,7 +10,8 @@
     │   └── ConflictError          a write lost to a concurrent one (compare-and-set)
     ├── LeadershipLostError      the leadership lock was lost while ACTIVE
     └── UpstreamError            KIE answered badly or not at all
-        ├── UpstreamTimeoutError
+        ├── UpstreamBusyError      transient (429, 455, 5xx, network): try again later
+        │   └── UpstreamTimeoutError  KIE did not answer in time
         └── UpstreamRejectedError  KIE refused the request (401, 402, 422, ...)
 
 Malformed callbacks are not errors: the parser returns values.
@@ -26,6 +27,7 @@ __all__ = [
     "LeadershipLostError",
     "StoreError",
     "StoreUnavailableError",
+    "UpstreamBusyError",
     "UpstreamError",
     "UpstreamRejectedError",
     "UpstreamTimeoutError",
@@ -69,7 +71,23 @@ class UpstreamError(KiedError):
     """KIE answered with an error, or not at all."""
 
 
-class UpstreamTimeoutError(UpstreamError):
+class UpstreamBusyError(UpstreamError):
+    """KIE could not answer now (rate limit, maintenance, server or network trouble).
+
+    Transient: the same request may succeed later, after ``retry_after_s`` if KIE said so.
+    """
+
+    def __init__(
+        self, message: str, *, code: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        #: the envelope code or HTTP status that said so; None for network trouble
+        self.code = code
+        #: seconds KIE asked to wait (``Retry-After``), if it did
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamTimeoutError(UpstreamBusyError):
     """KIE did not answer in time."""
 
 

@@ -13,7 +13,8 @@ from urllib.parse import parse_qsl, urlencode
 
 from kied.core.auth import check_callback_auth
 from kied.core.callbacks import CallbackOutcome, Outcome, ParseLimits, Unrecognised, parse_callback
-from kied.core.jobs import EndedBy, EventKind, Job, JobId, Report, TaskId
+from kied.core.jobs import EndedBy, Job, JobId, Report, TaskId
+from kied.core.outcomes import outcome_report
 from kied.store import CallbackRecord, InboxEntry, JobStore
 
 if TYPE_CHECKING:
@@ -44,24 +45,14 @@ class RawCallback:
 
 def report_for(parsed: CallbackOutcome | Unrecognised) -> Report | None:
     """What a parsed callback says about its job, or ``None`` when it says nothing usable."""
-    if parsed.outcome is Outcome.SUCCESS:
-        return Report(
-            event=EventKind.SUCCEEDED,
-            source=EndedBy.CALLBACK,
-            kie_state=parsed.stage,
-            result_urls=parsed.result_urls,
-        )
-    if parsed.outcome is Outcome.FAIL:
-        return Report(
-            event=EventKind.FAILED,
-            source=EndedBy.CALLBACK,
-            kie_state=parsed.stage,
-            error_code=parsed.error_code,
-            error_message=parsed.error_message,
-        )
-    if parsed.outcome is Outcome.PENDING:
-        return Report(event=EventKind.PROGRESS, source=EndedBy.CALLBACK, kie_state=parsed.stage)
-    return None
+    return outcome_report(
+        parsed.outcome,
+        source=EndedBy.CALLBACK,
+        kie_state=parsed.stage,
+        result_urls=parsed.result_urls,
+        error_code=parsed.error_code,
+        error_message=parsed.error_message,
+    )
 
 
 class CallbackService:
@@ -74,11 +65,13 @@ class CallbackService:
         store: Callable[[], Awaitable[JobStore]],
         now: Callable[[], float],
         on_change: Callable[[Job], None] = lambda job: None,
+        on_callback: Callable[[bool], None] = lambda authenticated: None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._now = now
         self._on_change = on_change
+        self._on_callback = on_callback
         self._limits = ParseLimits(max_bytes=settings.max_callback_bytes)
 
     async def handle(self, raw: RawCallback) -> CallbackRecord:
@@ -144,6 +137,7 @@ class CallbackService:
         )
         store = await self._store()
         record = await store.record_callback(entry, report_for(parsed))
+        self._on_callback(verdict.authenticated)
         logger.info(
             "[KIE_CALLBACK] task %s job %s: %s, %s (%s)",
             task_id or "-",

@@ -33,6 +33,9 @@ def settings(tmp_path: Path) -> Settings:
         port=0,
         store=SqliteStoreSettings(path=db),
         lock=FileLockSettings(path=tmp_path / "kied.db.lock", retry_s=0.05),
+        # KIE is never reached from tests: nothing listens on the discard port.
+        kie_base_url="http://127.0.0.1:9",
+        kie_api_key="test-key",
         graceful_timeout_s=2.0,
         shutdown_grace_s=5.0,
     )

@@ -21,10 +21,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from itertools import islice
-from typing import TYPE_CHECKING, Final, TypeVar
+from operator import itemgetter
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Iterable, Iterator
 
     from kied.core._json import JsonObject, JsonValue
 
@@ -32,7 +33,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_EMBEDDED",
     "MAX_NODES",
-    "FieldView",
+    "Fields",
     "Flags",
     "Node",
     "Outcome",
@@ -45,12 +46,9 @@ __all__ = [
     "loads",
     "message_text",
     "norm_key",
-    "read_error",
-    "read_flags",
+    "read_fields",
     "scan",
 ]
-
-T = TypeVar("T")
 
 MAX_DEPTH: Final = 64
 MAX_NODES: Final = 20_000
@@ -346,7 +344,8 @@ def _short(key: str) -> str:
 class Scan:
     """What one walk found."""
 
-    objects: list[Node]  # every object, in the order visited (shallow first)
+    #: Every object, in the order visited: shallow first, so their depths never decrease.
+    objects: list[Node]
     urls: tuple[str, ...]  # result URLs, best first, without duplicates
     keys: frozenset[str]  # normalised keys seen outside request echoes
     raw_keys: frozenset[str]  # the same keys as sent
@@ -355,17 +354,92 @@ class Scan:
     exhausted: bool  # the node budget ran out before the walk ended
 
 
+#: One key of an object as the walk reads it: (normalised key, key as sent, whether readers
+#: look at it, the zone it opens or None when its value stays in its object's zone).
+_KeyInfo: TypeAlias = tuple[str, str, bool, Zone | None]
+
+_UNRANKED: Final = len(_URL_KEYS)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Shape:
+    """How the walk reads an object with a given sequence of keys."""
+
+    #: The document index of each key in walk order (result keys first, best first, then the
+    #: rest in document order); None when that is document order.
+    order: tuple[int, ...] | None
+    keys: tuple[_KeyInfo, ...]  # in walk order
+    norms: frozenset[str]  # every normalised key
+    raw_keys: frozenset[str]  # the keys as sent whose normalised key is not empty
+    fields: tuple[tuple[int, str, str], ...]  # (walk position, norm, key) of keys readers read
+    opens_results: bool  # some key holds result URLs
+
+
+def _make_shape(keys: tuple[str, ...]) -> _Shape:
+    ranked: list[tuple[int, int, _KeyInfo]] = []
+    for index, key in enumerate(keys):
+        norm = norm_key(key)
+        rank = _URL_RANK.get(norm, _UNRANKED)
+        opens = Zone.ECHO if norm in _ECHO_KEYS else Zone.URL if rank < _UNRANKED else None
+        ranked.append((rank, index, (norm, key, norm in _FIELDS, opens)))
+    ranked.sort()  # by rank, then document order: no two entries tie
+    order = tuple(index for _, index, _ in ranked)
+    infos = tuple(info for _, _, info in ranked)
+    return _Shape(
+        order=None if order == tuple(range(len(keys))) else order,
+        keys=infos,
+        norms=frozenset(norm for norm, _, _, _ in infos),
+        raw_keys=frozenset(key for norm, key, _, _ in infos if norm),
+        fields=tuple(
+            (position, norm, key) for position, (norm, key, field, _) in enumerate(infos) if field
+        ),
+        opens_results=any(rank < _UNRANKED for rank, _, _ in ranked),
+    )
+
+
+#: Shapes of small objects with short keys, by key sequence: a callback's objects repeat
+#: from one body to the next. Emptied when full, so it stays bounded whatever arrives.
+_SHAPES: Final[dict[tuple[str, ...], _Shape]] = {}
+_SHAPES_SIZE: Final = 1024
+_SHAPE_MAX_KEYS: Final = 64
+
+
+def _shape(keys: tuple[str, ...]) -> _Shape:
+    shape = _SHAPES.get(keys)
+    if shape is None:
+        shape = _make_shape(keys)
+        if len(keys) <= _SHAPE_MAX_KEYS and all(len(key) <= _MAX_KEY_CHARS for key in keys):
+            if len(_SHAPES) >= _SHAPES_SIZE:
+                _SHAPES.clear()
+            _SHAPES[keys] = shape
+    return shape
+
+
+_CONTAINERS: Final = (dict, list)
+_KEY_OF: Final = itemgetter(0)
+_VALUE_OF: Final = itemgetter(1)
+_OPENERS: Final = frozenset("{[")
+
+
 class _Walker:
-    def __init__(self, *, max_depth: int, max_nodes: int, max_embedded: int) -> None:
+    """The state of one walk.
+
+    Each value examined costs one unit of ``max_nodes``, as does each URL harvested. A
+    container walked whole with no URL to harvest cannot run out part-way, so it is charged
+    in one go (``bulk``) and its values placed in one tight loop; the others are walked one
+    value at a time. Both ways give the same walk; ``bulk=False`` forces the second.
+    """
+
+    def __init__(self, max_depth: int, max_nodes: int, max_embedded: int, bulk: bool) -> None:
         self.max_depth = max_depth
         self.max_nodes = max_nodes
         self.max_embedded = max_embedded
+        self.bulk = bulk
         self.queue: deque[Node] = deque()
         self.objects: list[Node] = []
         self.urls: list[tuple[tuple[int, ...], str]] = []
         self.keys: set[str] = set()
         self.raw_keys: set[str] = set()
-        self.containers = 0
         self.visited = 0
         self.exhausted = False
 
@@ -385,38 +459,108 @@ class _Walker:
                 if not ok:
                     break
                 value, level = decoded, level + 1
-            self.place(
-                value,
-                parent=None,
-                key=None,
-                index=None,
-                depth=0,
-                level=level,
-                zone=Zone.NORMAL,
-                order=(),
-                embedded=level > 0,
-            )
-        while self.queue and not self.exhausted:
-            node = self.queue.popleft()
-            if isinstance(node.value, dict):
-                self.expand_object(node, node.value)
-            else:
-                self.expand_array(node, node.value)
+            self.place(value, None, None, None, 0, level, Zone.NORMAL, (), level > 0)
+        expanded = self.expand_all()
+        urls = self.urls
         return Scan(
-            objects=self.objects,
+            self.objects,
             # Breadth-first finds shallow things first; results read best in document order.
-            urls=tuple(dict.fromkeys(url for _, url in sorted(self.urls))),
-            keys=frozenset(self.keys),
-            raw_keys=frozenset(self.raw_keys),
-            containers=self.containers,
-            visited=self.visited,
-            exhausted=self.exhausted,
+            tuple(dict.fromkeys(url for _, url in sorted(urls)))
+            if len(urls) > 1
+            else tuple(url for _, url in urls),
+            frozenset(self.keys),
+            frozenset(self.raw_keys),
+            expanded + len(self.queue),  # every container met was queued
+            self.visited,
+            self.exhausted,
         )
+
+    def expand_all(self) -> int:
+        """Expand queued containers until none is left or the budget is spent; how many."""
+        queue, objects, keys, raw_keys = self.queue, self.objects, self.keys, self.raw_keys
+        max_nodes, max_depth, max_embedded = self.max_nodes, self.max_depth, self.max_embedded
+        shapes, bulk = _SHAPES, self.bulk
+        expanded = 0
+        while queue and not self.exhausted:
+            node = queue.popleft()
+            expanded += 1
+            value = node.value
+            zone = node.zone
+            infos: tuple[_KeyInfo, ...] | None = None
+            if isinstance(value, dict):
+                remaining = max_nodes - self.visited
+                if len(value) > remaining:
+                    self.exhausted = True
+                    pairs = list(islice(value.items(), remaining))
+                else:
+                    pairs = list(value.items())
+                names = tuple(map(_KEY_OF, pairs))
+                shape = shapes.get(names) or _shape(names)
+                values: list[JsonValue] = list(map(_VALUE_OF, pairs))
+                if shape.order is not None:
+                    values = [values[index] for index in shape.order]
+                if (
+                    not bulk
+                    or self.exhausted
+                    or zone is Zone.URL
+                    or (shape.opens_results and zone is not Zone.ECHO)
+                ):
+                    self.walk_object(node, shape, values)
+                    continue
+                self.visited += len(values)
+                if zone is not Zone.ECHO:
+                    keys |= shape.norms
+                    raw_keys |= shape.raw_keys
+                if shape.fields:
+                    node.fields.extend(
+                        (norm, key, values[position]) for position, norm, key in shape.fields
+                    )
+                infos = shape.keys
+            else:
+                values = value
+                if not bulk or len(values) > max_nodes - self.visited or zone is Zone.URL:
+                    self.walk_array(node, values)
+                    continue
+                self.visited += len(values)
+
+            # Place the values: no value here is in the result zone, so there is nothing to
+            # harvest, and decoding JSON held in a string yields an object or an array.
+            depth = node.depth + 1
+            if depth > max_depth:
+                continue
+            in_echo = zone is Zone.ECHO
+            level = node.level
+            decodes = level < max_embedded
+            base = node.order
+            for position, child in enumerate(values):
+                if isinstance(child, str):
+                    if not decodes or not ((head := child[:1]) in _OPENERS or head.isspace()):
+                        continue
+                    ok, child = _decode(child, allow_string=False)
+                    if not ok or not isinstance(child, _CONTAINERS):
+                        continue
+                    embedded, child_level = True, level + 1
+                elif isinstance(child, _CONTAINERS):
+                    embedded, child_level = False, level
+                else:
+                    continue
+                if infos is None:
+                    key, index, child_zone = None, position, zone
+                else:
+                    _, key, _, opens = infos[position]
+                    index, child_zone = None, zone if opens is None or in_echo else opens
+                placed = Node(
+                    child, node, key, index, embedded, depth, child_level, child_zone, base
+                )
+                placed.order = (*base, position)
+                if isinstance(child, dict):
+                    objects.append(placed)
+                queue.append(placed)
+        return expanded
 
     def place(
         self,
         value: JsonValue,
-        *,
         parent: Node | None,
         key: str | None,
         index: int | None,
@@ -424,88 +568,55 @@ class _Walker:
         level: int,
         zone: Zone,
         order: tuple[int, ...],
-        embedded: bool = False,
+        embedded: bool,
     ) -> None:
+        """Queue ``value`` if it is an object or array; decode JSON and harvest URLs in text."""
         if depth > self.max_depth:
             return
         if isinstance(value, str):
             if level < self.max_embedded:
                 ok, decoded = _decode(value, allow_string=False)
                 if ok:
-                    self.place(
-                        decoded,
-                        parent=parent,
-                        key=key,
-                        index=index,
-                        depth=depth,
-                        level=level + 1,
-                        zone=zone,
-                        order=order,
-                        embedded=True,
-                    )
+                    self.place(decoded, parent, key, index, depth, level + 1, zone, order, True)
                     return
             if zone is Zone.URL:
                 self.harvest(value, order)
             return
-        if not isinstance(value, dict | list):
-            return
-        node = Node(
-            value=value,
-            parent=parent,
-            key=key,
-            index=index,
-            embedded=embedded,
-            depth=depth,
-            level=level,
-            zone=zone,
-            order=order,
-        )
-        self.containers += 1
-        if isinstance(value, dict):
-            self.objects.append(node)
-        self.queue.append(node)
+        if isinstance(value, _CONTAINERS):
+            node = Node(value, parent, key, index, embedded, depth, level, zone, order)
+            if isinstance(value, dict):
+                self.objects.append(node)
+            self.queue.append(node)
 
-    def expand_object(self, node: Node, value: JsonObject) -> None:
-        items = list(islice(value.items(), self.max_nodes - self.visited))
-        self.exhausted |= len(items) < len(value)
-        normed = [(norm_key(key), key, child) for key, child in items]
-        # Result keys first, best first; the rest keep document order (the sort is stable).
-        normed.sort(key=lambda item: _URL_RANK.get(item[0], len(_URL_KEYS)))
-        for position, (norm, key, child) in enumerate(normed):
+    def walk_object(self, node: Node, shape: _Shape, values: list[JsonValue]) -> None:
+        """Walk an object's values one at a time, charging each as it is met."""
+        zone = node.zone
+        in_echo = zone is Zone.ECHO
+        depth = node.depth + 1
+        walked = zip(shape.keys, values, strict=True)
+        for position, ((norm, key, is_field, opens), child) in enumerate(walked):
             if not self.tick():
                 return
-            if norm in _FIELDS:
+            if is_field:
                 node.fields.append((norm, key, child))
-            if node.zone is not Zone.ECHO:
+            if not in_echo:
                 self.keys.add(norm)
                 if norm:
                     self.raw_keys.add(key)
-            self.place(
-                child,
-                parent=node,
-                key=key,
-                index=None,
-                depth=node.depth + 1,
-                level=node.level,
-                zone=_child_zone(node.zone, norm),
-                order=(*node.order, position),
-            )
+            child_zone = zone if opens is None or in_echo else opens
+            order = (*node.order, position)
+            self.place(child, node, key, None, depth, node.level, child_zone, order, False)
 
-    def expand_array(self, node: Node, value: list[JsonValue]) -> None:
-        self.exhausted |= len(value) > self.max_nodes - self.visited
-        for index, child in enumerate(islice(value, self.max_nodes - self.visited)):
+    def walk_array(self, node: Node, value: list[JsonValue]) -> None:
+        """Walk an array's values one at a time, charging each as it is met."""
+        remaining = self.max_nodes - self.visited
+        self.exhausted |= len(value) > remaining
+        depth = node.depth + 1
+        for index, child in enumerate(islice(value, remaining)):
             if not self.tick():
                 return
-            self.place(
-                child,
-                parent=node,
-                key=None,
-                index=index,
-                depth=node.depth + 1,
-                level=node.level,
-                zone=node.zone,
-                order=(*node.order, index),
-            )
+            order = (*node.order, index)
+            self.place(child, node, None, index, depth, node.level, node.zone, order, False)
 
     def harvest(self, text: str, order: tuple[int, ...]) -> None:
         for index, url in enumerate(_urls_in(text)):
@@ -514,23 +625,27 @@ class _Walker:
             self.urls.append(((*order, index), url))
 
 
-def _child_zone(zone: Zone, norm: str) -> Zone:
-    if zone is Zone.ECHO or norm in _ECHO_KEYS:
-        return Zone.ECHO
-    if zone is Zone.URL or norm in _URL_RANK:
-        return Zone.URL
-    return Zone.NORMAL
-
-
 def _decode(text: str, *, allow_string: bool) -> tuple[bool, JsonValue]:
     """Decode JSON held in a string; (False, None) when it is not JSON worth reading."""
     text = text.strip()
     if not text or text[0] not in ('{["' if allow_string else "{["):
         return False, None
+    # ``loads`` on text with no space around it: a document that ends before the text does
+    # is not JSON ("extra data").
     try:
-        return True, loads(text)
-    except (ValueError, RecursionError):
+        value: JsonValue
+        value, end = _DECODER.raw_decode(text)
+    except json.JSONDecodeError:
         return False, None
+    except ValueError:
+        # An integer past the interpreter's digit limit; read such integers as null.
+        try:
+            return True, _CAREFUL_DECODER.decode(text)
+        except (ValueError, RecursionError):
+            return False, None
+    except RecursionError:
+        return False, None
+    return (True, value) if end == len(text) else (False, None)
 
 
 def scan(
@@ -539,29 +654,20 @@ def scan(
     max_depth: int = MAX_DEPTH,
     max_nodes: int = MAX_NODES,
     max_embedded: int = MAX_EMBEDDED,
+    bulk: bool = True,
 ) -> Scan:
-    """Walk ``root`` breadth-first within the given bounds; see the module docstring."""
-    walker = _Walker(max_depth=max_depth, max_nodes=max_nodes, max_embedded=max_embedded)
-    return walker.run(root)
+    """Walk ``root`` breadth-first within the given bounds; see the module docstring.
+
+    ``bulk=False`` charges every value one at a time; the walk is the same either way.
+    """
+    return _Walker(max_depth, max_nodes, max_embedded, bulk).run(root)
 
 
 # -- reading fields -----------------------------------------------------------------------
 
-
-class FieldView:
-    """Reads fields from a sequence of objects, the first that has a usable value winning."""
-
-    def __init__(self, nodes: Sequence[Node]) -> None:
-        self._nodes = nodes
-
-    def first(self, names: Sequence[str], read: Callable[[JsonValue], T | None]) -> T | None:
-        for node in self._nodes:
-            for norm, _key, value in node.fields:
-                if norm in names:
-                    got = read(value)
-                    if got is not None:
-                        return got
-        return None
+_MESSAGE_KEYS: Final = frozenset({"msg", "message"})
+_ERROR_CODE_KEYS: Final = frozenset({"failcode", "errorcode"})
+_ERROR_MESSAGE_KEYS: Final = frozenset({"failmsg", "failmessage", "errormessage", "errormsg"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -575,19 +681,81 @@ class Flags:
     has_urls: bool = False  # result URLs were found
 
 
-def read_error(view: FieldView) -> tuple[str | None, str | None]:
-    """(code, message) from ``failCode``/``failMsg`` or ``errorCode``/``errorMessage``."""
-    code = view.first(("failcode", "errorcode"), error_code_text)
-    message = view.first(("failmsg", "failmessage", "errormessage", "errormsg"), message_text)
-    return code, message
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fields:
+    """The fields a reading looks at, each the first usable value in the objects given."""
+
+    code: int | None = None  # the envelope ``code``
+    message: str | None = None  # ``msg`` or ``message``
+    stage: str | None = None  # Suno's ``callbackType``
+    error_code: str | None = None  # ``failCode`` or ``errorCode``
+    error_message: str | None = None  # ``failMsg``, ``errorMessage``, …
+    state: str | None = None
+    status: str | None = None
+    success_flag: str | None = None
+
+    @property
+    def has_error(self) -> bool:
+        return self.error_code is not None or self.error_message is not None
+
+    def flags(self, *, has_urls: bool) -> Flags:
+        """The ``state``, ``status`` and ``successFlag`` fields as :class:`Flags`."""
+        return Flags(
+            state=self.state,
+            status=self.status,
+            success_flag=self.success_flag,
+            has_error=self.has_error,
+            has_urls=has_urls,
+        )
 
 
-def read_flags(view: FieldView, *, has_error: bool, has_urls: bool) -> Flags:
-    """The ``state``, ``status`` and ``successFlag`` fields as :class:`Flags`."""
-    return Flags(
-        state=view.first(("state",), flag_text),
-        status=view.first(("status",), flag_text),
-        success_flag=view.first(("successflag",), flag_text),
-        has_error=has_error,
-        has_urls=has_urls,
+def read_fields(nodes: Iterable[Node]) -> Fields:
+    """Read every field of :class:`Fields` in one pass over ``nodes``.
+
+    Each field takes the first value its reader accepts, in node order and, within a node,
+    in document order; a value the reader refuses (an empty message, a code of 0) is passed
+    over for the next one.
+    """
+    code: int | None = None
+    message: str | None = None
+    stage: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    state: str | None = None
+    status: str | None = None
+    success_flag: str | None = None
+    for node in nodes:
+        for norm, _, value in node.fields:
+            if norm == "code":
+                if code is None:
+                    code = as_int(value)
+            elif norm in _MESSAGE_KEYS:
+                if message is None:
+                    message = message_text(value)
+            elif norm == "callbacktype":
+                if stage is None:
+                    stage = message_text(value)
+            elif norm in _ERROR_CODE_KEYS:
+                if error_code is None:
+                    error_code = error_code_text(value)
+            elif norm in _ERROR_MESSAGE_KEYS:
+                if error_message is None:
+                    error_message = message_text(value)
+            elif norm == "state":
+                if state is None:
+                    state = flag_text(value)
+            elif norm == "status":
+                if status is None:
+                    status = flag_text(value)
+            elif norm == "successflag" and success_flag is None:
+                success_flag = flag_text(value)
+    return Fields(
+        code=code,
+        message=message,
+        stage=stage,
+        error_code=error_code,
+        error_message=error_message,
+        state=state,
+        status=status,
+        success_flag=success_flag,
     )

@@ -35,19 +35,15 @@ from kied.core._extract import (
     MAX_DEPTH,
     MAX_EMBEDDED,
     MAX_NODES,
-    FieldView,
     Node,
     Outcome,
     Scan,
     Zone,
-    as_int,
     clean_id,
     flag_text,
     loads,
-    message_text,
     norm_key,
-    read_error,
-    read_flags,
+    read_fields,
     scan,
 )
 from kied.core.families import Family, _judge, _judge_any
@@ -217,7 +213,7 @@ def _load(text: str, content_type: str | None, limits: ParseLimits) -> _Loaded:
 
 # -- the task id --------------------------------------------------------------------------
 
-_SPECIFIC_IDS: Final = ("taskid", "recordid")
+_SPECIFIC_IDS: Final = {"taskid": 0, "recordid": 1}  # the name and its rank
 #: A generic ``id`` counts only this shallow: ``id``, ``data.id``, ``data[0].id``.
 _GENERIC_ID_MAX_DEPTH: Final = 2
 _QUERY_IDS: Final = frozenset({"taskid"})
@@ -231,19 +227,41 @@ class _Found:
     node: Node | None  # the object holding the id, when it came from the body
 
 
-def _body_id(found: Scan, names: tuple[str, ...], max_depth: int, prefix: str) -> _Found | None:
-    best: tuple[int, int] | None = None
-    result: _Found | None = None
+def _body_ids(found: Scan, max_depth: int, prefix: str) -> tuple[_Found | None, _Found | None]:
+    """The body's task id (``taskId``, then ``recordId``) and its generic ``id``, in one pass.
+
+    Each is the shallowest usable one; at equal depth a ``taskId`` beats a ``recordId``, and
+    otherwise the first met wins. Request echoes and results are not searched.
+    """
+    # (depth, rank, node, key, id); objects come shallow first, so the pass can stop at the
+    # first depth that can improve on neither.
+    specific: tuple[int, int, Node, str, str] | None = None
+    generic: tuple[Node, str, str] | None = None
     for node in found.objects:
-        if node.zone is not Zone.NORMAL or node.depth > max_depth:
+        depth = node.depth
+        specific_done = depth > max_depth or (specific is not None and depth > specific[0])
+        if specific_done and (generic is not None or depth > _GENERIC_ID_MAX_DEPTH):
+            break
+        if node.zone is not Zone.NORMAL:
             continue
-        for rank, name in enumerate(names):
-            for key, value in node.get(name):
-                task_id = clean_id(value)
-                if task_id is not None and (best is None or (node.depth, rank) < best):
-                    best = (node.depth, rank)
-                    result = _Found(task_id, prefix + node.path(key), node)
-    return result
+        for norm, key, value in node.fields:
+            rank = _SPECIFIC_IDS.get(norm)
+            if rank is not None:
+                if specific_done or (specific is not None and (depth, rank) >= specific[:2]):
+                    continue
+                if (task_id := clean_id(value)) is not None:
+                    specific = (depth, rank, node, key, task_id)
+            elif norm == "id" and generic is None and depth <= _GENERIC_ID_MAX_DEPTH:
+                if (task_id := clean_id(value)) is not None:
+                    generic = (node, key, task_id)
+    return (
+        None if specific is None else _found(specific[2], specific[3], specific[4], prefix),
+        None if generic is None else _found(*generic, prefix),
+    )
+
+
+def _found(node: Node, key: str, task_id: str, prefix: str) -> _Found:
+    return _Found(task_id, prefix + node.path(key), node)
 
 
 def _side_id(
@@ -373,34 +391,34 @@ def _parse(
     if reason is None and found.containers == 0:
         reason = "not a JSON object"
 
-    prefix = "form:" if loaded.form else ""
+    specific, generic = _body_ids(found, limits.max_depth, "form:" if loaded.form else "")
     hit = (
-        _body_id(found, _SPECIFIC_IDS, limits.max_depth, prefix)
+        specific
         or _side_id(query, _QUERY_IDS, "query", header=False)
         or _side_id(headers, _HEADER_IDS, "header", header=True)
-        or _body_id(found, ("id",), _GENERIC_ID_MAX_DEPTH, prefix)
+        or generic
     )
 
     # Fields are read from the id's own object and its containers first, then anywhere.
     id_node = hit.node if hit is not None else None
     chain = id_node.chain() if id_node is not None else []
-    view = FieldView(chain + [node for node in found.objects if node.zone is Zone.NORMAL])
-    code = view.first(("code",), as_int)
-    envelope_message = view.first(("msg", "message"), message_text)
-    stage = view.first(("callbacktype",), message_text)
-    error_code, error_message = read_error(view)
-    has_error = error_code is not None or error_message is not None
-    flags = read_flags(view, has_error=has_error, has_urls=bool(found.urls))
+    fields = read_fields(
+        chain + [node for node in found.objects if node.zone is Zone.NORMAL],
+    )
+    code = fields.code
+    stage = fields.stage
+    error_code, error_message = fields.error_code, fields.error_message
+    flags = fields.flags(has_urls=bool(found.urls))
     family = _guess_family(found, id_node, code)
     if family is not None:
         judged = _judge(family, flags)
         flag = judged[0] if judged is not None else None
     else:
         flag = _judge_any(flags)
-    outcome = _decide(code=code, stage=stage, flag=flag, has_error=has_error)
+    outcome = _decide(code=code, stage=stage, flag=flag, has_error=flags.has_error)
     if code is not None and code != 200:
         error_code = error_code or str(code)
-        error_message = error_message or envelope_message
+        error_message = error_message or fields.message
 
     if hit is None:
         return Unrecognised(

@@ -14,14 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final
 
-from kied.core._extract import (
-    FieldView,
-    Flags,
-    Outcome,
-    read_error,
-    read_flags,
-    scan,
-)
+from kied.core._extract import Flags, Outcome, read_fields, scan
 
 if TYPE_CHECKING:
     from kied.core._json import JsonValue
@@ -191,11 +184,20 @@ _READERS: Final[Mapping[Family, tuple[tuple[_Field, _Reader], ...]]] = {
 
 def _judge(family: Family, flags: Flags) -> tuple[Outcome, str] | None:
     """The family's reading of its state field, with that field's value; None if it has none."""
-    for pick, read in _READERS[family]:
+    return _read(_READERS[family], flags)
+
+
+def _read(readers: tuple[tuple[_Field, _Reader], ...], flags: Flags) -> tuple[Outcome, str] | None:
+    for pick, read in readers:
         value = pick(flags)
         if value is not None:
             return read(value, flags), value
     return None
+
+
+#: Each distinct way of reading the flags once: families that read them alike (Veo, MJ and
+#: Flux; the Suno-style ones) hold the same opinion, so one of them is asked.
+_DISTINCT_READERS: Final = tuple(dict.fromkeys(_READERS.values()))
 
 
 def _judge_any(flags: Flags) -> Outcome | None:
@@ -205,7 +207,9 @@ def _judge_any(flags: Flags) -> Outcome | None:
     1 is success everywhere; 2 is a failure for Veo but *generating* for Suno cover, so it is
     UNKNOWN). None when no state field is present.
     """
-    opinions = {judged[0] for family in Family if (judged := _judge(family, flags)) is not None}
+    opinions = {
+        judged[0] for readers in _DISTINCT_READERS if (judged := _read(readers, flags)) is not None
+    }
     if not opinions:
         return None
     definite = opinions - {_U}
@@ -242,19 +246,13 @@ def _read_status(family: Family, data: JsonValue) -> StatusReading:
         return _UNREADABLE
     found = scan(data)
     # The state and error fields sit at the top of ``data`` in every family.
-    top = FieldView(found.objects[:1])
-    error_code, error_message = read_error(top)
-    flags = read_flags(
-        top,
-        has_error=error_code is not None or error_message is not None,
-        has_urls=bool(found.urls),
-    )
-    judged = _judge(family, flags)
+    top = read_fields(found.objects[:1])
+    judged = _judge(family, top.flags(has_urls=bool(found.urls)))
     outcome, kie_state = judged if judged is not None else (_U, None)
     return StatusReading(
         outcome=outcome,
         kie_state=kie_state,
         result_urls=found.urls,
-        error_code=error_code,
-        error_message=error_message,
+        error_code=top.error_code,
+        error_message=top.error_message,
     )

@@ -17,8 +17,6 @@ from kied.settings import NoLockSettings
 from kied.store import CallbackEffect, open_store
 from tests.conftest import PYTHON, wait_for
 
-T0 = 1_767_225_600.0
-
 
 def market_callback(task_id: str, *, ok: bool = True) -> bytes:
     if ok:
@@ -47,8 +45,9 @@ async def add_job(settings, job_id: str, task_id: str | None, *, deadline_s: flo
                 family="market",
                 model="google/nano-banana",
                 task_id=TaskId(task_id) if task_id else None,
-                created_at=T0,
-                deadline_at=T0 + deadline_s,
+                request={"input": {"prompt": "a red bicycle"}},
+                created_at=time.time(),
+                deadline_at=time.time() + deadline_s,
             )
         )
         assert created

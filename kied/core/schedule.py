@@ -1,0 +1,320 @@
+"""When to ask KIE about a task: the poll schedule, backoff, and how far callbacks are trusted.
+
+Polling is the safety net under KIE's callbacks, so how eagerly a poller asks depends on how
+well callbacks are doing. While they arrive and finish most jobs (:class:`CallbackHealth`), a
+job's first status query waits until the job is overdue: :func:`first_poll_delay` waits at
+least ``overdue_floor_s``, or ``overdue_factor`` times the typical duration of such jobs.
+Without healthy callbacks, polling starts at once and follows KIE's recommended schedule
+(:func:`next_poll_delay`). After a failed query, :func:`backoff_delay` backs off
+exponentially and honours ``Retry-After``.
+
+Everything here is plain arithmetic: randomness comes in as a ``jitter`` argument in [0, 1)
+and time as ``at``/``now`` arguments, so the same inputs always give the same delays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+from typing import Final, Literal
+
+__all__ = [
+    "CallbackHealth",
+    "FinishedBy",
+    "PollPolicy",
+    "backoff_delay",
+    "first_poll_delay",
+    "next_poll_delay",
+]
+
+#: 2**this is the largest backoff factor computed; anything past it is capped anyway.
+_MAX_DOUBLINGS: Final = 64
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PollPolicy:
+    """How often a poller asks KIE about a task, and how it backs off. Validated on creation.
+
+    Raises:
+        ValueError: a field is out of range (steps unordered or not ending at ``math.inf``,
+            a negative or non-finite duration, a fraction outside [0, 1]).
+    """
+
+    #: KIE's recommended schedule, as ``(until_elapsed_s, min_s, max_s)``: every 2-3 s for
+    #: the first 30 s, every 5-10 s up to 2 min, every 15-30 s after that.
+    steps: tuple[tuple[float, float, float], ...] = (
+        (30.0, 2.0, 3.0),
+        (120.0, 5.0, 10.0),
+        (math.inf, 15.0, 30.0),
+    )
+    #: with healthy callbacks, the first query waits at least this ...
+    overdue_floor_s: float = 60.0
+    #: ... or this times the typical duration of such jobs, whichever is longer
+    overdue_factor: float = 1.5
+    #: that overdue wait is stretched by up to this fraction, so that jobs created together
+    #: are not all queried together
+    overdue_jitter: float = 0.1
+    #: the first delay after an upstream error (429/455/5xx/network); it doubles per failure
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 60.0
+    #: a backoff is shortened by up to this fraction (never lengthened past backoff_max_s)
+    backoff_jitter: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError("PollPolicy.steps must not be empty")
+        previous = -math.inf
+        for until_s, min_s, max_s in self.steps:
+            if not until_s > previous:
+                raise ValueError("PollPolicy.steps must be in increasing until_elapsed_s order")
+            if not (_finite(min_s) and _finite(max_s) and 0 < min_s <= max_s):
+                raise ValueError(f"PollPolicy.steps: need 0 < min_s <= max_s, got {min_s}, {max_s}")
+            previous = until_s
+        if previous != math.inf:
+            raise ValueError("PollPolicy.steps must end with until_elapsed_s = math.inf")
+        for name in ("overdue_floor_s", "overdue_factor", "backoff_base_s", "backoff_max_s"):
+            value = getattr(self, name)
+            if not (_finite(value) and value >= 0):
+                raise ValueError(f"PollPolicy.{name} must be finite and >= 0, got {value}")
+        if self.backoff_base_s <= 0 or self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("PollPolicy needs 0 < backoff_base_s <= backoff_max_s")
+        for name in ("overdue_jitter", "backoff_jitter"):
+            value = getattr(self, name)
+            if not (_finite(value) and 0 <= value <= 1):
+                raise ValueError(f"PollPolicy.{name} must be in [0, 1], got {value}")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _check_jitter(jitter: float) -> None:
+    if not (_finite(jitter) and 0 <= jitter < 1):
+        raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+
+
+def next_poll_delay(elapsed_s: float, policy: PollPolicy, *, jitter: float) -> float:
+    """The delay before the next status query of a job that is ``elapsed_s`` old.
+
+    Args:
+        elapsed_s: seconds since the job was created. A negative age (clocks disagree) counts
+            as 0.
+        policy: the schedule; the step that applies is the first whose ``until_elapsed_s``
+            is greater than ``elapsed_s``.
+        jitter: in [0, 1); 0 picks the step's ``min_s``, values towards 1 its ``max_s``.
+
+    Returns:
+        Seconds, within ``[min_s, max_s]`` of the step.
+
+    Raises:
+        ValueError: ``jitter`` is outside [0, 1), or ``elapsed_s`` is NaN.
+    """
+    _check_jitter(jitter)
+    if math.isnan(elapsed_s):
+        raise ValueError("elapsed_s must be a number, got NaN")
+    elapsed_s = max(elapsed_s, 0.0)
+    # The last step (until math.inf) also takes an infinite age.
+    _, min_s, max_s = next((step for step in policy.steps if elapsed_s < step[0]), policy.steps[-1])
+    return min_s + jitter * (max_s - min_s)
+
+
+def first_poll_delay(
+    policy: PollPolicy,
+    *,
+    callbacks_healthy: bool,
+    typical_duration_s: float | None,
+    jitter: float,
+) -> float:
+    """The delay between creating a job and its first status query.
+
+    Args:
+        policy: the schedule.
+        callbacks_healthy: whether callbacks can be expected to report the outcome
+            (:meth:`CallbackHealth.healthy`).
+        typical_duration_s: how long such jobs usually take
+            (:meth:`CallbackHealth.typical_duration_s`), or None when not known.
+        jitter: in [0, 1).
+
+    Returns:
+        With healthy callbacks, ``max(overdue_floor_s, overdue_factor * typical_duration_s)``
+        stretched by up to ``overdue_jitter``; otherwise the first step of the schedule,
+        ``next_poll_delay(0, policy, jitter=jitter)``.
+
+    Raises:
+        ValueError: ``jitter`` is outside [0, 1), or ``typical_duration_s`` is negative or not
+            finite.
+    """
+    _check_jitter(jitter)
+    if not callbacks_healthy:
+        return next_poll_delay(0.0, policy, jitter=jitter)
+    overdue_s = policy.overdue_floor_s
+    if typical_duration_s is not None:
+        if not (_finite(typical_duration_s) and typical_duration_s >= 0):
+            raise ValueError(
+                f"typical_duration_s must be finite and >= 0, got {typical_duration_s}"
+            )
+        overdue_s = max(overdue_s, policy.overdue_factor * typical_duration_s)
+    return overdue_s * (1.0 + policy.overdue_jitter * jitter)
+
+
+def backoff_delay(
+    failures: int,
+    policy: PollPolicy,
+    *,
+    jitter: float,
+    retry_after_s: float | None = None,
+) -> float:
+    """The delay before asking KIE again after ``failures`` failed attempts in a row.
+
+    Args:
+        failures: consecutive failures so far, at least 1.
+        policy: ``backoff_base_s`` doubles per failure, up to ``backoff_max_s``.
+        jitter: in [0, 1); shortens the delay by up to ``backoff_jitter`` of it.
+        retry_after_s: KIE's (or a proxy's) ``Retry-After``, if it sent one. It is a floor:
+            the delay is never shorter, even past ``backoff_max_s``. Negative counts as 0.
+
+    Returns:
+        ``min(backoff_max_s, backoff_base_s * 2 ** (failures - 1)) * (1 - backoff_jitter *
+        jitter)``, raised to ``retry_after_s``.
+
+    Raises:
+        ValueError: ``failures`` < 1, ``jitter`` outside [0, 1), or ``retry_after_s`` NaN.
+    """
+    _check_jitter(jitter)
+    if failures < 1:
+        raise ValueError(f"failures must be >= 1, got {failures}")
+    doublings = min(failures - 1, _MAX_DOUBLINGS)
+    delay = min(policy.backoff_max_s, policy.backoff_base_s * 2.0**doublings)
+    delay *= 1.0 - policy.backoff_jitter * jitter
+    if retry_after_s is not None:
+        if math.isnan(retry_after_s):
+            raise ValueError("retry_after_s must be a number, got NaN")
+        delay = max(delay, retry_after_s)
+    return delay
+
+
+# -- how well callbacks are doing -----------------------------------------------------------
+
+#: Who reported a job's outcome first.
+FinishedBy = Literal["callback", "poll"]
+
+
+class CallbackHealth:
+    """A bounded, in-memory record of how jobs finish, and how long they take.
+
+    Fed with events (:meth:`callback_received`, :meth:`job_finished`), it answers whether
+    callbacks can be trusted to report outcomes (:meth:`healthy`) and how long jobs of a
+    family and model usually take (:meth:`typical_duration_s`). Times (``at``, ``now``) are in
+    whatever clock the caller uses, as long as it is always the same one.
+
+    Memory is bounded: ``recent`` finishes, and ``durations_kept`` durations for each of at
+    most ``max_keys`` (family, model) pairs, the least recently finished pair forgotten first.
+
+    Args:
+        window_s: callbacks count as arriving if the last authenticated one came at most this
+            long ago.
+        recent: how many of the most recent finishes :meth:`healthy` looks at.
+        min_callback_share: the share of those finishes that must have come by callback.
+        durations_kept: durations remembered per (family, model).
+        quantile: which quantile of those durations is "typical" (nearest rank).
+        min_samples: fewer durations than this and the typical duration is not known.
+        max_keys: (family, model) pairs remembered.
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_s: float = 600.0,
+        recent: int = 20,
+        min_callback_share: float = 0.5,
+        durations_kept: int = 50,
+        quantile: float = 0.9,
+        min_samples: int = 3,
+        max_keys: int = 256,
+    ) -> None:
+        if not (_finite(window_s) and window_s > 0):
+            raise ValueError(f"window_s must be finite and > 0, got {window_s}")
+        if not (_finite(min_callback_share) and 0 <= min_callback_share <= 1):
+            raise ValueError(f"min_callback_share must be in [0, 1], got {min_callback_share}")
+        if not (_finite(quantile) and 0 < quantile <= 1):
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        if min(recent, durations_kept, min_samples, max_keys) < 1:
+            raise ValueError("recent, durations_kept, min_samples and max_keys must be >= 1")
+        if min_samples > durations_kept:
+            raise ValueError("min_samples must not exceed durations_kept")
+        self._window_s = window_s
+        self._min_share = min_callback_share
+        self._durations_kept = durations_kept
+        self._quantile = quantile
+        self._min_samples = min_samples
+        self._max_keys = max_keys
+        self._last_callback_at: float | None = None
+        self._finishes: deque[FinishedBy] = deque(maxlen=recent)
+        self._counts: Counter[FinishedBy] = Counter()
+        self._durations: OrderedDict[tuple[str, str | None], deque[float]] = OrderedDict()
+
+    def callback_received(self, at: float) -> None:
+        """An authenticated callback arrived at ``at`` (whatever it changed)."""
+        if self._last_callback_at is None or at > self._last_callback_at:
+            self._last_callback_at = at
+
+    def job_finished(
+        self, family: str, model: str | None, duration_s: float, *, by: FinishedBy
+    ) -> None:
+        """A job of ``family`` and ``model`` ended after ``duration_s``, reported ``by`` whom.
+
+        Only durations reported by callback feed :meth:`typical_duration_s`: a poll learns of
+        the outcome some time after it happened, and with healthy callbacks it only asks once
+        a job is overdue, so its durations would push the typical duration up and up.
+        A negative or non-finite duration is not recorded.
+        """
+        if len(self._finishes) == self._finishes.maxlen:
+            self._counts[self._finishes[0]] -= 1
+        self._finishes.append(by)
+        self._counts[by] += 1
+        if by != "callback" or not (_finite(duration_s) and duration_s >= 0):
+            return
+        key = (str(family), model)
+        durations = self._durations.get(key)
+        if durations is None:
+            durations = self._durations[key] = deque(maxlen=self._durations_kept)
+            if len(self._durations) > self._max_keys:
+                self._durations.popitem(last=False)
+        else:
+            self._durations.move_to_end(key)
+        durations.append(float(duration_s))
+
+    def healthy(self, now: float) -> bool:
+        """Whether callbacks can be trusted to report outcomes.
+
+        True when an authenticated callback arrived within ``window_s`` of ``now`` and at
+        least ``min_callback_share`` of the recent finishes came by callback (with no finishes
+        yet, the first condition decides).
+
+        Before there is any evidence at all (no callback heard, no job finished), callbacks
+        are presumed to work: a fresh instance lets its first jobs wait until overdue instead
+        of polling them every few seconds, and the first finish settles the question.
+        """
+        last = self._last_callback_at
+        total = len(self._finishes)
+        if last is None:
+            return total == 0
+        if now - last > self._window_s:
+            return False
+        return total == 0 or self._counts["callback"] >= self._min_share * total
+
+    def typical_duration_s(self, family: str, model: str | None) -> float | None:
+        """The ``quantile`` of recent durations of jobs of ``family`` and ``model``, or None.
+
+        None until ``min_samples`` jobs of the pair have finished by callback.
+        """
+        durations = self._durations.get((str(family), model))
+        if durations is None or len(durations) < self._min_samples:
+            return None
+        ordered = sorted(durations)
+        rank = math.ceil(self._quantile * len(ordered))
+        return ordered[max(rank, 1) - 1]

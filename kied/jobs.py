@@ -1,0 +1,289 @@
+"""The jobs service: what the ``/v1`` API does, without HTTP.
+
+A job is stored before KIE is called, so that a crash cannot lose it; the leader's
+poller supervisor then creates the KIE task (or, for a task the application created
+itself, starts tracking it) and sees it through to the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import trio
+
+from kied.core.families import Family
+from kied.core.jobs import (
+    TERMINAL_STATES,
+    EndedBy,
+    EventKind,
+    Job,
+    JobId,
+    JobState,
+    NewJob,
+    Report,
+    TaskId,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from kied.core._json import JsonObject
+    from kied.settings import Settings
+    from kied.store import JobStore
+
+__all__ = ["BadRequestError", "JobWatchers", "JobsService", "callback_url", "job_to_json"]
+
+logger = logging.getLogger(__name__)
+
+#: Longest a ``GET /v1/jobs/{id}?wait=`` may hold a request open.
+MAX_WAIT_S = 300.0
+#: While waiting, storage is re-read this often, in case the change came from elsewhere.
+_WAIT_RECHECK_S = 1.0
+_MAX_KEY = 200
+_MAX_TIMEOUT_S = 30 * 24 * 3600.0
+
+
+class BadRequestError(Exception):
+    """A request the API cannot take; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_to_json(job: Job) -> dict[str, Any]:
+    """The API's view of a job."""
+    error = None
+    if job.error_code is not None or job.error_message is not None:
+        error = {"code": job.error_code, "message": job.error_message}
+    return {
+        "id": job.id,
+        "state": job.state.value,
+        "terminal": job.state in TERMINAL_STATES,
+        "family": job.family,
+        "model": job.model,
+        "task_id": job.task_id,
+        "kie_state": job.kie_state,
+        "result_urls": list(job.result_urls),
+        "error": error,
+        "ended_by": job.ended_by.value if job.ended_by is not None else None,
+        "late": job.late,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "deadline_at": _iso(job.deadline_at),
+        "ended_at": _iso(job.ended_at),
+        "last_error": job.last_error,
+        "metadata": job.metadata,
+        "idempotency_key": job.idempotency_key,
+    }
+
+
+def callback_url(settings: Settings, job_id: JobId) -> str | None:
+    """The ``callBackUrl`` given to KIE for a job: kied's job id and the callback token ride along."""
+    if settings.public_url is None:
+        return None
+    params: dict[str, str] = {"job": job_id}
+    if settings.callback_token is not None:
+        params["token"] = settings.callback_token
+    return f"{settings.public_url}/callbacks/kie?{urlencode(params)}"
+
+
+class JobWatchers:
+    """In-process wake-ups for everyone waiting on a job's change."""
+
+    def __init__(self) -> None:
+        self._events: dict[JobId, trio.Event] = {}
+
+    def notify(self, job_id: JobId) -> None:
+        event = self._events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    def event(self, job_id: JobId) -> trio.Event:
+        event = self._events.get(job_id)
+        if event is None:
+            event = self._events[job_id] = trio.Event()
+        return event
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Submission:
+    family: Family
+    model: str | None
+    task_id: TaskId | None
+    request: JsonObject | None
+    metadata: JsonObject | None
+    idempotency_key: str | None
+    timeout_s: float
+
+
+class JobsService:
+    """Create, read, wait on and cancel jobs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Callable[[], Awaitable[JobStore]],
+        now: Callable[[], float],
+        watchers: JobWatchers,
+        on_change: Callable[[Job], None],
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._now = now
+        self._watchers = watchers
+        self._on_change = on_change
+
+    async def submit(self, body: object) -> tuple[Job, bool]:
+        """Store a job from a ``POST /v1/jobs`` body; ``(job, created)``.
+
+        Raises:
+            BadRequestError: the body is not a job request.
+        """
+        sub = _read_submission(body, default_timeout_s=self._settings.job_timeout_s)
+        now = self._now()
+        new = NewJob(
+            id=JobId(uuid.uuid4().hex),
+            family=sub.family.value,
+            model=sub.model,
+            task_id=sub.task_id,
+            request=sub.request,
+            metadata=sub.metadata,
+            idempotency_key=sub.idempotency_key,
+            created_at=now,
+            deadline_at=now + sub.timeout_s,
+        )
+        store = await self._store()
+        job, created = await store.create_job(new)
+        if created:
+            logger.info(
+                "[GEN] job %s stored: %s %s%s",
+                job.id,
+                job.family,
+                job.model or "",
+                f" tracking task {job.task_id}" if sub.task_id else "",
+                extra={"action": "job_created", "job_id": job.id},
+            )
+            self._on_change(job)
+        return job, created
+
+    async def get(self, job_id: str) -> Job | None:
+        store = await self._store()
+        return await store.get_job(JobId(job_id))
+
+    async def wait(self, job_id: str, wait_s: float) -> Job | None:
+        """The job once it is terminal, or as it stands after ``wait_s``."""
+        store = await self._store()
+        deadline = trio.current_time() + min(wait_s, MAX_WAIT_S)
+        while True:
+            event = self._watchers.event(JobId(job_id))
+            job = await store.get_job(JobId(job_id))
+            if job is None or job.state in TERMINAL_STATES or trio.current_time() >= deadline:
+                return job
+            with trio.move_on_at(min(deadline, trio.current_time() + _WAIT_RECHECK_S)):
+                await event.wait()
+
+    async def list(self, *, states: list[str] | None, limit: int) -> list[Job]:
+        if states is not None:
+            for state in states:
+                if state not in JobState.__members__.values():
+                    raise BadRequestError("state", f"unknown state {state!r}")
+        store = await self._store()
+        return await store.list_jobs(states=states, limit=limit)
+
+    async def cancel(self, job_id: str) -> tuple[Job | None, bool]:
+        """Stop tracking a job; ``(job, changed)``. A job that already ended is left as it is."""
+        store = await self._store()
+        changed = await store.apply(
+            JobId(job_id), Report(event=EventKind.CANCEL, source=EndedBy.CANCEL), now=self._now()
+        )
+        if changed is not None:
+            logger.info(
+                "[GEN] job %s cancelled",
+                job_id,
+                extra={"action": "job_cancelled", "job_id": job_id},
+            )
+            self._on_change(changed)
+            return changed, True
+        return await store.get_job(JobId(job_id)), False
+
+
+def _read_submission(body: object, *, default_timeout_s: float) -> _Submission:
+    if not isinstance(body, Mapping):
+        raise BadRequestError("body", "must be a JSON object")
+    known = {"model", "family", "input", "task_id", "timeout_s", "idempotency_key", "metadata"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise BadRequestError(unknown[0], "is not a field of a job request")
+
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise BadRequestError("model", "must be a non-empty string")
+    family_value = body.get("family")
+    if family_value is None:
+        if model is None:
+            raise BadRequestError("model", "a job needs a model (Market) or a family")
+        family = Family.MARKET
+    else:
+        if not isinstance(family_value, str) or family_value not in Family.__members__.values():
+            choices = ", ".join(f.value for f in Family)
+            raise BadRequestError("family", f"must be one of {choices}")
+        family = Family(family_value)
+    if family is Family.MARKET and model is None:
+        raise BadRequestError("model", "a Market job needs a model")
+
+    task_id = body.get("task_id")
+    input_value = body.get("input")
+    request: JsonObject | None = None
+    if task_id is not None:
+        if not isinstance(task_id, str) or not task_id.strip() or len(task_id) > _MAX_KEY:
+            raise BadRequestError("task_id", "must be a non-empty string of at most 200 characters")
+        if input_value is not None:
+            raise BadRequestError("input", "a tracked task (task_id) takes no input")
+    else:
+        if not isinstance(input_value, dict):
+            raise BadRequestError("input", "must be a JSON object with the generation request")
+        request = {"input": input_value}
+
+    timeout = body.get("timeout_s", default_timeout_s)
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+    ):
+        raise BadRequestError("timeout_s", "must be a number of seconds")
+    if not 0 < timeout <= _MAX_TIMEOUT_S:
+        raise BadRequestError("timeout_s", "must be more than 0 and at most 30 days")
+
+    key = body.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not key or len(key) > _MAX_KEY):
+        raise BadRequestError(
+            "idempotency_key", "must be a non-empty string of at most 200 characters"
+        )
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise BadRequestError("metadata", "must be a JSON object")
+    return _Submission(
+        family=family,
+        model=model.strip() if isinstance(model, str) else None,
+        task_id=TaskId(task_id.strip()) if isinstance(task_id, str) else None,
+        request=request,
+        metadata=metadata,
+        idempotency_key=key,
+        timeout_s=float(timeout),
+    )

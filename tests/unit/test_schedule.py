@@ -1,0 +1,351 @@
+"""The poll schedule, backoff and callback health: plain arithmetic, exact numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kied.core.families import Family
+from kied.core.schedule import (
+    CallbackHealth,
+    PollPolicy,
+    backoff_delay,
+    first_poll_delay,
+    next_poll_delay,
+)
+
+POLICY = PollPolicy()
+#: The largest jitter there is: just below 1.
+TOP = math.nextafter(1.0, 0.0)
+
+# ============================================================================================
+# next_poll_delay
+
+
+@pytest.mark.parametrize(
+    ("elapsed_s", "low", "high"),
+    [
+        (-5.0, 2.0, 3.0),  # clocks disagree: counts as 0
+        (0.0, 2.0, 3.0),
+        (29.999, 2.0, 3.0),
+        (30.0, 5.0, 10.0),  # a boundary belongs to the next step
+        (119.999, 5.0, 10.0),
+        (120.0, 15.0, 30.0),
+        (899.0, 15.0, 30.0),
+        (1e12, 15.0, 30.0),
+        (math.inf, 15.0, 30.0),
+    ],
+)
+def test_next_poll_delay_walks_kies_recommended_steps(
+    elapsed_s: float, low: float, high: float
+) -> None:
+    assert next_poll_delay(elapsed_s, POLICY, jitter=0.0) == low
+    assert next_poll_delay(elapsed_s, POLICY, jitter=0.5) == (low + high) / 2
+    top = next_poll_delay(elapsed_s, POLICY, jitter=TOP)
+    assert low < top <= high
+    assert top == pytest.approx(high)
+
+
+def test_next_poll_delay_follows_a_custom_policy() -> None:
+    policy = PollPolicy(steps=((10.0, 1.0, 1.0), (math.inf, 4.0, 8.0)))
+    assert next_poll_delay(9.0, policy, jitter=0.9) == 1.0
+    assert next_poll_delay(10.0, policy, jitter=0.25) == 5.0
+
+
+@pytest.mark.parametrize("jitter", [-0.1, 1.0, 1.5, math.nan, math.inf])
+def test_jitter_outside_0_1_is_refused(jitter: float) -> None:
+    with pytest.raises(ValueError, match="jitter"):
+        next_poll_delay(0.0, POLICY, jitter=jitter)
+    with pytest.raises(ValueError, match="jitter"):
+        first_poll_delay(POLICY, callbacks_healthy=True, typical_duration_s=None, jitter=jitter)
+    with pytest.raises(ValueError, match="jitter"):
+        backoff_delay(1, POLICY, jitter=jitter)
+
+
+def test_nan_elapsed_is_refused() -> None:
+    with pytest.raises(ValueError, match="elapsed_s"):
+        next_poll_delay(math.nan, POLICY, jitter=0.0)
+
+
+@given(
+    elapsed=st.floats(min_value=-1e6, max_value=1e9, allow_nan=False),
+    jitter=st.floats(min_value=0.0, max_value=TOP),
+)
+def test_next_poll_delay_stays_within_its_step(elapsed: float, jitter: float) -> None:
+    delay = next_poll_delay(elapsed, POLICY, jitter=jitter)
+    until, low, high = next(step for step in POLICY.steps if max(elapsed, 0.0) < step[0])
+    assert low <= delay <= high
+    assert until > elapsed
+
+
+# ============================================================================================
+# first_poll_delay
+
+
+def test_first_poll_with_unhealthy_callbacks_is_the_first_step() -> None:
+    for typical in (None, 5.0, 600.0):
+        assert (
+            first_poll_delay(POLICY, callbacks_healthy=False, typical_duration_s=typical, jitter=0)
+            == 2.0
+        )
+        assert (
+            first_poll_delay(
+                POLICY, callbacks_healthy=False, typical_duration_s=typical, jitter=0.5
+            )
+            == 2.5
+        )
+
+
+@pytest.mark.parametrize(
+    ("typical", "expected"),
+    [
+        (None, 60.0),  # nothing known: the floor
+        (0.0, 60.0),
+        (10.0, 60.0),  # 1.5 x 10 = 15 < 60
+        (40.0, 60.0),  # 1.5 x 40 = 60
+        (41.0, 61.5),
+        (300.0, 450.0),  # a Veo video: 5 min typical, first query at 7.5 min
+    ],
+)
+def test_first_poll_with_healthy_callbacks_waits_until_overdue(
+    typical: float | None, expected: float
+) -> None:
+    delay = first_poll_delay(POLICY, callbacks_healthy=True, typical_duration_s=typical, jitter=0)
+    assert delay == expected
+    stretched = first_poll_delay(
+        POLICY, callbacks_healthy=True, typical_duration_s=typical, jitter=0.5
+    )
+    assert stretched == pytest.approx(expected * 1.05)
+    top = first_poll_delay(POLICY, callbacks_healthy=True, typical_duration_s=typical, jitter=TOP)
+    assert expected < top <= expected * 1.1
+    assert top == pytest.approx(expected * 1.1)
+
+
+def test_first_poll_overdue_floor_and_factor_are_the_policys() -> None:
+    policy = PollPolicy(overdue_floor_s=10.0, overdue_factor=2.0, overdue_jitter=0.0)
+    assert first_poll_delay(policy, callbacks_healthy=True, typical_duration_s=3, jitter=0.9) == 10
+    assert first_poll_delay(policy, callbacks_healthy=True, typical_duration_s=30, jitter=0.9) == 60
+
+
+@pytest.mark.parametrize("typical", [-1.0, math.nan, math.inf])
+def test_first_poll_refuses_a_nonsense_typical_duration(typical: float) -> None:
+    with pytest.raises(ValueError, match="typical_duration_s"):
+        first_poll_delay(POLICY, callbacks_healthy=True, typical_duration_s=typical, jitter=0)
+
+
+# ============================================================================================
+# backoff_delay
+
+
+def test_backoff_doubles_from_the_base_up_to_the_cap() -> None:
+    delays = [backoff_delay(n, POLICY, jitter=0.0) for n in range(1, 9)]
+    assert delays == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+
+
+def test_backoff_jitter_only_shortens() -> None:
+    assert backoff_delay(1, POLICY, jitter=0.5) == 2.0 * (1 - 0.25 * 0.5)
+    assert backoff_delay(3, POLICY, jitter=TOP) == pytest.approx(8.0 * 0.75)
+    assert backoff_delay(20, POLICY, jitter=TOP) == pytest.approx(60.0 * 0.75)
+    assert backoff_delay(20, POLICY, jitter=TOP) >= 45.0
+
+
+def test_backoff_survives_any_number_of_failures() -> None:
+    assert backoff_delay(10**6, POLICY, jitter=0.0) == 60.0
+
+
+@pytest.mark.parametrize(
+    ("failures", "retry_after_s", "expected"),
+    [
+        (1, 5.0, 5.0),  # Retry-After longer than the backoff: honoured
+        (1, 1.0, 2.0),  # shorter: the backoff stands
+        (4, 10.0, 16.0),
+        (1, 0.0, 2.0),
+        (1, -3.0, 2.0),  # nonsense counts as 0
+        (8, 120.0, 120.0),  # honoured even past backoff_max_s
+        (2, None, 4.0),
+    ],
+)
+def test_backoff_honours_retry_after(
+    failures: int, retry_after_s: float | None, expected: float
+) -> None:
+    assert backoff_delay(failures, POLICY, jitter=0.0, retry_after_s=retry_after_s) == expected
+
+
+def test_backoff_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="failures"):
+        backoff_delay(0, POLICY, jitter=0.0)
+    with pytest.raises(ValueError, match="retry_after_s"):
+        backoff_delay(1, POLICY, jitter=0.0, retry_after_s=math.nan)
+
+
+@given(
+    failures=st.integers(min_value=1, max_value=10_000),
+    jitter=st.floats(min_value=0.0, max_value=TOP),
+    retry_after=st.none() | st.floats(min_value=0.0, max_value=1e6),
+)
+def test_backoff_is_bounded(failures: int, jitter: float, retry_after: float | None) -> None:
+    delay = backoff_delay(failures, POLICY, jitter=jitter, retry_after_s=retry_after)
+    assert 0 < delay <= max(POLICY.backoff_max_s, retry_after or 0.0)
+    assert delay >= (retry_after or 0.0)
+    assert delay >= 0.75 * min(POLICY.backoff_max_s, POLICY.backoff_base_s)
+
+
+# ============================================================================================
+# PollPolicy validation
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"steps": ()},
+        {"steps": ((30.0, 2.0, 3.0),)},  # does not end at inf
+        {"steps": ((30.0, 2.0, 3.0), (20.0, 5.0, 10.0), (math.inf, 15.0, 30.0))},
+        {"steps": ((30.0, 3.0, 2.0), (math.inf, 15.0, 30.0))},  # min > max
+        {"steps": ((math.inf, 0.0, 1.0),)},  # a zero delay would spin
+        {"steps": ((math.inf, 1.0, math.inf),)},
+        {"overdue_floor_s": -1.0},
+        {"overdue_factor": math.nan},
+        {"backoff_base_s": 0.0},
+        {"backoff_base_s": 10.0, "backoff_max_s": 5.0},
+        {"backoff_jitter": 1.5},
+        {"overdue_jitter": -0.1},
+    ],
+)
+def test_policy_refuses_nonsense(changes: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="PollPolicy"):
+        PollPolicy(**changes)  # type: ignore[arg-type]
+
+
+# ============================================================================================
+# CallbackHealth
+
+
+def test_health_is_presumed_until_there_is_evidence() -> None:
+    assert CallbackHealth().healthy(1e9)
+    polled = CallbackHealth()
+    polled.job_finished("market", "m", 60.0, by="poll")  # a job ended with no callback heard
+    assert not polled.healthy(1e9)
+    called = CallbackHealth()
+    called.job_finished("market", "m", 60.0, by="callback")  # unauthenticated: not heard
+    assert not called.healthy(1e9)
+
+
+def test_health_needs_a_recent_authenticated_callback() -> None:
+    health = CallbackHealth(window_s=600.0)
+    health.callback_received(1000.0)
+    assert health.healthy(1000.0)
+    assert health.healthy(1600.0)  # exactly window_s later
+    assert not health.healthy(1600.001)
+    health.callback_received(900.0)  # an older stamp arriving late changes nothing
+    assert not health.healthy(1600.001)
+    health.callback_received(1700.0)
+    assert health.healthy(2000.0)
+
+
+def test_health_needs_most_recent_finishes_by_callback() -> None:
+    health = CallbackHealth(recent=4, min_callback_share=0.5)
+    health.callback_received(0.0)
+    health.job_finished("market", "m", 10.0, by="callback")
+    assert health.healthy(1.0)
+    health.job_finished("market", "m", 10.0, by="poll")
+    assert health.healthy(1.0)  # 1 of 2: exactly half
+    health.job_finished("market", "m", 10.0, by="poll")
+    assert not health.healthy(1.0)  # 1 of 3
+    for _ in range(2):
+        health.job_finished("market", "m", 10.0, by="callback")
+    # the window holds the last 4: poll, poll, callback, callback
+    assert health.healthy(1.0)
+    health.job_finished("veo", None, 10.0, by="poll")  # poll, callback, callback, poll
+    assert health.healthy(1.0)
+    health.job_finished("veo", None, 10.0, by="poll")  # callback, callback, poll, poll
+    assert health.healthy(1.0)
+    health.job_finished("veo", None, 10.0, by="poll")  # callback, poll, poll, poll
+    assert not health.healthy(1.0)
+
+
+def test_health_recovers_once_callbacks_finish_jobs_again() -> None:
+    health = CallbackHealth(recent=3)
+    for _ in range(10):
+        health.job_finished("market", "m", 1.0, by="poll")
+    health.callback_received(5.0)
+    assert not health.healthy(5.0)
+    for _ in range(2):
+        health.job_finished("market", "m", 1.0, by="callback")
+    assert health.healthy(5.0)
+
+
+def test_typical_duration_is_a_high_percentile_of_callback_finishes() -> None:
+    health = CallbackHealth(durations_kept=10, quantile=0.9, min_samples=3)
+    assert health.typical_duration_s("veo", "veo3") is None
+    health.job_finished("veo", "veo3", 100.0, by="callback")
+    health.job_finished("veo", "veo3", 300.0, by="callback")
+    assert health.typical_duration_s("veo", "veo3") is None  # too few
+    health.job_finished("veo", "veo3", 200.0, by="callback")
+    assert health.typical_duration_s("veo", "veo3") == 300.0
+    for d in range(1, 11):  # the window keeps only the last 10: 10, 20, ..., 100
+        health.job_finished("veo", "veo3", 10.0 * d, by="callback")
+    assert health.typical_duration_s("veo", "veo3") == 90.0
+    # per (family, model): other pairs know nothing yet
+    assert health.typical_duration_s("veo", "veo3_fast") is None
+    assert health.typical_duration_s("market", "veo3") is None
+    # a Family works as its string value
+    assert health.typical_duration_s(Family.VEO, "veo3") == 90.0
+
+
+def test_poll_finishes_and_nonsense_durations_do_not_feed_the_typical_duration() -> None:
+    health = CallbackHealth(min_samples=1)
+    health.job_finished("market", None, 1000.0, by="poll")
+    assert health.typical_duration_s("market", None) is None
+    for bad in (-1.0, math.nan, math.inf):
+        health.job_finished("market", None, bad, by="callback")
+    assert health.typical_duration_s("market", None) is None
+    health.job_finished("market", None, 12.5, by="callback")
+    assert health.typical_duration_s("market", None) == 12.5
+
+
+def test_health_memory_is_bounded() -> None:
+    health = CallbackHealth(durations_kept=5, min_samples=1, max_keys=3, recent=7)
+    for n in range(1000):
+        health.job_finished("market", f"model-{n % 10}", float(n), by="callback")
+    assert len(health._durations) == 3
+    assert all(len(d) <= 5 for d in health._durations.values())
+    assert len(health._finishes) == 7
+    assert sum(health._counts.values()) == 7
+    # the pairs finished most recently are the ones kept
+    assert health.typical_duration_s("market", "model-9") == 999.0
+    assert health.typical_duration_s("market", "model-6") is None
+    for _ in range(100):
+        health.job_finished("veo", None, 1.0, by="callback")
+    assert len(health._durations[("veo", None)]) == 5
+
+
+def test_a_pair_that_keeps_finishing_is_not_forgotten() -> None:
+    health = CallbackHealth(min_samples=1, max_keys=2)
+    health.job_finished("veo", "a", 1.0, by="callback")
+    health.job_finished("veo", "b", 2.0, by="callback")
+    health.job_finished("veo", "a", 1.0, by="callback")  # a is now the most recent
+    health.job_finished("veo", "c", 3.0, by="callback")  # b goes
+    assert health.typical_duration_s("veo", "a") == 1.0
+    assert health.typical_duration_s("veo", "b") is None
+    assert health.typical_duration_s("veo", "c") == 3.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"window_s": 0.0},
+        {"window_s": math.inf},
+        {"min_callback_share": 1.5},
+        {"quantile": 0.0},
+        {"recent": 0},
+        {"durations_kept": 0},
+        {"max_keys": 0},
+        {"min_samples": 6, "durations_kept": 5},
+    ],
+)
+def test_health_refuses_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each names its own argument
+        CallbackHealth(**kwargs)  # type: ignore[arg-type]
