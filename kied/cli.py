@@ -1,4 +1,4 @@
-"""The ``kied`` command: serve, inspect-callback, simulate.
+"""The ``kied`` command: serve, inspect-callback, simulate, submit, status, jobs, demo.
 
 This is the entry point: the only place that reads ``os.environ``, configures logging
 and installs signal handlers.
@@ -32,6 +32,10 @@ commands:
   serve             run the daemon (kied serve --help lists every setting)
   inspect-callback  show what kied makes of a callback body: kied inspect-callback FILE|-
   simulate          run a fake KIE API for development (kied simulate --help)
+  submit            submit a job to a running daemon: kied submit --model M --input JSON [--wait]
+  status            print a job: kied status JOB [--wait]
+  jobs              list jobs as a table: kied jobs [--state S] [--limit N] [--json]
+  demo              a simulator and a daemon in one process, N jobs, one table (kied demo --help)
 """
 
 
@@ -53,6 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kied.kie.simulator import main as simulate
 
         return simulate(rest)
+    if command in ("submit", "status", "jobs"):
+        from kied.client_cli import main as client
+
+        return client(command, rest, os.environ)
+    if command == "demo":
+        from kied.client_cli import demo
+
+        return demo(rest)
     print(f"kied: unknown command {command!r}\n\n{_COMMANDS}", file=sys.stderr)
     return 2
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -22,13 +23,13 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from kied import __version__
-from kied.core.jobs import TERMINAL_STATES, EndedBy, Job
+from kied.core.jobs import TERMINAL_STATES, EndedBy, Job, JobId
 from kied.core.schedule import CallbackHealth
 from kied.errors import LeadershipLostError, StoreError, StoreUnavailableError
 from kied.jobs import JobsService, JobWatchers
 from kied.leadership import Leader, open_leadership
 from kied.service import CallbackService
-from kied.settings import FileLockSettings, NoLockSettings, Settings
+from kied.settings import FileLockSettings, NoLockSettings, PostgresStoreSettings, Settings
 from kied.store import JobStore, open_store
 
 if TYPE_CHECKING:
@@ -186,7 +187,9 @@ class Daemon:
         while True:
             logger.info("[LOCK] seeking the %s lock; PASSIVE until it is held", self.lock_backend)
             try:
-                async with open_leadership(self.settings.lock) as leader:
+                async with open_leadership(
+                    self.settings.lock, database_url=getattr(self.settings.store, "url", None)
+                ) as leader:
                     store = await self._wait_store_forever()
                     self._leader = leader
                     self.mode = Mode.ACTIVE
@@ -226,6 +229,36 @@ class Daemon:
                 await supervisor.run()
             finally:
                 self._supervisor = None
+
+    async def run_job_listener(
+        self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Apply job changes made by other instances (PostgreSQL LISTEN/NOTIFY) until cancelled."""
+        from kied._pglisten import run_job_listener
+
+        send, receive = trio.open_memory_channel[str](math.inf)
+
+        def resync() -> None:
+            if self._supervisor is not None:
+                self._supervisor.request_rescan()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._dispatch_notes, receive)
+            await nursery.start(run_job_listener, url, send.send_nowait, resync)
+            task_status.started()
+
+    async def _dispatch_notes(self, notes: trio.MemoryReceiveChannel[str]) -> None:
+        async for job_id in notes:
+            store = self._store
+            if store is None:
+                continue
+            try:
+                job = await store.get_job(JobId(job_id))
+            except StoreError as exc:
+                logger.warning("[GEN] cannot read job %s after a change elsewhere: %s", job_id, exc)
+                continue
+            if job is not None:
+                self.job_changed(job)
 
     async def _wait_store_forever(self) -> JobStore:
         while self._store is None:
@@ -295,6 +328,8 @@ async def run(
         task_status.started(urls)
         async with trio.open_nursery() as storage:
             await storage.start(daemon.run_storage)
+            if isinstance(settings.store, PostgresStoreSettings):
+                storage.start_soon(daemon.run_job_listener, settings.store.url)
             async with trio.open_nursery() as leadership:
                 leadership.start_soon(daemon.run_leadership)
                 await stop.wait()

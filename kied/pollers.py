@@ -93,6 +93,7 @@ class PollerSupervisor:
         self._rescan_s = rescan_s
         self._scopes: dict[JobId, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        self._rescan_now = trio.Event()
         #: status queries sent, by result, for operators
         self.status_queries: dict[str, int] = {}
 
@@ -129,10 +130,16 @@ class PollerSupervisor:
                 await self._rescan()
                 task_status.started()
                 while True:
-                    await trio.sleep(self._rescan_s)
+                    with trio.move_on_after(self._rescan_s):
+                        await self._rescan_now.wait()
+                    self._rescan_now = trio.Event()
                     await self._rescan()
             finally:
                 self._nursery = None
+
+    def request_rescan(self) -> None:
+        """Look through storage for unfinished jobs now (wake-ups may have been lost)."""
+        self._rescan_now.set()
 
     async def _rescan(self) -> None:
         try:
@@ -264,6 +271,19 @@ class PollerSupervisor:
                 task_id = await self._kie.create_task(
                     family, model=job.model, input=payload, callback_url=url
                 )
+            except UpstreamBusyError as exc:
+                # KIE dropped the request (429, 455, 5xx) or did not answer: try again.
+                failures += 1
+                await self._note(job.id, f"createTask failed: {exc}")
+                await trio.sleep(
+                    backoff_delay(
+                        failures,
+                        self._policy,
+                        jitter=self._rng.random(),
+                        retry_after_s=exc.retry_after_s,
+                    )
+                )
+                continue
             except UpstreamError as exc:
                 # Refused, or accepted without a task id to follow: creating it again
                 # could start a second generation, so the job ends here.
@@ -278,17 +298,6 @@ class PollerSupervisor:
                 logger.error("[GEN] job %s: KIE refused the task: %s", job.id, exc)
                 await self._finish(job, report)
                 return None
-            except UpstreamBusyError as exc:
-                # KIE dropped the request (429, 455, 5xx) or did not answer: try again.
-                failures += 1
-                await self._note(job.id, f"createTask failed: {exc}")
-                retry_after = exc.retry_after_s if isinstance(exc, UpstreamBusyError) else None
-                await trio.sleep(
-                    backoff_delay(
-                        failures, self._policy, jitter=self._rng.random(), retry_after_s=retry_after
-                    )
-                )
-                continue
             try:
                 attached = await self._store.attach_task(job.id, task_id, now=self._now())
             except ConflictError:

@@ -41,7 +41,12 @@ class SqliteStoreSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PostgresStoreSettings:
+    #: a libpq URL (postgresql://...) or key=value connection string
     url: str
+    #: most connections, and worker threads, the store uses at once
+    pool_size: int = 10
+    #: bound on opening one connection, and on waiting for one from the pool
+    connect_timeout_s: float = 5 * SECONDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,7 +57,12 @@ class FileLockSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PgLockSettings:
-    retry_s: float = 1.0 * SECONDS
+    #: how often a PASSIVE instance tries to take the lock
+    retry_s: float = 0.25 * SECONDS
+    #: how often the leader proves the lock is still held
+    heartbeat_s: float = 1.0 * SECONDS
+    #: how long that proof may take before the leader steps down
+    heartbeat_timeout_s: float = 2.0 * SECONDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,7 +102,9 @@ environment (flags win over the environment):
   KIED_DATABASE_URL    sqlite:///ABSOLUTE/PATH, a plain file path, or postgresql://...
   DATABASE_URL         used when KIED_DATABASE_URL is not set
                        default: $STATE_DIRECTORY/kied.db when set, else ./var/kied.db
-  KIED_LOCK            file (a lock file beside the SQLite file; default), file:PATH, none
+  KIED_LOCK            postgres (an advisory lock; default with a PostgreSQL database),
+                       file (a lock file beside the SQLite file; default otherwise),
+                       file:PATH, none
   KIED_CALLBACK_TOKEN  secret a callback must carry as ?token= or X-KIE-Callback-Token
   KIE_WEBHOOK_HMAC_KEY KIE's webhookHmacKey: callbacks must carry a valid X-Webhook-Signature
   KIE_API_KEY          KIE API key
@@ -121,7 +133,7 @@ def serve_parser(prog: str = "kied serve") -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to bind (KIED_HOST)")
     parser.add_argument("--port", help="port to listen on, 0 for any free port (PORT)")
     parser.add_argument("--database", help="database URL or SQLite path (KIED_DATABASE_URL)")
-    parser.add_argument("--lock", help="file, file:PATH or none (KIED_LOCK)")
+    parser.add_argument("--lock", help="postgres, file, file:PATH or none (KIED_LOCK)")
     parser.add_argument(
         "--job-timeout", help="seconds before a job is timed_out (KIED_JOB_TIMEOUT)"
     )
@@ -164,7 +176,7 @@ def load_settings(environ: Mapping[str, str], argv: Sequence[str] = ()) -> Setti
     store = _store(db_src, environ)
 
     lock_src = pick(flags.lock, "KIED_LOCK")
-    lock = _lock(lock_src, store)
+    lock = _lock(lock_src, store, render=environ.get("RENDER", "").strip() != "")
 
     timeout_src = pick(flags.job_timeout, "KIED_JOB_TIMEOUT")
     job_timeout_s = 900.0 if timeout_src is None else _positive_seconds(*timeout_src)
@@ -239,7 +251,7 @@ def _store(
     name, value = src
     scheme = urlsplit(value).scheme.lower()
     if scheme in ("postgres", "postgresql"):
-        raise ConfigError(name, "PostgreSQL storage is not available in this version of kied")
+        return PostgresStoreSettings(url=value)
     if scheme == "sqlite":
         if not value.lower().startswith("sqlite:///") or len(value) <= len("sqlite:///"):
             raise ConfigError(name, f"a SQLite URL is sqlite:///ABSOLUTE/PATH, not {value!r}")
@@ -257,19 +269,42 @@ def _store(
 
 
 def _lock(
-    src: tuple[str, str] | None, store: SqliteStoreSettings | PostgresStoreSettings
+    src: tuple[str, str] | None,
+    store: SqliteStoreSettings | PostgresStoreSettings,
+    *,
+    render: bool,
 ) -> FileLockSettings | PgLockSettings | NoLockSettings:
-    value = "file" if src is None else src[1]
+    on_postgres = isinstance(store, PostgresStoreSettings)
+    value = ("postgres" if on_postgres else "file") if src is None else src[1]
     name = "KIED_LOCK" if src is None else src[0]
     if value == "none":
         return NoLockSettings()
+    if value == "postgres":
+        if not on_postgres:
+            raise ConfigError(
+                name,
+                "the postgres lock needs a postgresql:// KIED_DATABASE_URL; set KIED_LOCK=file",
+            )
+        return PgLockSettings()
+    if value != "file" and not value.startswith("file:"):
+        raise ConfigError(name, f"must be postgres, file, file:PATH or none, not {value!r}")
+    if on_postgres:
+        raise ConfigError(
+            name,
+            "a file lock cannot elect one leader among instances that share a PostgreSQL"
+            " database; set KIED_LOCK=postgres",
+        )
+    if render:
+        raise ConfigError(
+            name,
+            "on Render (RENDER is set) instances share no disk, so a file lock cannot elect"
+            " one leader; use a postgresql:// KIED_DATABASE_URL with KIED_LOCK=postgres,"
+            " or set KIED_LOCK=none for a single instance",
+        )
     if value == "file":
-        if not isinstance(store, SqliteStoreSettings):
-            raise ConfigError(name, "a file lock needs a SQLite store; set KIED_LOCK=file:PATH")
+        assert isinstance(store, SqliteStoreSettings)
         return FileLockSettings(path=store.path.with_name(store.path.name + ".lock"))
-    if value.startswith("file:"):
-        path = value[len("file:") :]
-        if not path or path.endswith("/"):
-            raise ConfigError(name, f"file:PATH needs a file path, not {value!r}")
-        return FileLockSettings(path=Path(os.path.abspath(path)))
-    raise ConfigError(name, f"must be file, file:PATH or none, not {value!r}")
+    path = value[len("file:") :]
+    if not path or path.endswith("/"):
+        raise ConfigError(name, f"file:PATH needs a file path, not {value!r}")
+    return FileLockSettings(path=Path(os.path.abspath(path)))

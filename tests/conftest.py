@@ -12,9 +12,10 @@ import trio
 
 from kied.daemon import run
 from kied.settings import FileLockSettings, Settings, SqliteStoreSettings
+from tests.pg import PgDatabases, PgServer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KIED_SHARED", REPO.parent / "shared"))
@@ -36,7 +37,7 @@ def settings(tmp_path: Path) -> Settings:
         # KIE is never reached from tests: nothing listens on the discard port.
         kie_base_url="http://127.0.0.1:9",
         kie_api_key="test-key",
-        graceful_timeout_s=2.0,
+        graceful_timeout_s=0.5,
         shutdown_grace_s=5.0,
     )
 
@@ -94,3 +95,28 @@ async def wait_for(predicate, *, within_s: float = 10.0, interval: float = 0.02)
 
 
 PYTHON = sys.executable
+
+
+# ------------------------------------------------------------------- PostgreSQL (tests/pg.py)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """The PostgreSQL server of the ``PG*`` variables; connects only when first used."""
+    server = PgServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_databases(pg_server: PgServer) -> Iterator[PgDatabases]:
+    """Makes migrated (or empty) databases for this test; drops them when it ends."""
+    databases = PgDatabases(pg_server)
+    yield databases
+    databases.drop_all()
+
+
+@pytest.fixture
+def pg_url(pg_databases: PgDatabases) -> str:
+    """The URL of a fresh, migrated PostgreSQL database of this test's own."""
+    return pg_databases.new()

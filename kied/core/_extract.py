@@ -34,7 +34,6 @@ __all__ = [
     "MAX_EMBEDDED",
     "MAX_NODES",
     "Fields",
-    "Flags",
     "Node",
     "Outcome",
     "Scan",
@@ -64,8 +63,8 @@ _MAX_TEXT_CHARS: Final = 2000
 _MAX_KEY_CHARS: Final = 64
 #: Integers with more digits than this are read as null (``int()`` refuses beyond 4300).
 _MAX_INT_DIGITS: Final = 1000
-#: Characters that never appear in a task id: quoting, markup, JSON structure.
-_ID_FORBIDDEN: Final = frozenset("\"'`<>\\{}[]")
+#: Characters that never appear in a task id: space, quoting, markup, JSON structure.
+_NOT_IN_IDS: Final = re.compile(r"[ \"'`<>\\{}\[\]]")
 
 
 class Outcome(StrEnum):
@@ -83,6 +82,13 @@ class Zone(Enum):
     NORMAL = "normal"
     ECHO = "echo"  # inside a request echo: not results, not the task's own id
     URL = "url"  # under a key that holds result URLs
+
+
+# Looking a member up on an Enum class costs a lookup through its metaclass; the walk runs
+# these comparisons for every container.
+_NORMAL: Final = Zone.NORMAL
+_ECHO: Final = Zone.ECHO
+_URL: Final = Zone.URL
 
 
 def norm_key(key: str) -> str:
@@ -163,6 +169,7 @@ def _parse_constant(_text: str) -> None:
     return None
 
 
+_JSON_SPACE: Final = " \t\n\r"
 _DECODER: Final = json.JSONDecoder(parse_constant=_parse_constant)
 # Slower (a Python call per integer), so only for bodies the fast decoder refused.
 _CAREFUL_DECODER: Final = json.JSONDecoder(parse_int=_parse_int, parse_constant=_parse_constant)
@@ -175,19 +182,28 @@ def loads(text: str) -> JsonValue:
         ValueError: not JSON.
         RecursionError: nested deeper than the interpreter allows.
     """
+    return _loads_trimmed(text.strip(_JSON_SPACE))
+
+
+def _loads_trimmed(text: str) -> JsonValue:
+    """:func:`loads` for text with no JSON whitespace around it."""
     try:
-        value: JsonValue = _DECODER.decode(text)
+        value: JsonValue
+        value, end = _DECODER.raw_decode(text)
     except json.JSONDecodeError:
         raise
     except ValueError:
         # An integer past the interpreter's digit limit; read such integers as null.
         value = _CAREFUL_DECODER.decode(text)
+    else:
+        if end != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
     return value
 
 
 def _safe_text(text: str) -> str:
     # Lone surrogates (from "\ud800" escapes) cannot be encoded; replace them.
-    return text.encode("utf-8", "replace").decode("utf-8")
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def as_int(value: JsonValue) -> int | None:
@@ -206,10 +222,10 @@ def as_int(value: JsonValue) -> int | None:
 
 def message_text(value: JsonValue) -> str | None:
     """Readable text from a string or a number, stripped and bounded; None when empty."""
-    if isinstance(value, bool) or value is None or isinstance(value, list | dict):
-        return None
     if isinstance(value, str):
         text = _safe_text(value).strip()
+    elif isinstance(value, bool) or value is None or isinstance(value, list | dict):
+        return None
     elif isinstance(value, float):
         if not math.isfinite(value):
             return None
@@ -249,17 +265,15 @@ def _integral(value: int | float) -> bool:
 
 def clean_id(value: JsonValue) -> str | None:
     """A task id from a string or an integer; None for anything empty or absurd."""
-    if isinstance(value, bool) or (isinstance(value, int | float) and not _integral(value)):
-        return None
-    if isinstance(value, int | float):
-        text = str(int(value))
-    elif isinstance(value, str):
+    if isinstance(value, str):
         text = value.strip()
-    else:
+    elif isinstance(value, bool) or not isinstance(value, int | float) or not _integral(value):
         return None
+    else:
+        text = str(int(value))
     if not text or len(text) > _MAX_ID_CHARS:
         return None
-    if not text.isprintable() or " " in text or not _ID_FORBIDDEN.isdisjoint(text):
+    if not text.isprintable() or _NOT_IN_IDS.search(text):
         return None
     return text
 
@@ -272,17 +286,14 @@ def _is_url(text: str) -> bool:
     return bool(rest) and text.isprintable() and " " not in text
 
 
-def _urls_in(text: str) -> Iterator[str]:
+def _urls_in(text: str) -> list[str]:
     text = text.strip()
     if _is_url(text):
-        yield text
-        return
+        return [text]
     # Some doc versions send a list as text that is not JSON: '[http://a.mp4, http://b.mp4]'.
     if not text.startswith("["):
-        return
-    for match in _URL_IN_TEXT.finditer(text):
-        if _is_url(match.group()):
-            yield match.group()
+        return []
+    return [url for url in _URL_IN_TEXT.findall(text) if _is_url(url)]
 
 
 # -- the walk -----------------------------------------------------------------------------
@@ -352,6 +363,21 @@ class Scan:
     containers: int  # objects and arrays met
     visited: int  # values examined: the work done
     exhausted: bool  # the node budget ran out before the walk ended
+    #: JSON text in request echoes left undecoded (see :func:`scan`), with the room left
+    #: under ``max_depth`` and ``max_embedded`` where it sits.
+    deferred: list[tuple[str, int, int]]
+
+    def echo_fields(self) -> list[tuple[str, JsonValue]]:
+        """(normalised key, value) of every field read inside request echoes, in no order."""
+        fields = [
+            (norm, value)
+            for node in self.objects
+            if node.zone is _ECHO
+            for norm, _, value in node.fields
+        ]
+        if self.deferred:
+            fields.extend(_fields_in_text(self.deferred))
+        return fields
 
 
 #: One key of an object as the walk reads it: (normalised key, key as sent, whether readers
@@ -371,7 +397,10 @@ class _Shape:
     keys: tuple[_KeyInfo, ...]  # in walk order
     norms: frozenset[str]  # every normalised key
     raw_keys: frozenset[str]  # the keys as sent whose normalised key is not empty
-    fields: tuple[tuple[int, str, str], ...]  # (walk position, norm, key) of keys readers read
+    #: The keys readers look at: their walk positions, normalised keys and keys as sent.
+    field_at: tuple[int, ...]
+    field_norms: tuple[str, ...]
+    field_keys: tuple[str, ...]
     opens_results: bool  # some key holds result URLs
 
 
@@ -380,7 +409,7 @@ def _make_shape(keys: tuple[str, ...]) -> _Shape:
     for index, key in enumerate(keys):
         norm = norm_key(key)
         rank = _URL_RANK.get(norm, _UNRANKED)
-        opens = Zone.ECHO if norm in _ECHO_KEYS else Zone.URL if rank < _UNRANKED else None
+        opens = _ECHO if norm in _ECHO_KEYS else _URL if rank < _UNRANKED else None
         ranked.append((rank, index, (norm, key, norm in _FIELDS, opens)))
     ranked.sort()  # by rank, then document order: no two entries tie
     order = tuple(index for _, index, _ in ranked)
@@ -390,9 +419,9 @@ def _make_shape(keys: tuple[str, ...]) -> _Shape:
         keys=infos,
         norms=frozenset(norm for norm, _, _, _ in infos),
         raw_keys=frozenset(key for norm, key, _, _ in infos if norm),
-        fields=tuple(
-            (position, norm, key) for position, (norm, key, field, _) in enumerate(infos) if field
-        ),
+        field_at=tuple(position for position, info in enumerate(infos) if info[2]),
+        field_norms=tuple(norm for norm, _, field, _ in infos if field),
+        field_keys=tuple(key for _, key, field, _ in infos if field),
         opens_results=any(rank < _UNRANKED for rank, _, _ in ranked),
     )
 
@@ -421,208 +450,190 @@ _VALUE_OF: Final = itemgetter(1)
 _OPENERS: Final = frozenset("{[")
 
 
-class _Walker:
-    """The state of one walk.
+def _walk(
+    root: JsonValue, max_depth: int, max_nodes: int, max_embedded: int, defer: bool
+) -> tuple[Scan, int]:
+    """The walk :func:`scan` describes, and the most the deferred text could have cost.
 
-    Each value examined costs one unit of ``max_nodes``, as does each URL harvested. A
-    container walked whole with no URL to harvest cannot run out part-way, so it is charged
-    in one go (``bulk``) and its values placed in one tight loop; the others are walked one
-    value at a time. Both ways give the same walk; ``bulk=False`` forces the second.
+    Every value examined costs one unit of ``max_nodes``, and so does every URL harvested;
+    an object or array is cut at the first value the budget does not cover, and the walk
+    stops at the first container it cannot finish. With ``defer``, JSON text inside a
+    request echo is not decoded but set aside.
     """
-
-    def __init__(self, max_depth: int, max_nodes: int, max_embedded: int, bulk: bool) -> None:
-        self.max_depth = max_depth
-        self.max_nodes = max_nodes
-        self.max_embedded = max_embedded
-        self.bulk = bulk
-        self.queue: deque[Node] = deque()
-        self.objects: list[Node] = []
-        self.urls: list[tuple[tuple[int, ...], str]] = []
-        self.keys: set[str] = set()
-        self.raw_keys: set[str] = set()
-        self.visited = 0
-        self.exhausted = False
-
-    def tick(self) -> bool:
-        if self.visited >= self.max_nodes:
-            self.exhausted = True
-            return False
-        self.visited += 1
-        return True
-
-    def run(self, root: JsonValue) -> Scan:
-        if self.tick():
-            value, level = root, 0
-            # A whole body may arrive as a JSON string, even one holding another JSON string.
-            while isinstance(value, str) and level < self.max_embedded:
-                ok, decoded = _decode(value, allow_string=True)
-                if not ok:
-                    break
-                value, level = decoded, level + 1
-            self.place(value, None, None, None, 0, level, Zone.NORMAL, (), level > 0)
-        expanded = self.expand_all()
-        urls = self.urls
-        return Scan(
-            self.objects,
-            # Breadth-first finds shallow things first; results read best in document order.
-            tuple(dict.fromkeys(url for _, url in sorted(urls)))
-            if len(urls) > 1
-            else tuple(url for _, url in urls),
-            frozenset(self.keys),
-            frozenset(self.raw_keys),
-            expanded + len(self.queue),  # every container met was queued
-            self.visited,
-            self.exhausted,
-        )
-
-    def expand_all(self) -> int:
-        """Expand queued containers until none is left or the budget is spent; how many."""
-        queue, objects, keys, raw_keys = self.queue, self.objects, self.keys, self.raw_keys
-        max_nodes, max_depth, max_embedded = self.max_nodes, self.max_depth, self.max_embedded
-        shapes, bulk = _SHAPES, self.bulk
-        expanded = 0
-        while queue and not self.exhausted:
-            node = queue.popleft()
-            expanded += 1
-            value = node.value
-            zone = node.zone
-            infos: tuple[_KeyInfo, ...] | None = None
+    queue: deque[Node] = deque()
+    objects: list[Node] = []
+    urls: list[tuple[tuple[int, ...], str]] = []
+    keys: set[str] = set()
+    raw_keys: set[str] = set()
+    deferred: list[tuple[str, int, int]] = []
+    deferred_cost = 0
+    visited = 0
+    exhausted = max_nodes <= 0
+    if not exhausted:
+        visited = 1
+        value, level = root, 0
+        # A whole body may arrive as a JSON string, even one holding another JSON string.
+        while isinstance(value, str) and level < max_embedded:
+            ok, decoded = _decode(value, allow_string=True)
+            if not ok:
+                break
+            value, level = decoded, level + 1
+        if isinstance(value, _CONTAINERS) and max_depth >= 0:
+            node = Node(value, None, None, None, level > 0, 0, level, _NORMAL, (), [])
             if isinstance(value, dict):
-                remaining = max_nodes - self.visited
-                if len(value) > remaining:
-                    self.exhausted = True
-                    pairs = list(islice(value.items(), remaining))
-                else:
-                    pairs = list(value.items())
-                names = tuple(map(_KEY_OF, pairs))
-                shape = shapes.get(names) or _shape(names)
-                values: list[JsonValue] = list(map(_VALUE_OF, pairs))
-                if shape.order is not None:
-                    values = [values[index] for index in shape.order]
-                if (
-                    not bulk
-                    or self.exhausted
-                    or zone is Zone.URL
-                    or (shape.opens_results and zone is not Zone.ECHO)
-                ):
-                    self.walk_object(node, shape, values)
-                    continue
-                self.visited += len(values)
-                if zone is not Zone.ECHO:
-                    keys |= shape.norms
-                    raw_keys |= shape.raw_keys
-                if shape.fields:
-                    node.fields.extend(
-                        (norm, key, values[position]) for position, norm, key in shape.fields
-                    )
-                infos = shape.keys
-            else:
-                values = value
-                if not bulk or len(values) > max_nodes - self.visited or zone is Zone.URL:
-                    self.walk_array(node, values)
-                    continue
-                self.visited += len(values)
+                objects.append(node)
+            queue.append(node)
 
-            # Place the values: no value here is in the result zone, so there is nothing to
-            # harvest, and decoding JSON held in a string yields an object or an array.
-            depth = node.depth + 1
-            if depth > max_depth:
-                continue
-            in_echo = zone is Zone.ECHO
+    expanded = 0
+    child_zone: Zone
+    key: str | None
+    index: int | None
+    while queue and not exhausted:
+        node = queue.popleft()
+        expanded += 1
+        value = node.value
+        zone = node.zone
+        in_echo = zone is _ECHO
+        remaining = max_nodes - visited
+        values: list[JsonValue]
+        shape: _Shape | None = None
+        if isinstance(value, dict):
+            if type(value) is dict and len(value) <= remaining:
+                names = tuple(value)
+                values = list(value.values())
+            else:
+                # Through items(), the one way a dict subclass is read anywhere here.
+                exhausted = len(value) > remaining
+                pairs = list(islice(value.items(), remaining))
+                names = tuple(map(_KEY_OF, pairs))
+                values = list(map(_VALUE_OF, pairs))
+            shape = _SHAPES.get(names) or _shape(names)
+            if shape.order is not None:
+                values = [values[index] for index in shape.order]
+            harvests = zone is _URL or (shape.opens_results and not in_echo)
+        else:
+            exhausted = len(value) > remaining
+            values = list(islice(value, remaining)) if exhausted else value
+            harvests = zone is _URL
+
+        walked = len(values)  # how many of them the budget covers
+        depth = node.depth + 1
+        if depth > max_depth or not harvests:
+            # Only harvesting URLs can spend the budget part-way through the values.
+            visited += walked
+        if depth <= max_depth:
             level = node.level
             decodes = level < max_embedded
             base = node.order
             for position, child in enumerate(values):
+                if harvests:
+                    if visited >= max_nodes:
+                        exhausted = True
+                        walked = position
+                        break
+                    visited += 1
+                container: JsonObject | list[JsonValue]
                 if isinstance(child, str):
-                    if not decodes or not ((head := child[:1]) in _OPENERS or head.isspace()):
+                    ok = False
+                    if decodes and ((head := child[:1]) in _OPENERS or head.isspace()):
+                        if defer and (
+                            in_echo or (shape is not None and shape.keys[position][3] is _ECHO)
+                        ):
+                            # Each value its text holds starts at a character of its own, and
+                            # each level of JSON-in-a-string decoded below is shorter still.
+                            deferred.append((child, max_depth - depth, max_embedded - level))
+                            deferred_cost += len(child) * (max_embedded - level)
+                            continue
+                        ok, decoded = _decode(child, allow_string=False)
+                    if ok:
+                        # A JSON text that opens with { or [ is an object or an array.
+                        if not isinstance(decoded, _CONTAINERS):
+                            continue
+                        container, embedded = decoded, True
+                    else:
+                        if not harvests:
+                            continue
+                        if shape is not None:
+                            opens = shape.keys[position][3]
+                            if (zone if opens is None or in_echo else opens) is not _URL:
+                                continue
+                        visited, cut = _harvest(child, (*base, position), urls, visited, max_nodes)
+                        exhausted = exhausted or cut
                         continue
-                    ok, child = _decode(child, allow_string=False)
-                    if not ok or not isinstance(child, _CONTAINERS):
-                        continue
-                    embedded, child_level = True, level + 1
                 elif isinstance(child, _CONTAINERS):
-                    embedded, child_level = False, level
+                    container, embedded = child, False
                 else:
                     continue
-                if infos is None:
+                if shape is None:
                     key, index, child_zone = None, position, zone
                 else:
-                    _, key, _, opens = infos[position]
+                    _, key, _, opens = shape.keys[position]
                     index, child_zone = None, zone if opens is None or in_echo else opens
                 placed = Node(
-                    child, node, key, index, embedded, depth, child_level, child_zone, base
+                    container,
+                    node,
+                    key,
+                    index,
+                    embedded,
+                    depth,
+                    level + 1 if embedded else level,
+                    child_zone,
+                    (*base, position),
+                    [],
                 )
-                placed.order = (*base, position)
-                if isinstance(child, dict):
+                if isinstance(container, dict):
                     objects.append(placed)
                 queue.append(placed)
-        return expanded
 
-    def place(
-        self,
-        value: JsonValue,
-        parent: Node | None,
-        key: str | None,
-        index: int | None,
-        depth: int,
-        level: int,
-        zone: Zone,
-        order: tuple[int, ...],
-        embedded: bool,
-    ) -> None:
-        """Queue ``value`` if it is an object or array; decode JSON and harvest URLs in text."""
-        if depth > self.max_depth:
-            return
-        if isinstance(value, str):
-            if level < self.max_embedded:
-                ok, decoded = _decode(value, allow_string=False)
-                if ok:
-                    self.place(decoded, parent, key, index, depth, level + 1, zone, order, True)
-                    return
-            if zone is Zone.URL:
-                self.harvest(value, order)
-            return
-        if isinstance(value, _CONTAINERS):
-            node = Node(value, parent, key, index, embedded, depth, level, zone, order)
-            if isinstance(value, dict):
-                self.objects.append(node)
-            self.queue.append(node)
-
-    def walk_object(self, node: Node, shape: _Shape, values: list[JsonValue]) -> None:
-        """Walk an object's values one at a time, charging each as it is met."""
-        zone = node.zone
-        in_echo = zone is Zone.ECHO
-        depth = node.depth + 1
-        walked = zip(shape.keys, values, strict=True)
-        for position, ((norm, key, is_field, opens), child) in enumerate(walked):
-            if not self.tick():
-                return
+        if shape is None:
+            continue
+        # The keys of the object the budget covered: the fields readers look at, and the keys
+        # seen outside request echoes.
+        if walked == len(values):
+            if not in_echo:
+                keys |= shape.norms
+                raw_keys |= shape.raw_keys
+            if shape.field_at:
+                picked = map(values.__getitem__, shape.field_at)
+                node.fields.extend(zip(shape.field_norms, shape.field_keys, picked, strict=True))
+            continue
+        for (norm, key, is_field, _), child in zip(shape.keys[:walked], values, strict=False):
             if is_field:
                 node.fields.append((norm, key, child))
             if not in_echo:
-                self.keys.add(norm)
+                keys.add(norm)
                 if norm:
-                    self.raw_keys.add(key)
-            child_zone = zone if opens is None or in_echo else opens
-            order = (*node.order, position)
-            self.place(child, node, key, None, depth, node.level, child_zone, order, False)
+                    raw_keys.add(key)
 
-    def walk_array(self, node: Node, value: list[JsonValue]) -> None:
-        """Walk an array's values one at a time, charging each as it is met."""
-        remaining = self.max_nodes - self.visited
-        self.exhausted |= len(value) > remaining
-        depth = node.depth + 1
-        for index, child in enumerate(islice(value, remaining)):
-            if not self.tick():
-                return
-            order = (*node.order, index)
-            self.place(child, node, None, index, depth, node.level, node.zone, order, False)
+    return Scan(
+        objects,
+        # Breadth-first finds shallow things first; results read best in document order.
+        tuple(dict.fromkeys(map(_VALUE_OF, sorted(urls))))
+        if len(urls) > 1
+        else (tuple(map(_VALUE_OF, urls))),
+        frozenset(keys),
+        frozenset(raw_keys),
+        expanded + len(queue),  # every container met was queued
+        visited,
+        exhausted,
+        deferred,
+    ), deferred_cost
 
-    def harvest(self, text: str, order: tuple[int, ...]) -> None:
-        for index, url in enumerate(_urls_in(text)):
-            if not self.tick():
-                return
-            self.urls.append(((*order, index), url))
+
+def _harvest(
+    text: str,
+    order: tuple[int, ...],
+    urls: list[tuple[tuple[int, ...], str]],
+    visited: int,
+    max_nodes: int,
+) -> tuple[int, bool]:
+    """Collect the URLs in ``text``, one unit of the budget each; (visited, exhausted)."""
+    for index, url in enumerate(_urls_in(text)):
+        if visited >= max_nodes:
+            return visited, True
+        visited += 1
+        urls.append(((*order, index), url))
+    return visited, False
 
 
 def _decode(text: str, *, allow_string: bool) -> tuple[bool, JsonValue]:
@@ -630,22 +641,10 @@ def _decode(text: str, *, allow_string: bool) -> tuple[bool, JsonValue]:
     text = text.strip()
     if not text or text[0] not in ('{["' if allow_string else "{["):
         return False, None
-    # ``loads`` on text with no space around it: a document that ends before the text does
-    # is not JSON ("extra data").
     try:
-        value: JsonValue
-        value, end = _DECODER.raw_decode(text)
-    except json.JSONDecodeError:
+        return True, _loads_trimmed(text)
+    except (ValueError, RecursionError):
         return False, None
-    except ValueError:
-        # An integer past the interpreter's digit limit; read such integers as null.
-        try:
-            return True, _CAREFUL_DECODER.decode(text)
-        except (ValueError, RecursionError):
-            return False, None
-    except RecursionError:
-        return False, None
-    return (True, value) if end == len(text) else (False, None)
 
 
 def scan(
@@ -654,108 +653,140 @@ def scan(
     max_depth: int = MAX_DEPTH,
     max_nodes: int = MAX_NODES,
     max_embedded: int = MAX_EMBEDDED,
-    bulk: bool = True,
+    lazy_echoes: bool = False,
 ) -> Scan:
     """Walk ``root`` breadth-first within the given bounds; see the module docstring.
 
-    ``bulk=False`` charges every value one at a time; the walk is the same either way.
+    With ``lazy_echoes``, JSON text inside request echoes is decoded only when
+    :meth:`Scan.echo_fields` asks for it: the echo's objects are then missing from
+    ``objects`` and its values from ``visited``, and nothing else changes. That holds only
+    while the budget would have covered the text, so when it might not have, the walk is
+    made again in full.
     """
-    return _Walker(max_depth, max_nodes, max_embedded, bulk).run(root)
+    found, deferred_cost = _walk(root, max_depth, max_nodes, max_embedded, lazy_echoes)
+    if found.deferred and (found.exhausted or found.visited + deferred_cost > max_nodes):
+        found, _ = _walk(root, max_depth, max_nodes, max_embedded, False)
+    return found
+
+
+def _fields_in_text(deferred: list[tuple[str, int, int]]) -> Iterator[tuple[str, JsonValue]]:
+    """The fields the walk would have read in the objects of deferred JSON text.
+
+    Each entry is (text, depth room, decode room): how many levels the walk may still go
+    down, and how many more JSON-in-a-string decodes it may make, where the text sits.
+    """
+    stack: list[tuple[JsonObject | list[JsonValue], int, int]] = []
+    for text, depth_room, decode_room in deferred:
+        ok, decoded = _decode(text, allow_string=False)
+        if ok and isinstance(decoded, _CONTAINERS):
+            stack.append((decoded, depth_room, decode_room - 1))
+    while stack:
+        value, depth_room, decode_room = stack.pop()
+        children: Iterable[JsonValue]
+        if isinstance(value, dict):
+            children = value.values()
+            for key, child in value.items():
+                norm = norm_key(key)
+                if norm in _FIELDS:
+                    yield norm, child
+        else:
+            children = value
+        if depth_room < 1:
+            continue
+        for child in children:
+            if isinstance(child, str):
+                if decode_room > 0:
+                    ok, decoded = _decode(child, allow_string=False)
+                    if ok and isinstance(decoded, _CONTAINERS):
+                        stack.append((decoded, depth_room - 1, decode_room - 1))
+            elif isinstance(child, _CONTAINERS):
+                stack.append((child, depth_room - 1, decode_room))
 
 
 # -- reading fields -----------------------------------------------------------------------
 
-_MESSAGE_KEYS: Final = frozenset({"msg", "message"})
-_ERROR_CODE_KEYS: Final = frozenset({"failcode", "errorcode"})
-_ERROR_MESSAGE_KEYS: Final = frozenset({"failmsg", "failmessage", "errormessage", "errormsg"})
+# Which field of :class:`Fields` each key read by :func:`read_fields` fills.
+_CODE, _MESSAGE, _STAGE, _ERROR_CODE, _ERROR_MESSAGE, _STATE, _STATUS, _SUCCESS_FLAG = range(8)
+_SLOTS: Final = {
+    "code": _CODE,
+    "msg": _MESSAGE,
+    "message": _MESSAGE,
+    "callbacktype": _STAGE,
+    "failcode": _ERROR_CODE,
+    "errorcode": _ERROR_CODE,
+    "failmsg": _ERROR_MESSAGE,
+    "failmessage": _ERROR_MESSAGE,
+    "errormessage": _ERROR_MESSAGE,
+    "errormsg": _ERROR_MESSAGE,
+    "state": _STATE,
+    "status": _STATUS,
+    "successflag": _SUCCESS_FLAG,
+}
+_TEXT_READERS: Final = {
+    _MESSAGE: message_text,
+    _STAGE: message_text,
+    _ERROR_CODE: error_code_text,
+    _ERROR_MESSAGE: message_text,
+    _STATE: flag_text,
+    _STATUS: flag_text,
+    _SUCCESS_FLAG: flag_text,
+}
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Flags:
-    """The state-like fields of a body, as text, for the per-family maps."""
-
-    state: str | None = None  # Market / Runway ``state``
-    status: str | None = None  # Suno-style and 4o ``status``
-    success_flag: str | None = None  # ``successFlag``
-    has_error: bool = False  # a non-empty error message or a real error code
-    has_urls: bool = False  # result URLs were found
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, eq=False)
 class Fields:
-    """The fields a reading looks at, each the first usable value in the objects given."""
+    """What a body's fields say, each the first usable value in the objects read.
 
-    code: int | None = None  # the envelope ``code``
-    message: str | None = None  # ``msg`` or ``message``
-    stage: str | None = None  # Suno's ``callbackType``
-    error_code: str | None = None  # ``failCode`` or ``errorCode``
-    error_message: str | None = None  # ``failMsg``, ``errorMessage``, …
-    state: str | None = None
-    status: str | None = None
-    success_flag: str | None = None
+    The state-like ones (``state``, ``status``, ``successFlag``) are read with the per-family
+    maps, which also look at ``has_error`` and ``has_urls``.
+    """
+
+    code: int | None  # the envelope ``code``
+    message: str | None  # ``msg`` or ``message``
+    stage: str | None  # Suno's ``callbackType``
+    error_code: str | None  # ``failCode`` or ``errorCode``
+    error_message: str | None  # ``failMsg``, ``errorMessage``, …
+    state: str | None  # Market / Runway ``state``
+    status: str | None  # Suno-style and 4o ``status``
+    success_flag: str | None  # ``successFlag``
+    has_urls: bool  # result URLs were found
 
     @property
     def has_error(self) -> bool:
+        """A non-empty error message or a real error code."""
         return self.error_code is not None or self.error_message is not None
 
-    def flags(self, *, has_urls: bool) -> Flags:
-        """The ``state``, ``status`` and ``successFlag`` fields as :class:`Flags`."""
-        return Flags(
-            state=self.state,
-            status=self.status,
-            success_flag=self.success_flag,
-            has_error=self.has_error,
-            has_urls=has_urls,
-        )
 
+def read_fields(nodes: Iterable[Node], *, has_urls: bool) -> Fields:
+    """Read every field of :class:`Fields` in one pass over the objects of ``nodes``.
 
-def read_fields(nodes: Iterable[Node]) -> Fields:
-    """Read every field of :class:`Fields` in one pass over ``nodes``.
-
-    Each field takes the first value its reader accepts, in node order and, within a node,
-    in document order; a value the reader refuses (an empty message, a code of 0) is passed
-    over for the next one.
+    Objects inside request echoes and results are passed over. Each field takes the first
+    value its reader accepts, in node order and, within a node, in document order; a value
+    the reader refuses (an empty message, a code of 0) is passed over for the next one.
     """
     code: int | None = None
-    message: str | None = None
-    stage: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    state: str | None = None
-    status: str | None = None
-    success_flag: str | None = None
+    texts: list[str | None] = [None] * 8
+    slots, readers = _SLOTS, _TEXT_READERS
     for node in nodes:
+        if node.zone is not _NORMAL:
+            continue
         for norm, _, value in node.fields:
-            if norm == "code":
+            # Every reader reads null as nothing.
+            if value is None or (slot := slots.get(norm)) is None:
+                continue
+            if slot == _CODE:
                 if code is None:
                     code = as_int(value)
-            elif norm in _MESSAGE_KEYS:
-                if message is None:
-                    message = message_text(value)
-            elif norm == "callbacktype":
-                if stage is None:
-                    stage = message_text(value)
-            elif norm in _ERROR_CODE_KEYS:
-                if error_code is None:
-                    error_code = error_code_text(value)
-            elif norm in _ERROR_MESSAGE_KEYS:
-                if error_message is None:
-                    error_message = message_text(value)
-            elif norm == "state":
-                if state is None:
-                    state = flag_text(value)
-            elif norm == "status":
-                if status is None:
-                    status = flag_text(value)
-            elif norm == "successflag" and success_flag is None:
-                success_flag = flag_text(value)
+            elif texts[slot] is None:
+                texts[slot] = readers[slot](value)
     return Fields(
-        code=code,
-        message=message,
-        stage=stage,
-        error_code=error_code,
-        error_message=error_message,
-        state=state,
-        status=status,
-        success_flag=success_flag,
+        code,
+        texts[_MESSAGE],
+        texts[_STAGE],
+        texts[_ERROR_CODE],
+        texts[_ERROR_MESSAGE],
+        texts[_STATE],
+        texts[_STATUS],
+        texts[_SUCCESS_FLAG],
+        has_urls,
     )

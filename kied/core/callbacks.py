@@ -126,7 +126,7 @@ def parse_callback(
         :class:`CallbackOutcome` when a task id was found, else :class:`Unrecognised`.
     """
     try:
-        return _parse(body, query=query, headers=headers, content_type=content_type, limits=limits)
+        return _parse(body, query, headers, content_type, limits)
     except Exception as exc:  # the contract is a value for every input: a bug here must not 500
         return _unrecognised(f"parser error: {type(exc).__name__}")
 
@@ -193,7 +193,7 @@ def _form(text: str, limits: ParseLimits) -> JsonObject:
     return form
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Loaded:
     value: JsonValue
     reason: str | None = None  # why the body could not be read
@@ -213,6 +213,7 @@ def _load(text: str, content_type: str | None, limits: ParseLimits) -> _Loaded:
 
 # -- the task id --------------------------------------------------------------------------
 
+_NORMAL: Final = Zone.NORMAL  # an Enum member looked up once, not per object
 _SPECIFIC_IDS: Final = {"taskid": 0, "recordid": 1}  # the name and its rank
 #: A generic ``id`` counts only this shallow: ``id``, ``data.id``, ``data[0].id``.
 _GENERIC_ID_MAX_DEPTH: Final = 2
@@ -220,7 +221,7 @@ _QUERY_IDS: Final = frozenset({"taskid"})
 _HEADER_IDS: Final = frozenset({"xtaskid", "taskid", "xkietaskid", "kietaskid"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Found:
     task_id: str
     found_by: str
@@ -242,7 +243,7 @@ def _body_ids(found: Scan, max_depth: int, prefix: str) -> tuple[_Found | None, 
         specific_done = depth > max_depth or (specific is not None and depth > specific[0])
         if specific_done and (generic is not None or depth > _GENERIC_ID_MAX_DEPTH):
             break
-        if node.zone is not Zone.NORMAL:
+        if node.zone is not _NORMAL:
             continue
         for norm, key, value in node.fields:
             rank = _SPECIFIC_IDS.get(norm)
@@ -283,21 +284,16 @@ def _side_id(
 def _guess_family(found: Scan, id_node: Node | None, code: int | None) -> Family | None:
     keys = found.keys
     if "callbacktype" in keys:
-        lyrics = "text" in keys and not keys & {"audiourl", "streamaudiourl"}
+        lyrics = "text" in keys and keys.isdisjoint(("audiourl", "streamaudiourl"))
         return Family.SUNO_LYRICS if lyrics else Family.SUNO
     for marker, family in _KEY_MARKERS:
-        if keys & marker:
+        if not keys.isdisjoint(marker):
             return family
     if "images" in keys:
         return Family.SUNO_COVER
     # MJ and Luma callbacks have the same shape; the request echoed in promptJson differs
     # (MJ requests name a taskType such as mj_txt2img, Luma requests a videoUrl).
-    echoed = [
-        (norm, value)
-        for node in found.objects
-        if node.zone is Zone.ECHO
-        for norm, _, value in node.fields
-    ]
+    echoed = found.echo_fields()
     if any(norm == "tasktype" and _starts_mj(value) for norm, value in echoed):
         return Family.MJ
     if (
@@ -307,9 +303,9 @@ def _guess_family(found: Scan, id_node: Node | None, code: int | None) -> Family
     ):
         return Family.LUMA
     # 4o's callback spells result_urls in snake case; Veo's info.resultUrls is camel case.
-    if "result_urls" in found.raw_keys or {"resulturls", "progress"} <= keys:
+    if "result_urls" in found.raw_keys or ("resulturls" in keys and "progress" in keys):
         return Family.GPT4O
-    if {"resulturls", "info"} <= keys:
+    if "resulturls" in keys and "info" in keys:
         return Family.VEO
     if "state" in keys and "model" in keys:
         return Family.MARKET
@@ -350,9 +346,7 @@ _KEY_MARKERS: Final = (
 # -- the outcome --------------------------------------------------------------------------
 
 
-def _decide(
-    *, code: int | None, stage: str | None, flag: Outcome | None, has_error: bool
-) -> Outcome:
+def _decide(code: int | None, stage: str | None, flag: Outcome | None, has_error: bool) -> Outcome:
     if code is not None and code != 200:
         return Outcome.FAIL
     match stage.casefold() if stage is not None else None:
@@ -371,7 +365,6 @@ def _decide(
 
 def _parse(
     body: bytes,
-    *,
     query: Mapping[str, str] | None,
     headers: Mapping[str, str] | None,
     content_type: str | None,
@@ -386,6 +379,7 @@ def _parse(
         max_depth=limits.max_depth,
         max_nodes=limits.max_nodes,
         max_embedded=limits.max_embedded,
+        lazy_echoes=True,
     )
     reason = loaded.reason
     if reason is None and found.containers == 0:
@@ -402,20 +396,17 @@ def _parse(
     # Fields are read from the id's own object and its containers first, then anywhere.
     id_node = hit.node if hit is not None else None
     chain = id_node.chain() if id_node is not None else []
-    fields = read_fields(
-        chain + [node for node in found.objects if node.zone is Zone.NORMAL],
-    )
+    fields = read_fields(chain + found.objects, has_urls=bool(found.urls))
     code = fields.code
     stage = fields.stage
     error_code, error_message = fields.error_code, fields.error_message
-    flags = fields.flags(has_urls=bool(found.urls))
     family = _guess_family(found, id_node, code)
     if family is not None:
-        judged = _judge(family, flags)
+        judged = _judge(family, fields)
         flag = judged[0] if judged is not None else None
     else:
-        flag = _judge_any(flags)
-    outcome = _decide(code=code, stage=stage, flag=flag, has_error=flags.has_error)
+        flag = _judge_any(fields)
+    outcome = _decide(code, stage, flag, fields.has_error)
     if code is not None and code != 200:
         error_code = error_code or str(code)
         error_message = error_message or fields.message

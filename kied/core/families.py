@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final
 
-from kied.core._extract import Flags, Outcome, read_fields, scan
+from kied.core._extract import Fields, Outcome, read_fields, scan
 
 if TYPE_CHECKING:
     from kied.core._json import JsonValue
@@ -96,13 +96,13 @@ class StatusReading:
 _P, _S, _F, _U = Outcome.PENDING, Outcome.SUCCESS, Outcome.FAIL, Outcome.UNKNOWN
 
 #: Reads one field's value (as text) into an outcome; UNKNOWN for values the family lacks.
-_Reader = Callable[[str, Flags], Outcome]
-#: Picks one field out of the flags.
-_Field = Callable[[Flags], str | None]
+_Reader = Callable[[str, Fields], Outcome]
+#: Picks one state-like field.
+_Field = Callable[[Fields], str | None]
 
 
 def _table(mapping: Mapping[str, Outcome]) -> _Reader:
-    def read(value: str, _flags: Flags) -> Outcome:
+    def read(value: str, _fields: Fields) -> Outcome:
         return mapping.get(value.casefold(), _U)
 
     return read
@@ -111,7 +111,7 @@ def _table(mapping: Mapping[str, Outcome]) -> _Reader:
 _GENERATE_FAILED: Final = re.compile(r"generate_.+_failed")
 
 
-def _suno_style(value: str, flags: Flags) -> Outcome:
+def _suno_style(value: str, fields: Fields) -> Outcome:
     value = value.casefold()
     if value in ("pending", "text_success", "first_success"):
         return _P
@@ -121,16 +121,16 @@ def _suno_style(value: str, flags: Flags) -> Outcome:
         return _F
     if value == "callback_exception":
         # The callback failed, not necessarily the generation: results decide.
-        return _S if flags.has_urls else _U
+        return _S if fields.has_urls else _U
     return _U
 
 
-def _aleph(value: str, flags: Flags) -> Outcome:
+def _aleph(value: str, fields: Fields) -> Outcome:
     # Aleph's 0 means both "running" and "failed"; an error tells them apart.
     if value == "1":
         return _S
     if value == "0":
-        return _F if flags.has_error else _P
+        return _F if fields.has_error else _P
     return _U
 
 
@@ -151,16 +151,16 @@ _GPT4O_FLAG: Final = _table({"0": _P, "1": _S, "2": _F})
 _MIDI_STATE: Final = _table({"complete": _S})
 
 
-def _state(flags: Flags) -> str | None:
-    return flags.state
+def _state(fields: Fields) -> str | None:
+    return fields.state
 
 
-def _status(flags: Flags) -> str | None:
-    return flags.status
+def _status(fields: Fields) -> str | None:
+    return fields.status
 
 
-def _success_flag(flags: Flags) -> str | None:
-    return flags.success_flag
+def _success_flag(fields: Fields) -> str | None:
+    return fields.success_flag
 
 
 #: Per family, the fields that carry its state, in the order they are trusted.
@@ -182,25 +182,27 @@ _READERS: Final[Mapping[Family, tuple[tuple[_Field, _Reader], ...]]] = {
 }
 
 
-def _judge(family: Family, flags: Flags) -> tuple[Outcome, str] | None:
+def _judge(family: Family, fields: Fields) -> tuple[Outcome, str] | None:
     """The family's reading of its state field, with that field's value; None if it has none."""
-    return _read(_READERS[family], flags)
+    return _read(_READERS[family], fields)
 
 
-def _read(readers: tuple[tuple[_Field, _Reader], ...], flags: Flags) -> tuple[Outcome, str] | None:
+def _read(
+    readers: tuple[tuple[_Field, _Reader], ...], fields: Fields
+) -> tuple[Outcome, str] | None:
     for pick, read in readers:
-        value = pick(flags)
+        value = pick(fields)
         if value is not None:
-            return read(value, flags), value
+            return read(value, fields), value
     return None
 
 
-#: Each distinct way of reading the flags once: families that read them alike (Veo, MJ and
+#: Each distinct way of reading the fields once: families that read them alike (Veo, MJ and
 #: Flux; the Suno-style ones) hold the same opinion, so one of them is asked.
 _DISTINCT_READERS: Final = tuple(dict.fromkeys(_READERS.values()))
 
 
-def _judge_any(flags: Flags) -> Outcome | None:
+def _judge_any(fields: Fields) -> Outcome | None:
     """The reading when the family is not known: what every family that has a meaning says.
 
     A value counts only when all families that give it a definite meaning agree (``successFlag``
@@ -208,7 +210,7 @@ def _judge_any(flags: Flags) -> Outcome | None:
     UNKNOWN). None when no state field is present.
     """
     opinions = {
-        judged[0] for readers in _DISTINCT_READERS if (judged := _read(readers, flags)) is not None
+        judged[0] for readers in _DISTINCT_READERS if (judged := _read(readers, fields)) is not None
     }
     if not opinions:
         return None
@@ -246,8 +248,8 @@ def _read_status(family: Family, data: JsonValue) -> StatusReading:
         return _UNREADABLE
     found = scan(data)
     # The state and error fields sit at the top of ``data`` in every family.
-    top = read_fields(found.objects[:1])
-    judged = _judge(family, top.flags(has_urls=bool(found.urls)))
+    top = read_fields(found.objects[:1], has_urls=bool(found.urls))
+    judged = _judge(family, top)
     outcome, kie_state = judged if judged is not None else (_U, None)
     return StatusReading(
         outcome=outcome,

@@ -40,10 +40,17 @@ class _Unlocked:
 @asynccontextmanager
 async def open_leadership(
     settings: FileLockSettings | PgLockSettings | NoLockSettings,
+    *,
+    database_url: str | None = None,
 ) -> AsyncIterator[Leader]:
     """Hold the configured leadership lock for the duration of the block.
 
-    Returns only once the lock is held. See :func:`open_file_leadership`.
+    Returns only once the lock is held. See :func:`open_file_leadership` and
+    :func:`kied.leadership._postgres.open_pg_leadership`.
+
+    Args:
+        settings: which lock.
+        database_url: the PostgreSQL database holding the advisory lock (``postgres`` lock).
     """
     if isinstance(settings, FileLockSettings):
         async with open_file_leadership(settings) as leader:
@@ -51,4 +58,10 @@ async def open_leadership(
     elif isinstance(settings, NoLockSettings):
         yield _Unlocked(trio.current_time())
     else:
-        raise NotImplementedError("PostgreSQL leadership is not available in this version")
+        if database_url is None:
+            raise ValueError("a PostgreSQL lock needs the database URL")
+        # Imported only here: a SQLite deployment needs no PostgreSQL driver.
+        from kied.leadership._postgres import open_pg_leadership
+
+        async with open_pg_leadership(settings, database_url) as pg_leader:
+            yield pg_leader

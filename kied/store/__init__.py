@@ -44,9 +44,10 @@ async def open_store(
         The open store.
 
     Raises:
-        ConfigError: the backend is not available in this version of kied (PostgreSQL).
-        StoreUnavailableError: the database cannot be opened or migrated, or its schema
-            is newer than this version of kied knows.
+        ConfigError: PostgreSQL is configured but psycopg (the ``kied[postgres]`` extra)
+            is not installed, or its URL cannot be parsed.
+        StoreUnavailableError: the database cannot be reached, opened or migrated, or its
+            schema is newer than this version of kied knows.
 
     Cancellation:
         Cancelling while the database opens takes effect once the open finishes. Closing
@@ -56,11 +57,19 @@ async def open_store(
         The store belongs to the block: it is closed when the block exits, however it
         exits, and must not be used after.
     """
+    store: JobStore
     if isinstance(settings, PostgresStoreSettings):
-        raise ConfigError(
-            "KIED_DATABASE_URL", "PostgreSQL storage is not available in this version of kied"
-        )
-    store = await SqliteStore.connect(settings.path)
+        # psycopg is an optional extra: only a PostgreSQL store imports it.
+        try:
+            from kied.store._postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(
+                "KIED_DATABASE_URL",
+                f"PostgreSQL needs the postgres extra (pip install 'kied[postgres]'): {exc}",
+            ) from None
+        store = await PostgresStore.connect(settings)
+    else:
+        store = await SqliteStore.connect(settings.path)
     try:
         yield store
     finally:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Final, LiteralString
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["MIGRATIONS", "SQLITE_MIGRATIONS"]
+__all__ = ["MIGRATIONS", "POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]
 
 _SQLITE_0001: Final[LiteralString] = """
 CREATE TABLE jobs (
@@ -84,5 +84,83 @@ CREATE INDEX callback_inbox_matched_job_id ON callback_inbox (matched_job_id);
 #: SQLite migrations, oldest first.
 SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_SQLITE_0001,)
 
+# The same tables as SQLite's. JSON is kept as the text Python wrote, as in SQLite: jsonb
+# would refuse values Python's json reads and writes (NaN, "\u0000") and change others
+# (key order; 1e300 would read back as an integer). ``seq`` gives jobs the insertion order
+# that SQLite's rowid gives them, to order jobs created in the same second.
+_POSTGRES_0001: Final[LiteralString] = """
+CREATE TABLE jobs (
+    id              text PRIMARY KEY,
+    seq             bigint GENERATED ALWAYS AS IDENTITY,
+    family          text NOT NULL,
+    model           text,
+    task_id         text,
+    state           text NOT NULL CHECK (state IN (
+                        'submitting', 'pending', 'succeeded', 'failed', 'timed_out', 'cancelled'
+                    )),
+    request         text,                       -- JSON object, or NULL
+    metadata        text,                       -- JSON object, or NULL
+    idempotency_key text,
+    created_at      double precision NOT NULL,  -- epoch seconds
+    updated_at      double precision NOT NULL,
+    deadline_at     double precision NOT NULL,
+    kie_state       text,
+    result_urls     text NOT NULL DEFAULT '[]', -- JSON array of strings
+    result          text,                       -- any JSON value; NULL for null
+    error_code      text,
+    error_message   text,
+    ended_by        text,
+    ended_at        double precision,
+    late            boolean NOT NULL DEFAULT false,
+    last_error      text
+);
+
+CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+CREATE UNIQUE INDEX jobs_task_id ON jobs (task_id) WHERE task_id IS NOT NULL;
+
+CREATE INDEX jobs_state ON jobs (state, deadline_at);
+
+CREATE INDEX jobs_created_at ON jobs (created_at, seq);
+
+CREATE TABLE callback_inbox (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    received_at     double precision NOT NULL,
+    body            bytea NOT NULL,
+    body_size       bigint NOT NULL,
+    content_type    text,
+    query           text NOT NULL,
+    remote          text,
+    task_id         text,
+    found_by        text,
+    job_id          text,
+    outcome         text NOT NULL,
+    problem         text,
+    authenticated   boolean NOT NULL,
+    auth            text NOT NULL,
+    effect          text NOT NULL,
+    matched_job_id  text REFERENCES jobs (id) ON DELETE SET NULL,
+    -- the report the callback carried, so that it can be applied later to a job
+    -- that did not exist yet when it arrived
+    event           text,
+    kie_state       text,
+    result_urls     text,                       -- JSON array of strings
+    result          text,                       -- any JSON value; NULL for null
+    error_code      text,
+    error_message   text
+);
+
+CREATE INDEX callback_inbox_task_id ON callback_inbox (task_id);
+
+CREATE INDEX callback_inbox_matched_job_id ON callback_inbox (matched_job_id);
+"""
+
+#: PostgreSQL migrations, oldest first.
+POSTGRES_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_POSTGRES_0001,)
+
 #: Migrations by dialect name.
-MIGRATIONS: Final[Mapping[str, tuple[LiteralString, ...]]] = {"sqlite": SQLITE_MIGRATIONS}
+MIGRATIONS: Final[Mapping[str, tuple[LiteralString, ...]]] = {
+    "sqlite": SQLITE_MIGRATIONS,
+    "postgres": POSTGRES_MIGRATIONS,
+}

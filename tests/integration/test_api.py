@@ -7,9 +7,6 @@ fault mixes are covered exactly, in virtual time, in test_pollers.py.
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import subprocess
 import time
 from dataclasses import replace
@@ -20,21 +17,14 @@ import pytest
 import trio
 
 from kied.kie.simulator import SimulatorConfig, serve_simulator
-from tests.conftest import PYTHON, wait_for
+from tests.conftest import wait_for
+from tests.procs import free_port, kied, mode, read_url, stop, wait_until
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 TOKEN = "api-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -191,67 +181,18 @@ async def test_get_list_cancel_and_unknown_jobs(kied_api):
     await daemon.shutdown()
 
 
-def _kied(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("KIED_", "KIE_", "PORT", "DATABASE_URL", "RENDER"))
-    }
-    return subprocess.Popen(
-        [PYTHON, "-m", "kied", *args],
-        env={**base, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _read_url(proc: subprocess.Popen[str], pattern: str, stream: str) -> str:
-    pipe = getattr(proc, stream)
-    deadline = time.monotonic() + 20
-    seen = []
-    while time.monotonic() < deadline:
-        line = pipe.readline()
-        if not line:
-            break
-        seen.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no URL in {seen}")
-
-
 def _wait_healthy(url: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).json()["mode"] == "ACTIVE":
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("kied did not become ACTIVE")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    finally:
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+    wait_until(lambda: mode(url) == "ACTIVE")
 
 
 @pytest.mark.slow
 def test_kill_9_mid_run_then_restart_finishes_every_job_with_its_original_deadline(tmp_path: Path):
-    sim = _kied(
+    sim = kied(
         "simulate", "--port", "0", "--duration", "3", "--stuck", "0.5", "--seed", "5", env={}
     )
     daemons: list[subprocess.Popen[str]] = []
     try:
-        sim_url = _read_url(sim, r"listening on (http://\S+)", "stdout")
+        sim_url = read_url(sim, stream="stdout")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {
@@ -261,7 +202,7 @@ def test_kill_9_mid_run_then_restart_finishes_every_job_with_its_original_deadli
             "KIED_PUBLIC_URL": url,
             "KIED_CALLBACK_TOKEN": "cb",
         }
-        daemons.append(_kied("serve", "--port", str(port), env=env))
+        daemons.append(kied("serve", "--port", str(port), env=env))
         _wait_healthy(url)
         jobs = []
         for i in range(8):
@@ -276,7 +217,7 @@ def test_kill_9_mid_run_then_restart_finishes_every_job_with_its_original_deadli
         daemons[0].kill()  # kill -9: no cleanup at all
         daemons[0].wait(timeout=10)
         time.sleep(2.5)  # KIE finishes tasks and calls back while kied is down
-        daemons.append(_kied("serve", "--port", str(port), env=env))
+        daemons.append(kied("serve", "--port", str(port), env=env))
         _wait_healthy(url)
         done = []
         for job in jobs:
@@ -284,7 +225,7 @@ def test_kill_9_mid_run_then_restart_finishes_every_job_with_its_original_deadli
             done.append(r.json())
     finally:
         for proc in [*daemons, sim]:
-            _stop(proc)
+            stop(proc)
     states = [d["state"] for d in done]
     assert set(states) <= {"succeeded", "timed_out"}, done
     assert "succeeded" in states

@@ -354,3 +354,34 @@ async def test_many_jobs_with_a_fault_mix_all_end(tmp_path, autojump_clock, n):
     states = {d.state for d in done}
     assert states <= {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT}
     assert math.isfinite(sum(d.ended_at for d in done))
+
+
+class FlakyCreate(httpx.AsyncBaseTransport):
+    """KIE's API, but the first ``failures`` createTask requests are answered 503."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+        self.creates_at: list[float] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/createTask"):
+            self.creates_at.append(trio.current_time())
+            if len(self.creates_at) <= self.failures:
+                return httpx.Response(503, text="busy")
+        return await self.inner.handle_async_request(request)
+
+
+async def test_a_busy_kie_is_asked_again_with_backoff(tmp_path, autojump_clock):
+    async with open_stack(tmp_path, sim_config(), lead=False) as stack:
+        flaky = FlakyCreate(stack.daemon._kie_transport, failures=3)  # type: ignore[arg-type]
+        stack.daemon._kie_transport = flaky
+        stack.lead()
+        job = await stack.submit()
+        done = await stack.wait_terminal(job["id"])
+    assert done.state is JobState.SUCCEEDED
+    assert len(flaky.creates_at) == 4
+    gaps = [b - a for a, b in zip(flaky.creates_at, flaky.creates_at[1:], strict=False)]
+    # exponential backoff: about 2, 4, 8 s (less up to a quarter for jitter)
+    for gap, base in zip(gaps, (2, 4, 8), strict=True):
+        assert base * 0.75 <= gap <= base

@@ -1,18 +1,23 @@
 """The JobStore contract, run against every store.
 
-Each backend is one entry in ``STORES``: a function from a scratch directory to an async
-context manager that yields an open, empty store. A PostgreSQL store joins by adding an
-entry. Tests that only make sense for one backend (files on disk, schema versions) sit
-at the end.
+Each backend is one entry in ``STORES``: a function from a :class:`Scratch` (a directory,
+and a maker of PostgreSQL databases) to an async context manager that yields an open,
+empty store. Tests that only make sense for one backend (files on disk, schema versions,
+several instances on one database, lost connections) sit at the end.
 """
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import sys
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import psycopg
+import psycopg_pool
 import pytest
 import trio
 import trio.testing
@@ -32,12 +37,15 @@ from kied.core.jobs import (
 )
 from kied.errors import ConfigError, ConflictError, IllegalTransitionError, StoreUnavailableError
 from kied.settings import PostgresStoreSettings, SqliteStoreSettings
-from kied.store import CallbackEffect, CallbackRecord, JobStore, SqliteStore, _sqlite, open_store
-from kied.store._migrations import SQLITE_MIGRATIONS
+from kied.store import CallbackEffect, CallbackRecord, JobStore, SqliteStore, open_store
+from kied.store._migrations import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
+from kied.store._postgres import PostgresStore, _Attempt, _conninfo, _may_retry
 from kied.testing import MemoryStore, make_inbox_entry, make_new_job
+from tests.conftest import wait_for
+from tests.pg import PgDatabases, PgProxy, PgServer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Collection
     from pathlib import Path
 
 #: No test here needs more than a fraction of this.
@@ -47,8 +55,16 @@ E = EventKind
 S = JobState
 
 
+@dataclass
+class Scratch:
+    """Where a store can start empty: a directory, and PostgreSQL databases."""
+
+    tmp_path: Path
+    pg: PgDatabases
+
+
 @asynccontextmanager
-async def _memory_store(tmp_path: Path) -> AsyncIterator[JobStore]:
+async def _memory_store(scratch: Scratch) -> AsyncIterator[JobStore]:
     store = MemoryStore()
     try:
         yield store
@@ -56,13 +72,21 @@ async def _memory_store(tmp_path: Path) -> AsyncIterator[JobStore]:
         await store.aclose()
 
 
-def _sqlite_store(tmp_path: Path) -> AbstractAsyncContextManager[JobStore]:
-    return open_store(SqliteStoreSettings(path=tmp_path / "kied.db"))
+def _sqlite_store(scratch: Scratch) -> AbstractAsyncContextManager[JobStore]:
+    return open_store(SqliteStoreSettings(path=scratch.tmp_path / "kied.db"))
 
 
-STORES: dict[str, Callable[[Path], AbstractAsyncContextManager[JobStore]]] = {
+@asynccontextmanager
+async def _postgres_store(scratch: Scratch) -> AsyncIterator[JobStore]:
+    url = await trio.to_thread.run_sync(scratch.pg.new)
+    async with open_store(PostgresStoreSettings(url=url)) as store:
+        yield store
+
+
+STORES: dict[str, Callable[[Scratch], AbstractAsyncContextManager[JobStore]]] = {
     "memory": _memory_store,
     "sqlite": _sqlite_store,
+    "postgres": _postgres_store,
 }
 
 
@@ -77,8 +101,10 @@ async def _test_deadline(nursery: trio.Nursery) -> None:
 
 
 @pytest.fixture(params=sorted(STORES))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    async with STORES[request.param](tmp_path) as store:
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_databases: PgDatabases
+) -> AsyncIterator[JobStore]:
+    async with STORES[request.param](Scratch(tmp_path, pg_databases)) as store:
         yield store
 
 
@@ -773,10 +799,40 @@ async def test_sqlite_two_connections_have_exactly_one_winner(tmp_path: Path) ->
         assert await two.get_job(job.id) == winners[0]
 
 
-async def test_sqlite_each_operation_is_one_thread_hop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# ------------------------------------------------------------------- SQLite and PostgreSQL
+# The database stores share their shape: one thread hop per operation, and callbacks
+# queued behind a write are written together.
+
+DATABASE_STORES = ["postgres", "sqlite"]
+
+
+@asynccontextmanager
+async def _database_store(
+    kind: str, scratch: Scratch
+) -> AsyncIterator[SqliteStore | PostgresStore]:
+    """A store whose every write waits while the test holds ``store._limiter``."""
+    settings: SqliteStoreSettings | PostgresStoreSettings
+    if kind == "sqlite":
+        settings = SqliteStoreSettings(path=scratch.tmp_path / "kied.db")
+    else:
+        url = await trio.to_thread.run_sync(scratch.pg.new)
+        settings = PostgresStoreSettings(url=url, pool_size=1)  # a limiter of one
+    async with open_store(settings) as store:
+        assert isinstance(store, SqliteStore | PostgresStore)
+        yield store
+
+
+@pytest.fixture(params=DATABASE_STORES)
+def database_scratch(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_databases: PgDatabases
+) -> tuple[str, Scratch]:
+    return request.param, Scratch(tmp_path, pg_databases)
+
+
+async def test_each_operation_is_one_thread_hop(
+    database_scratch: tuple[str, Scratch], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The thread hop, not SQLite, is the cost of a write: a whole operation is one hop.
+    # The thread hop, not the database, is the cost of a write: a whole operation is one hop.
     hops = 0
     run_sync = trio.to_thread.run_sync
 
@@ -785,7 +841,7 @@ async def test_sqlite_each_operation_is_one_thread_hop(
         hops += 1
         return await run_sync(*args, **kwargs)
 
-    async with open_store(SqliteStoreSettings(path=tmp_path / "kied.db")) as store:
+    async with _database_store(*database_scratch) as store:
         monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
         report = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
         await store.record_callback(make_inbox_entry(task_id="t"), report)
@@ -821,10 +877,11 @@ async def _start_record(
     return call
 
 
-@asynccontextmanager
-async def _queued_sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    async with open_store(SqliteStoreSettings(path=tmp_path / "kied.db")) as store:
-        assert isinstance(store, SqliteStore)
+@pytest.fixture
+async def queued_store(
+    database_scratch: tuple[str, Scratch],
+) -> AsyncIterator[SqliteStore | PostgresStore]:
+    async with _database_store(*database_scratch) as store:
         for i in range(4):
             await store.create_job(make_new_job(task_id=f"t{i}"))
         yield store
@@ -837,178 +894,602 @@ async def _recorded_tasks(store: JobStore) -> list[str | None]:
 SUCCESS = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
 
 
-async def test_sqlite_queued_callbacks_are_written_together(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    hops = 0
+def _counting_hops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count ``trio.to_thread.run_sync`` calls from now on, in the returned one-item list."""
+    hops = [0]
     run_sync = trio.to_thread.run_sync
 
     async def counting_run_sync(*args: Any, **kwargs: Any) -> Any:
-        nonlocal hops
-        hops += 1
+        hops[0] += 1
         return await run_sync(*args, **kwargs)
 
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    return hops
+
+
+async def test_queued_callbacks_are_written_together(
+    queued_store: SqliteStore | PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = queued_store
     bad = Report(event=E.SUCCEEDED, source=EndedBy.CALLBACK, result={"x": object()})  # type: ignore[dict-item]
-    async with _queued_sqlite_store(tmp_path) as store:
-        monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    hops = _counting_hops(monkeypatch)
+    async with trio.open_nursery() as nursery:
+        async with store._limiter:  # hold the connection: the first writer waits
+            first = await _start_record(nursery, store, "t0", SUCCESS)
+            queued = [
+                await _start_record(nursery, store, "t1", SUCCESS),
+                await _start_record(nursery, store, "t2", bad),
+                await _start_record(nursery, store, "t1", SUCCESS),
+                await _start_record(nursery, store, "t3", None),
+            ]
+    assert hops == [2]  # the first callback alone, then the ones queued behind it
+    assert isinstance(first.result, CallbackRecord)
+    assert first.result.effect is CallbackEffect.CHANGED
+    effects = [
+        c.result.effect if isinstance(c.result, CallbackRecord) else c.result for c in queued
+    ]
+    assert effects[0] is CallbackEffect.CHANGED
+    assert isinstance(effects[1], TypeError)  # only that callback fails
+    assert effects[2:] == [CallbackEffect.NO_OP, CallbackEffect.NOT_APPLICABLE]
+    assert await _recorded_tasks(store) == ["t0", "t1", "t1", "t3"]
+    job = await store.get_job_by_task(TaskId("t2"))
+    assert job is not None
+    assert job.state is S.PENDING
+
+
+async def test_callback_batches_are_bounded(
+    queued_store: SqliteStore | PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = queued_store
+    monkeypatch.setattr(f"{type(store).__module__}._MAX_CALLBACK_BATCH", 2)
+    hops = _counting_hops(monkeypatch)
+    async with trio.open_nursery() as nursery:
+        async with store._limiter:
+            calls = [await _start_record(nursery, store, f"t{i % 4}", None) for i in range(5)]
+    assert hops == [3]  # the first alone, then two batches of two
+    assert all(isinstance(c.result, CallbackRecord) for c in calls)
+    assert await _recorded_tasks(store) == ["t0", "t1", "t2", "t3", "t0"]
+
+
+async def test_cancelled_queued_callback_is_not_written(
+    queued_store: SqliteStore | PostgresStore,
+) -> None:
+    store = queued_store
+    async with trio.open_nursery() as nursery:
+        async with store._limiter:
+            first = await _start_record(nursery, store, "t0", SUCCESS)
+            second = await _start_record(nursery, store, "t1", SUCCESS)
+            third = await _start_record(nursery, store, "t2", SUCCESS)
+            second.scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+    assert second.scope.cancelled_caught
+    assert second.result is None
+    assert isinstance(first.result, CallbackRecord)
+    assert isinstance(third.result, CallbackRecord)
+    assert await _recorded_tasks(store) == ["t0", "t2"]
+
+
+async def test_cancelled_writer_hands_the_queue_on(
+    queued_store: SqliteStore | PostgresStore,
+) -> None:
+    store = queued_store
+    async with trio.open_nursery() as nursery:
+        async with store._limiter:
+            first = await _start_record(nursery, store, "t0", SUCCESS)
+            queued = [await _start_record(nursery, store, f"t{i}", SUCCESS) for i in (1, 2)]
+            await trio.testing.wait_all_tasks_blocked()
+            first.scope.cancel()  # still waiting for the connection: nothing written
+            await trio.testing.wait_all_tasks_blocked()
+    assert first.scope.cancelled_caught
+    assert all(isinstance(c.result, CallbackRecord) for c in queued)
+    assert await _recorded_tasks(store) == ["t1", "t2"]
+
+
+async def test_writer_cancelled_as_it_is_handed_the_queue(
+    queued_store: SqliteStore | PostgresStore,
+) -> None:
+    store = queued_store
+    calls: list[_Call] = []
+
+    async def first_then_cancel_second() -> None:
+        await store.record_callback(make_inbox_entry(task_id="t0"), SUCCESS)
+        # The second task has just been handed the queue and has not run yet.
+        calls[0].scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        async with store._limiter:
+            nursery.start_soon(first_then_cancel_second)
+            await trio.testing.wait_all_tasks_blocked()
+            calls.append(await _start_record(nursery, store, "t1", SUCCESS))
+            calls.append(await _start_record(nursery, store, "t2", SUCCESS))
+    assert calls[0].scope.cancelled_caught
+    assert isinstance(calls[1].result, CallbackRecord)
+    assert await _recorded_tasks(store) == ["t0", "t2"]
+
+
+async def test_waiter_cancelled_as_it_is_handed_the_queue(
+    queued_store: SqliteStore | PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = queued_store
+    calls: list[_Call] = []
+    hand_off = store._hand_off_callbacks
+
+    def cancel_then_hand_off() -> None:
+        # The cancellation reaches the second task first; then it is handed the queue.
+        if not calls[1].scope.cancel_called:
+            calls[1].scope.cancel()
+        hand_off()
+
+    async with trio.open_nursery() as nursery:
+        async with store._limiter:
+            calls.append(await _start_record(nursery, store, "t0", SUCCESS))
+            calls.append(await _start_record(nursery, store, "t1", SUCCESS))
+            calls.append(await _start_record(nursery, store, "t2", SUCCESS))
+            monkeypatch.setattr(store, "_hand_off_callbacks", cancel_then_hand_off)
+    assert calls[1].scope.cancelled_caught
+    assert isinstance(calls[2].result, CallbackRecord)
+    assert await _recorded_tasks(store) == ["t0", "t2"]
+
+
+async def test_queued_callbacks_fail_when_the_store_closes(
+    queued_store: SqliteStore | PostgresStore,
+) -> None:
+    store = queued_store
+    async with trio.open_nursery() as nursery:
+        async with store._limiter:
+            calls = [await _start_record(nursery, store, f"t{i}", SUCCESS) for i in range(3)]
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(store.aclose)
+            await trio.testing.wait_all_tasks_blocked()
+    assert all(isinstance(c.result, StoreUnavailableError) for c in calls)
+
+
+async def _many_concurrent_callbacks(stores: list[JobStore]) -> None:
+    """200 callbacks for 50 jobs from 200 tasks, spread over ``stores``."""
+    jobs = [(await stores[0].create_job(make_new_job(task_id=f"t{i}")))[0] for i in range(50)]
+    records: list[CallbackRecord] = []
+
+    async def send(i: int) -> None:
+        event = (E.SUCCEEDED, E.FAILED, E.PROGRESS, E.SUCCEEDED)[i % 4]
+        entry = make_inbox_entry(task_id=f"t{i % 50}", received_at=2_000.0 + i)
+        store = stores[i % len(stores)]
+        records.append(await store.record_callback(entry, _report(event, source=EndedBy.CALLBACK)))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(send, i)
+    assert len(records) == 200
+    assert len({r.inbox_id for r in records}) == 200
+    for job in jobs:
+        mine = [r for r in records if r.job is not None and r.job.id == job.id]
+        assert len(mine) == 4
+        ended = [r for r in mine if r.job is not None and r.job.terminal]
+        assert [r.effect for r in ended].count(CallbackEffect.CHANGED) == 1
+    assert len(await stores[0].list_callbacks(limit=1_000)) == 200
+
+
+async def test_many_concurrent_callbacks(database_scratch: tuple[str, Scratch]) -> None:
+    async with _database_store(*database_scratch) as store:
+        await _many_concurrent_callbacks([store])
+
+
+# ------------------------------------------------------------------- PostgreSQL only
+# Several stores on one database stand for several instances during a deploy.
+
+
+def _dbname(url: str) -> str:
+    return psycopg.conninfo.conninfo_to_dict(url)["dbname"]  # type: ignore[return-value]
+
+
+async def _admin(pg_url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
+    """Run one statement on a connection of its own, as another client of the database."""
+
+    def run() -> list[tuple[Any, ...]]:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            cursor = conn.execute(query, params)  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description else []
+
+    return await trio.to_thread.run_sync(run)
+
+
+async def test_postgres_many_concurrent_callbacks_from_two_stores(pg_url: str) -> None:
+    settings = PostgresStoreSettings(url=pg_url)
+    async with open_store(settings) as one, open_store(settings) as two:
+        await _many_concurrent_callbacks([one, two])
+
+
+async def test_postgres_two_stores_have_exactly_one_winner(pg_url: str) -> None:
+    settings = PostgresStoreSettings(url=pg_url)
+    async with open_store(settings) as one, open_store(settings) as two:
+        for _ in range(5):
+            job = await _job_in(one, S.PENDING)
+            results: list[Job | None] = []
+
+            async def write(
+                store: JobStore, i: int, job_id: JobId, results: list[Job | None]
+            ) -> None:
+                # Each of these ends the job for good (timed_out could still be replaced).
+                event = (E.SUCCEEDED, E.FAILED, E.CANCEL)[i % 3]
+                results.append(await store.apply(job_id, _report(event), now=2_000.0 + i))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(write, (one, two)[i % 2], i, job.id, results)
+            winners = [r for r in results if r is not None]
+            assert len(results) == 20
+            assert len(winners) == 1
+            assert await two.get_job(job.id) == winners[0]
+
+
+@pytest.mark.parametrize("same", ["idempotency_key", "task_id"])
+async def test_postgres_one_key_from_two_stores_makes_one_job(pg_url: str, same: str) -> None:
+    settings = PostgresStoreSettings(url=pg_url)
+    async with open_store(settings) as one, open_store(settings) as two:
+        results: list[tuple[Job, bool]] = []
+
+        async def create(store: JobStore, i: int) -> None:
+            new = make_new_job(created_at=1_000.0 + i, **{same: "the-same"})  # type: ignore[arg-type]
+            results.append(await store.create_job(new))
+
         async with trio.open_nursery() as nursery:
-            async with store._limiter:  # hold the connection: the first writer waits
+            for i in range(20):
+                nursery.start_soon(create, (one, two)[i % 2], i)
+        created = [job for job, new in results if new]
+        assert len(created) == 1
+        assert len(results) == 20
+        assert all(job == created[0] for job, _ in results)
+        assert await two.list_jobs() == created
+
+
+async def test_postgres_a_callback_and_its_job_from_two_stores_always_meet(pg_url: str) -> None:
+    # The job is created on one instance while its callback lands on the other: whichever
+    # commits second must see the first, or the outcome would wait for the poller.
+    settings = PostgresStoreSettings(url=pg_url)
+    async with open_store(settings) as one, open_store(settings) as two:
+
+        async def create(i: int) -> None:
+            await one.create_job(make_new_job(task_id=f"t{i}", created_at=1_000.0))
+
+        async def callback(i: int) -> None:
+            entry = make_inbox_entry(task_id=f"t{i}", received_at=1_001.0)
+            await two.record_callback(entry, SUCCESS)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(60):
+                nursery.start_soon(create, i)
+                nursery.start_soon(callback, i)
+        for i in range(60):
+            job = await one.get_job_by_task(TaskId(f"t{i}"))
+            assert job is not None
+            assert job.state is S.SUCCEEDED, f"t{i}: the callback and the job missed each other"
+            [stored] = await one.list_callbacks(task_id=TaskId(f"t{i}"))
+            assert (stored.effect, stored.matched_job_id) == (CallbackEffect.CHANGED, job.id)
+
+
+async def test_postgres_migrations_run_once_when_stores_open_together(
+    pg_databases: PgDatabases,
+) -> None:
+    url = await trio.to_thread.run_sync(partial(pg_databases.new, empty=True))
+    settings = PostgresStoreSettings(url=url, pool_size=2)
+    stores: list[PostgresStore] = []
+
+    async def connect() -> None:
+        stores.append(await PostgresStore.connect(settings))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(connect)
+    finally:
+        for store in stores:
+            await store.aclose()
+    assert len(stores) == 4
+    versions = await _admin(url, "SELECT version FROM schema_version ORDER BY version")
+    assert versions == [(n,) for n in range(1, len(POSTGRES_MIGRATIONS) + 1)]
+
+
+async def test_postgres_refuses_a_newer_schema(pg_url: str) -> None:
+    newer = len(POSTGRES_MIGRATIONS) + 1
+    await _admin(pg_url, "INSERT INTO schema_version (version, applied_at) VALUES (%s, 0)", newer)
+    with pytest.raises(StoreUnavailableError, match=f"schema version {newer}, newer than"):
+        async with open_store(PostgresStoreSettings(url=pg_url)):
+            pass
+
+
+async def test_postgres_data_survives_reopen(pg_url: str) -> None:
+    settings = PostgresStoreSettings(url=pg_url)
+    async with open_store(settings) as store:
+        job = await _job_in(store, S.SUCCEEDED, task_id="t-1", metadata={"chat": 1})
+        await store.record_callback(make_inbox_entry(task_id="t-1"), SUCCESS)
+    async with open_store(settings) as store:
+        assert await store.get_job(job.id) == job
+        [stored] = await store.list_callbacks()
+        assert stored.effect is CallbackEffect.NO_OP
+
+
+async def _lock_waiters(pg_url: str) -> list[int]:
+    """The backends of the database that wait for a lock."""
+    rows = await _admin(
+        pg_url,
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+        _dbname(pg_url),
+    )
+    return [pid for (pid,) in rows]
+
+
+async def _wait_for_lock_waiter(pg_url: str, *, other_than: Collection[int] = ()) -> int:
+    async def waiters() -> list[int]:
+        return [pid for pid in await _lock_waiters(pg_url) if pid not in other_than]
+
+    pids: list[int] = await wait_for(waiters, interval=0.01)
+    return pids[0]
+
+
+async def _terminate(pg_url: str, pids: Collection[int] | None = None) -> list[int]:
+    """End connections as an operator or a restart does: ``pids``, or all the database's."""
+    if pids is None:
+        rows = await _admin(
+            pg_url,
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            _dbname(pg_url),
+        )
+        pids = [pid for (pid,) in rows]
+    assert pids
+    await _admin(
+        pg_url, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", list(pids)
+    )
+
+    async def ended() -> bool:  # the server ends them a moment after it is asked
+        sql = "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)"
+        return not await _admin(pg_url, sql, list(pids))
+
+    await wait_for(ended, interval=0.01)
+    return list(pids)
+
+
+async def test_postgres_survives_terminated_idle_connections(pg_url: str) -> None:
+    async with open_store(PostgresStoreSettings(url=pg_url, pool_size=3)) as store:
+        job = await _job_in(store, S.PENDING)
+        for restart in range(2):
+            await _terminate(pg_url)
+            assert await store.get_job(job.id) == job  # a read
+            await store.note_error(job.id, f"restart {restart}", now=1_500.0 + restart)  # a write
+            job = replace(job, last_error=f"restart {restart}", updated_at=1_500.0 + restart)
+        ended = await store.apply(job.id, SUCCESS, now=2_000.0)
+        assert ended is not None
+        assert ended.state is S.SUCCEEDED
+
+
+async def test_postgres_write_is_tried_again_when_its_connection_dies_before_commit(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_store(PostgresStoreSettings(url=pg_url, pool_size=2)) as store:
+        job = await _job_in(store, S.PENDING)
+        results: list[Job | None] = []
+
+        def hold_the_row() -> psycopg.Connection[tuple[Any, ...]]:
+            # Another client holds the job's row: the store's UPDATE waits for it, inside
+            # its transaction, where the test ends its connection.
+            conn = psycopg.connect(pg_url, autocommit=True)
+            conn.execute("BEGIN")
+            conn.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job.id,))
+            return conn
+
+        holder = await trio.to_thread.run_sync(hold_the_row)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def apply() -> None:
+                    results.append(await store.apply(job.id, SUCCESS, now=2_000.0))
+
+                nursery.start_soon(apply)
+                first = await _wait_for_lock_waiter(pg_url)
+                await _terminate(pg_url, [first])
+                # The second attempt, on a new connection, waits for the row in its turn.
+                await _wait_for_lock_waiter(pg_url, other_than=[first])
+                await trio.to_thread.run_sync(holder.rollback)
+        finally:
+            await trio.to_thread.run_sync(holder.close)
+        [ended] = results
+        assert ended is not None
+        assert ended.state is S.SUCCEEDED
+        assert "AdminShutdown" in caplog.text
+        assert "trying again" in caplog.text
+
+
+async def test_postgres_cancelled_write_runs_to_its_end(pg_url: str) -> None:
+    async with open_store(PostgresStoreSettings(url=pg_url, pool_size=2)) as store:
+        job = await _job_in(store, S.PENDING)
+        holder = await trio.to_thread.run_sync(partial(psycopg.connect, pg_url, autocommit=True))
+        try:
+            await trio.to_thread.run_sync(holder.execute, "BEGIN")
+            await trio.to_thread.run_sync(
+                holder.execute, "SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job.id,)
+            )
+            done = trio.Event()
+            scope = trio.CancelScope()
+            results: list[Job | None] = []
+
+            async def apply() -> None:
+                with scope:
+                    results.append(await store.apply(job.id, SUCCESS, now=2_000.0))
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(apply)
+                await _wait_for_lock_waiter(pg_url)
+                scope.cancel()
+                with trio.move_on_after(0.2):
+                    await done.wait()
+                assert not done.is_set()  # the write is not abandoned half way
+                await trio.to_thread.run_sync(holder.rollback)
+        finally:
+            await trio.to_thread.run_sync(holder.close)
+        # Seen through to its commit: its caller has the outcome, which is stored.
+        [ended] = results
+        assert ended is not None
+        assert ended.state is S.SUCCEEDED
+        assert await store.get_job(job.id) == ended
+
+
+async def test_postgres_cancelled_read_returns_at_once(
+    pg_server: PgServer, pg_url: str, nursery: trio.Nursery
+) -> None:
+    proxy = PgProxy(pg_server)
+    await nursery.start(proxy.run)
+    settings = PostgresStoreSettings(url=proxy.url(_dbname(pg_url)), pool_size=2)
+    async with open_store(settings) as store:
+        job = await _job_in(store, S.PENDING)
+        proxy.stall()  # the server seems to hang
+        start = trio.current_time()
+        with trio.move_on_after(0.3) as scope:
+            await store.get_job(job.id)
+        assert scope.cancelled_caught
+        assert trio.current_time() - start < 1.0
+        proxy.flow()
+        assert await store.get_job(job.id) == job
+
+
+async def test_postgres_unreachable_server_fails_at_once() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = trio.current_time()
+    with pytest.raises(StoreUnavailableError) as info:
+        async with open_store(
+            PostgresStoreSettings(url=f"postgresql://postgres@127.0.0.1:{port}/kied")
+        ):
+            pass
+    assert trio.current_time() - start < 2.0
+    assert isinstance(info.value.__cause__, psycopg.OperationalError)
+    assert "refused" in str(info.value)
+
+
+async def test_postgres_lost_server_fails_within_the_bound_and_the_store_recovers(
+    pg_server: PgServer, pg_url: str, nursery: trio.Nursery
+) -> None:
+    proxy = PgProxy(pg_server)
+    await nursery.start(proxy.run)
+    settings = PostgresStoreSettings(
+        url=proxy.url(_dbname(pg_url)), pool_size=2, connect_timeout_s=1.0
+    )
+    async with open_store(settings) as store:
+        job = await _job_in(store, S.PENDING)
+        proxy.cut()  # every connection closed, and new ones refused
+        for operation in (
+            lambda: store.get_job(job.id),
+            lambda: store.apply(job.id, SUCCESS, now=2_000.0),
+        ):
+            start = trio.current_time()
+            with pytest.raises(StoreUnavailableError):
+                await operation()
+            # The pool's wait for a connection (connect_timeout_s), plus a little.
+            assert trio.current_time() - start < settings.connect_timeout_s + 1.0
+        await nursery.start(proxy.run)  # the server is back, on the same port
+
+        async def answers() -> bool:
+            try:
+                await store.ping()
+            except StoreUnavailableError:
+                return False
+            return True
+
+        # The pool reconnects with a backoff of 1, 2, 4 s...
+        await wait_for(answers, within_s=15, interval=0.1)
+        assert await store.get_job(job.id) == job
+
+
+@pytest.mark.parametrize(
+    ("error", "write", "commit_sent", "connection_lost", "retried"),
+    [
+        (psycopg.OperationalError("server closed the connection"), False, False, True, True),
+        (psycopg.OperationalError("server closed the connection"), True, False, True, True),
+        # The write may have committed: running it again could answer differently.
+        (psycopg.OperationalError("server closed the connection"), True, True, True, False),
+        # The server rolled back itself.
+        (psycopg.errors.DeadlockDetected("deadlock detected"), True, False, False, True),
+        (psycopg.errors.SerializationFailure("could not serialize"), True, True, False, True),
+        # A live connection answered with an error: the same answer would come again.
+        (psycopg.errors.QueryCanceled("statement timeout"), False, False, False, False),
+        (psycopg.errors.UniqueViolation("duplicate key"), True, False, False, False),
+        # The pool already waited its bound for a connection.
+        (psycopg_pool.PoolTimeout("no connection"), False, False, False, False),
+    ],
+)
+async def test_postgres_retry_rule(
+    error: psycopg.Error, write: bool, commit_sent: bool, connection_lost: bool, retried: bool
+) -> None:
+    attempt = _Attempt(write=write, commit_sent=commit_sent, connection_lost=connection_lost)
+    assert _may_retry(error, attempt) is retried
+
+
+async def test_postgres_connection_defaults_merge_into_the_url() -> None:
+    url = "postgresql://kied@db.example:6543/kied?keepalives_idle=60&sslmode=require"
+    info = psycopg.conninfo.conninfo_to_dict(
+        _conninfo(PostgresStoreSettings(url=url, connect_timeout_s=0.5))
+    )
+    assert info == {
+        "user": "kied",
+        "host": "db.example",
+        "port": "6543",
+        "dbname": "kied",
+        "sslmode": "require",
+        "keepalives_idle": "60",  # the URL's own value wins
+        "keepalives": "1",
+        "keepalives_interval": "5",
+        "keepalives_count": "3",
+        "tcp_user_timeout": "20000",
+        "connect_timeout": "2",  # whole seconds, at least 2
+        "application_name": "kied",
+    }
+    with pytest.raises(ConfigError) as error:
+        _conninfo(PostgresStoreSettings(url="postgresql://db.example/kied?no_such_option=1"))
+    assert error.value.setting == "KIED_DATABASE_URL"
+
+
+async def test_postgres_a_callback_the_server_refuses_fails_alone_in_its_batch(
+    pg_databases: PgDatabases, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL text cannot hold NUL: that callback fails the batch's transaction, and
+    # the batch is written again one callback at a time, in the same thread hop.
+    refused = Report(event=E.FAILED, source=EndedBy.CALLBACK, error_message="a \x00 b")
+    async with _database_store("postgres", Scratch(tmp_path, pg_databases)) as store:
+        for i in range(4):
+            await store.create_job(make_new_job(task_id=f"t{i}"))
+        hops = _counting_hops(monkeypatch)
+        async with trio.open_nursery() as nursery:
+            async with store._limiter:
                 first = await _start_record(nursery, store, "t0", SUCCESS)
                 queued = [
                     await _start_record(nursery, store, "t1", SUCCESS),
-                    await _start_record(nursery, store, "t2", bad),
-                    await _start_record(nursery, store, "t1", SUCCESS),
+                    await _start_record(nursery, store, "t2", refused),
                     await _start_record(nursery, store, "t3", None),
                 ]
-        assert hops == 2  # the first callback alone, then the four queued behind it
+        assert hops == [2]
         assert isinstance(first.result, CallbackRecord)
-        assert first.result.effect is CallbackEffect.CHANGED
-        effects = [
-            c.result.effect if isinstance(c.result, CallbackRecord) else c.result for c in queued
-        ]
-        assert effects[0] is CallbackEffect.CHANGED
-        assert isinstance(effects[1], TypeError)  # only that callback fails
-        assert effects[2:] == [CallbackEffect.NO_OP, CallbackEffect.NOT_APPLICABLE]
-        assert await _recorded_tasks(store) == ["t0", "t1", "t1", "t3"]
+        results = [c.result for c in queued]
+        assert isinstance(results[0], CallbackRecord)
+        assert results[0].effect is CallbackEffect.CHANGED
+        assert isinstance(results[1], StoreUnavailableError)
+        assert isinstance(results[1].__cause__, psycopg.DataError)
+        assert isinstance(results[2], CallbackRecord)
+        assert results[2].effect is CallbackEffect.NOT_APPLICABLE
+        assert await _recorded_tasks(store) == ["t0", "t1", "t3"]
         job = await store.get_job_by_task(TaskId("t2"))
         assert job is not None
         assert job.state is S.PENDING
 
 
-async def test_sqlite_callback_batches_are_bounded(
+async def test_without_psycopg_sqlite_opens_and_postgres_says_what_is_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hops = 0
-    run_sync = trio.to_thread.run_sync
-
-    async def counting_run_sync(*args: Any, **kwargs: Any) -> Any:
-        nonlocal hops
-        hops += 1
-        return await run_sync(*args, **kwargs)
-
-    monkeypatch.setattr(_sqlite, "_MAX_CALLBACK_BATCH", 2)
-    async with _queued_sqlite_store(tmp_path) as store:
-        monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
-        async with trio.open_nursery() as nursery:
-            async with store._limiter:
-                calls = [await _start_record(nursery, store, f"t{i % 4}", None) for i in range(5)]
-        assert hops == 3  # the first alone, then two batches of two
-        assert all(isinstance(c.result, CallbackRecord) for c in calls)
-        assert await _recorded_tasks(store) == ["t0", "t1", "t2", "t3", "t0"]
-
-
-async def test_sqlite_cancelled_queued_callback_is_not_written(tmp_path: Path) -> None:
-    async with _queued_sqlite_store(tmp_path) as store:
-        async with trio.open_nursery() as nursery:
-            async with store._limiter:
-                first = await _start_record(nursery, store, "t0", SUCCESS)
-                second = await _start_record(nursery, store, "t1", SUCCESS)
-                third = await _start_record(nursery, store, "t2", SUCCESS)
-                second.scope.cancel()
-                await trio.testing.wait_all_tasks_blocked()
-        assert second.scope.cancelled_caught
-        assert second.result is None
-        assert isinstance(first.result, CallbackRecord)
-        assert isinstance(third.result, CallbackRecord)
-        assert await _recorded_tasks(store) == ["t0", "t2"]
-
-
-async def test_sqlite_cancelled_writer_hands_the_queue_on(tmp_path: Path) -> None:
-    async with _queued_sqlite_store(tmp_path) as store:
-        async with trio.open_nursery() as nursery:
-            async with store._limiter:
-                first = await _start_record(nursery, store, "t0", SUCCESS)
-                queued = [await _start_record(nursery, store, f"t{i}", SUCCESS) for i in (1, 2)]
-                await trio.testing.wait_all_tasks_blocked()
-                first.scope.cancel()  # still waiting for the connection: nothing written
-                await trio.testing.wait_all_tasks_blocked()
-        assert first.scope.cancelled_caught
-        assert all(isinstance(c.result, CallbackRecord) for c in queued)
-        assert await _recorded_tasks(store) == ["t1", "t2"]
-
-
-async def test_sqlite_writer_cancelled_as_it_is_handed_the_queue(tmp_path: Path) -> None:
-    async with _queued_sqlite_store(tmp_path) as store:
-        calls: list[_Call] = []
-
-        async def first_then_cancel_second() -> None:
-            await store.record_callback(make_inbox_entry(task_id="t0"), SUCCESS)
-            # The second task has just been handed the queue and has not run yet.
-            calls[0].scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            async with store._limiter:
-                nursery.start_soon(first_then_cancel_second)
-                await trio.testing.wait_all_tasks_blocked()
-                calls.append(await _start_record(nursery, store, "t1", SUCCESS))
-                calls.append(await _start_record(nursery, store, "t2", SUCCESS))
-        assert calls[0].scope.cancelled_caught
-        assert isinstance(calls[1].result, CallbackRecord)
-        assert await _recorded_tasks(store) == ["t0", "t2"]
-
-
-async def test_sqlite_waiter_cancelled_as_it_is_handed_the_queue(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with _queued_sqlite_store(tmp_path) as store:
-        calls: list[_Call] = []
-        hand_off = store._hand_off_callbacks
-
-        def cancel_then_hand_off() -> None:
-            # The cancellation reaches the second task first; then it is handed the queue.
-            if not calls[1].scope.cancel_called:
-                calls[1].scope.cancel()
-            hand_off()
-
-        async with trio.open_nursery() as nursery:
-            async with store._limiter:
-                calls.append(await _start_record(nursery, store, "t0", SUCCESS))
-                calls.append(await _start_record(nursery, store, "t1", SUCCESS))
-                calls.append(await _start_record(nursery, store, "t2", SUCCESS))
-                monkeypatch.setattr(store, "_hand_off_callbacks", cancel_then_hand_off)
-        assert calls[1].scope.cancelled_caught
-        assert isinstance(calls[2].result, CallbackRecord)
-        assert await _recorded_tasks(store) == ["t0", "t2"]
-
-
-async def test_sqlite_queued_callbacks_fail_when_the_store_closes(tmp_path: Path) -> None:
-    async with _queued_sqlite_store(tmp_path) as store:
-        async with trio.open_nursery() as nursery:
-            async with store._limiter:
-                calls = [await _start_record(nursery, store, f"t{i}", SUCCESS) for i in range(3)]
-                await trio.testing.wait_all_tasks_blocked()
-                nursery.start_soon(store.aclose)
-                await trio.testing.wait_all_tasks_blocked()
-        assert all(isinstance(c.result, StoreUnavailableError) for c in calls)
-
-
-async def test_sqlite_many_concurrent_callbacks(tmp_path: Path) -> None:
+    # psycopg is the optional kied[postgres] extra.
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg raises ImportError
+    monkeypatch.delitem(sys.modules, "kied.store._postgres")
     async with open_store(SqliteStoreSettings(path=tmp_path / "kied.db")) as store:
-        jobs = [(await store.create_job(make_new_job(task_id=f"t{i}")))[0] for i in range(50)]
-        records: list[CallbackRecord] = []
-
-        async def send(i: int) -> None:
-            event = (E.SUCCEEDED, E.FAILED, E.PROGRESS, E.SUCCEEDED)[i % 4]
-            entry = make_inbox_entry(task_id=f"t{i % 50}", received_at=2_000.0 + i)
-            records.append(
-                await store.record_callback(entry, _report(event, source=EndedBy.CALLBACK))
-            )
-
-        async with trio.open_nursery() as nursery:
-            for i in range(200):
-                nursery.start_soon(send, i)
-        assert len(records) == 200
-        assert len({r.inbox_id for r in records}) == 200
-        for job in jobs:
-            mine = [r for r in records if r.job is not None and r.job.id == job.id]
-            assert len(mine) == 4
-            ended = [r for r in mine if r.job is not None and r.job.terminal]
-            assert [r.effect for r in ended].count(CallbackEffect.CHANGED) == 1
-        assert len(await store.list_callbacks(limit=1_000)) == 200
-
-
-async def test_postgres_is_not_available_yet() -> None:
+        await store.ping()
     with pytest.raises(ConfigError) as info:
-        async with open_store(PostgresStoreSettings(url="postgresql://localhost/kied")):
+        async with open_store(PostgresStoreSettings(url="postgresql://127.0.0.1/kied")):
             pass
     assert info.value.setting == "KIED_DATABASE_URL"
+    assert "kied[postgres]" in str(info.value)

@@ -8,6 +8,8 @@ from kied.errors import ConfigError
 from kied.settings import (
     FileLockSettings,
     NoLockSettings,
+    PgLockSettings,
+    PostgresStoreSettings,
     SqliteStoreSettings,
     load_settings,
 )
@@ -79,6 +81,72 @@ def test_explicit_lock_file_and_secrets():
     assert s.callback_token == "tok"
     assert s.webhook_hmac_key == b"key"
     assert s.job_timeout_s == 1800
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
+def test_postgres_url_takes_the_postgres_lock_by_default(scheme):
+    url = f"{scheme}://kied:secret@db.internal:5432/kied?sslmode=require"
+    s = load_settings({"DATABASE_URL": url})
+    assert s.store == PostgresStoreSettings(url=url)
+    assert s.lock == PgLockSettings()
+
+
+def test_postgres_on_render():
+    s = load_settings({"RENDER": "true", "PORT": "10000", "DATABASE_URL": "postgresql://h/db"})
+    assert s.store == PostgresStoreSettings(url="postgresql://h/db")
+    assert s.lock == PgLockSettings()
+
+
+@pytest.mark.parametrize(
+    ("environ", "lock"),
+    [
+        ({"KIED_DATABASE_URL": "postgresql://h/db", "KIED_LOCK": "postgres"}, PgLockSettings()),
+        ({"KIED_DATABASE_URL": "postgresql://h/db", "KIED_LOCK": "none"}, NoLockSettings()),
+        (
+            {"RENDER": "true", "KIED_DATABASE_URL": "/srv/kied.db", "KIED_LOCK": "none"},
+            NoLockSettings(),
+        ),
+    ],
+)
+def test_lock_choices(environ, lock):
+    assert load_settings(environ).lock == lock
+
+
+@pytest.mark.parametrize(
+    ("environ", "argv", "setting", "says"),
+    [
+        # A file lock cannot elect one leader among instances sharing a database.
+        (
+            {"KIED_DATABASE_URL": "postgresql://h/db", "KIED_LOCK": "file"},
+            [],
+            "KIED_LOCK",
+            "KIED_LOCK=postgres",
+        ),
+        (
+            {"DATABASE_URL": "postgres://h/db", "KIED_LOCK": "file:/run/kied.lock"},
+            [],
+            "KIED_LOCK",
+            "KIED_LOCK=postgres",
+        ),
+        ({"DATABASE_URL": "postgres://h/db"}, ["--lock", "file"], "--lock", "KIED_LOCK=postgres"),
+        # On Render instances share no disk, so no file lock at all, default or not.
+        ({"RENDER": "true"}, [], "KIED_LOCK", "RENDER"),
+        (
+            {"RENDER": "true", "KIED_LOCK": "file:/var/data/kied.lock"},
+            [],
+            "KIED_LOCK",
+            "KIED_LOCK=postgres",
+        ),
+        # The postgres lock lives in the PostgreSQL database.
+        ({"KIED_LOCK": "postgres"}, [], "KIED_LOCK", "postgresql://"),
+    ],
+)
+def test_lock_that_cannot_work_stops_the_start(environ, argv, setting, says):
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ, argv)
+    assert info.value.setting == setting
+    assert says in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1116 @@
+"""PostgreSQL storage: psycopg 3 (sync) and a connection pool, driven through worker threads.
+
+This module imports psycopg, the optional ``kied[postgres]`` extra: import it only when a
+PostgreSQL store is configured (:func:`kied.store.open_store` does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import select
+import time
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, LiteralString, TypeVar
+
+import psycopg
+import psycopg.errors
+import trio
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from kied.core.jobs import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    EndedBy,
+    EventKind,
+    Job,
+    JobId,
+    JobState,
+    NewJob,
+    Report,
+    TaskId,
+    is_late,
+    sources,
+    target,
+)
+from kied.errors import ConfigError, ConflictError, StoreError, StoreUnavailableError
+from kied.store._base import (
+    CallbackEffect,
+    CallbackRecord,
+    InboxEntry,
+    JobStore,
+    StoredCallback,
+)
+from kied.store._migrations import POSTGRES_MIGRATIONS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+
+    from kied.core._json import JsonValue
+    from kied.settings import PostgresStoreSettings
+
+__all__ = ["PostgresStore"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_Connection = psycopg.Connection[tuple[Any, ...]]
+_Row = tuple[Any, ...]
+
+#: Connections the pool keeps open when idle; it grows to the pool size under load.
+_MIN_CONNECTIONS: Final = 2
+#: Server-side bound on one statement (lock waits included), set on every connection.
+_STATEMENT_TIMEOUT_S: Final = 15
+#: Connection options added to the URL unless it sets them: libpq gives up on a silent
+#: peer after keepalives_idle + keepalives_interval * keepalives_count seconds when
+#: waiting for an answer, and after tcp_user_timeout when its own data goes unacknowledged.
+_CONNECTION_DEFAULTS: Final[Mapping[str, str]] = {
+    "application_name": "kied",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "20000",  # milliseconds
+}
+#: Pauses before the second and the third attempt of an operation whose connection was
+#: lost; see :func:`_may_retry`.
+_RETRY_DELAYS_S: Final = (0.05, 0.25)
+#: Errors with which the server says it rolled the transaction back itself (40001, 40P01);
+#: psycopg does not file them under TransactionRollback.
+_ROLLED_BACK: Final = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+#: Bound on closing the pool: its worker threads and idle connections.
+_CLOSE_TIMEOUT_S: Final = 1.0
+#: Most callbacks written in one transaction, so that none holds its locks for long.
+_MAX_CALLBACK_BATCH: Final = 256
+
+# Transaction-level advisory locks, in the two-key form so that they cannot meet a
+# single-key lock: (class, key).
+_MIGRATION_LOCK: Final = (0x6B696564, 0)  # "kied"
+#: Class of the per-task-id locks; the key is a 32-bit hash of the task id.
+_TASK_LOCK_CLASS: Final = 0x6B696574
+
+# ---------------------------------------------------------------------------- SQL
+
+_BEGIN: Final[LiteralString] = "BEGIN"
+_COMMIT: Final[LiteralString] = "COMMIT"
+_ROLLBACK: Final[LiteralString] = "ROLLBACK"
+_SET_STATEMENT_TIMEOUT: Final[LiteralString] = (
+    "SET statement_timeout = '" + str(_STATEMENT_TIMEOUT_S) + "s'"
+)
+# A migration may take longer than any other statement, and is one transaction anyway.
+_NO_STATEMENT_TIMEOUT: Final[LiteralString] = "SET LOCAL statement_timeout = 0"
+_ADVISORY_XACT_LOCK: Final[LiteralString] = (
+    "SELECT pg_advisory_xact_lock(%(lock_class)s::int4, %(lock_key)s::int4)"
+)
+# One statement for any number of keys, taken one after the other in the array's order.
+_ADVISORY_XACT_LOCKS: Final[LiteralString] = (
+    "SELECT count(pg_advisory_xact_lock(%(lock_class)s::int4, lock_key))"
+    " FROM unnest(%(lock_keys)s::int4[]) AS lock_key"
+)
+
+_SCHEMA_VERSION_EXISTS: Final[LiteralString] = "SELECT to_regclass('schema_version') IS NOT NULL"
+_CREATE_SCHEMA_VERSION: Final[LiteralString] = """
+CREATE TABLE schema_version (
+    version    integer PRIMARY KEY,
+    applied_at double precision NOT NULL
+)"""
+_SELECT_SCHEMA_VERSION: Final[LiteralString] = (
+    "SELECT COALESCE(MAX(version), 0) FROM schema_version"
+)
+_INSERT_SCHEMA_VERSION: Final[LiteralString] = (
+    "INSERT INTO schema_version (version, applied_at)"
+    " VALUES (%(version)s, extract(epoch FROM clock_timestamp()))"
+)
+
+_JOB_COLUMNS: Final[LiteralString] = (
+    "id, family, model, task_id, state, request, metadata, idempotency_key, created_at,"
+    " updated_at, deadline_at, kie_state, result_urls, result, error_code, error_message,"
+    " ended_by, ended_at, late, last_error"
+)
+_SELECT_JOB: Final[LiteralString] = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = %(id)s"
+_SELECT_JOB_FOR_UPDATE: Final[LiteralString] = _SELECT_JOB + " FOR UPDATE"
+_SELECT_JOB_BY_TASK: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE task_id = %(task_id)s"
+)
+_SELECT_JOB_BY_TASK_FOR_UPDATE: Final[LiteralString] = _SELECT_JOB_BY_TASK + " FOR UPDATE"
+# The job a create_job call repeats: same id first, then same idempotency key, then
+# same task id (NULL parameters match nothing).
+_SELECT_EXISTING_JOB: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs"
+    " WHERE id = %(id)s OR idempotency_key = %(idempotency_key)s OR task_id = %(task_id)s"
+    " ORDER BY CASE WHEN id = %(id)s THEN 0"
+    " WHEN idempotency_key = %(idempotency_key)s THEN 1 ELSE 2 END"
+    " LIMIT 1"
+)
+# Any unique index (id, idempotency key, task id) makes this a no-op that returns no row;
+# a concurrent insert of the same key is waited for first.
+_INSERT_JOB: Final[LiteralString] = (
+    "INSERT INTO jobs (id, family, model, task_id, state, request, metadata, idempotency_key,"
+    " created_at, updated_at, deadline_at)"
+    " VALUES (%(id)s, %(family)s, %(model)s, %(task_id)s, %(state)s, %(request)s,"
+    " %(metadata)s, %(idempotency_key)s, %(created_at)s, %(created_at)s, %(deadline_at)s)"
+    " ON CONFLICT DO NOTHING"
+    " RETURNING " + _JOB_COLUMNS
+)
+_LIST_JOBS: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs ORDER BY created_at DESC, seq DESC LIMIT %(limit)s"
+)
+_LIST_JOBS_IN_STATES: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = ANY(%(states)s::text[])"
+    " ORDER BY created_at DESC, seq DESC LIMIT %(limit)s"
+)
+_UNFINISHED_JOBS: Final[LiteralString] = (
+    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = ANY(%(states)s::text[])"
+    " ORDER BY deadline_at, created_at, seq"
+)
+_SET_TASK: Final[LiteralString] = (
+    "UPDATE jobs SET task_id = %(task_id)s, updated_at = %(now)s"
+    " WHERE id = %(id)s AND task_id IS NULL"
+    " AND NOT EXISTS (SELECT 1 FROM jobs WHERE task_id = %(task_id)s)"
+    " RETURNING " + _JOB_COLUMNS
+)
+_NOTE_ERROR: Final[LiteralString] = (
+    "UPDATE jobs SET last_error = %(message)s, updated_at = %(now)s WHERE id = %(id)s"
+)
+
+# The compare-and-set: the row changes only from a state the event applies to
+# (``sources(event)``). Under READ COMMITTED a concurrent writer of the same row waits for
+# this one and then re-checks the WHERE clause against the row as committed, so exactly
+# one of them matches. In SET, column names are the old values, so ``late`` is computed
+# from the state the job had before.
+_CAS: Final[LiteralString] = (
+    " WHERE id = %(id)s AND state = ANY(%(sources)s::text[]) RETURNING " + _JOB_COLUMNS
+)
+_APPLY_PROGRESS: Final[LiteralString] = (
+    "UPDATE jobs SET state = %(target)s, updated_at = %(now)s,"
+    " kie_state = COALESCE(%(kie_state)s, kie_state)" + _CAS
+)
+_APPLY_SUCCEEDED: Final[LiteralString] = (
+    "UPDATE jobs SET state = %(target)s, updated_at = %(now)s,"
+    " kie_state = COALESCE(%(kie_state)s, kie_state),"
+    " result_urls = %(result_urls)s, result = %(result)s, error_code = NULL,"
+    " error_message = NULL, ended_by = %(ended_by)s, ended_at = %(now)s,"
+    " late = (late OR state = ANY(%(late_from)s::text[]))" + _CAS
+)
+_APPLY_FAILED: Final[LiteralString] = (
+    "UPDATE jobs SET state = %(target)s, updated_at = %(now)s,"
+    " kie_state = COALESCE(%(kie_state)s, kie_state),"
+    " error_code = %(error_code)s, error_message = %(error_message)s,"
+    " ended_by = %(ended_by)s, ended_at = %(now)s,"
+    " late = (late OR state = ANY(%(late_from)s::text[]))" + _CAS
+)
+# Deadline and cancel: the job ends without an outcome from KIE; an error the report
+# carries (why it was stopped) is kept, and none is invented.
+_APPLY_ENDED: Final[LiteralString] = (
+    "UPDATE jobs SET state = %(target)s, updated_at = %(now)s,"
+    " kie_state = COALESCE(%(kie_state)s, kie_state),"
+    " error_code = COALESCE(%(error_code)s, error_code),"
+    " error_message = COALESCE(%(error_message)s, error_message),"
+    " ended_by = %(ended_by)s, ended_at = %(now)s,"
+    " late = (late OR state = ANY(%(late_from)s::text[]))" + _CAS
+)
+
+_CALLBACK_COLUMNS: Final[LiteralString] = (
+    "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
+    " outcome, problem, authenticated, auth, effect, matched_job_id"
+)
+_INSERT_CALLBACK: Final[LiteralString] = (
+    "INSERT INTO callback_inbox (received_at, body, body_size, content_type, query, remote,"
+    " task_id, found_by, job_id, outcome, problem, authenticated, auth, effect, matched_job_id,"
+    " event, kie_state, result_urls, result, error_code, error_message)"
+    " VALUES (%(received_at)s, %(body)s, %(body_size)s, %(content_type)s, %(query)s,"
+    " %(remote)s, %(task_id)s, %(found_by)s, %(job_id)s, %(outcome)s, %(problem)s,"
+    " %(authenticated)s, %(auth)s, %(effect)s, %(matched_job_id)s, %(event)s, %(kie_state)s,"
+    " %(result_urls)s, %(result)s, %(error_code)s, %(error_message)s)"
+    " RETURNING id"
+)
+# A callback that arrived before any job had its task id: the newest authenticated
+# outcome (success or failure) no job matched.
+_WAITING_CALLBACK: Final[LiteralString] = (
+    "SELECT id, event, kie_state, result_urls, result, error_code, error_message"
+    " FROM callback_inbox"
+    " WHERE task_id = %(task_id)s AND authenticated AND effect = %(no_job)s"
+    " AND outcome IN ('success', 'fail') AND event = ANY(%(events)s::text[])"
+    " ORDER BY id DESC LIMIT 1"
+)
+_SET_CALLBACK_EFFECT: Final[LiteralString] = (
+    "UPDATE callback_inbox SET effect = %(effect)s, matched_job_id = %(job_id)s WHERE id = %(id)s"
+)
+_LIST_CALLBACKS: Final[LiteralString] = (
+    "SELECT " + _CALLBACK_COLUMNS + " FROM callback_inbox ORDER BY id DESC LIMIT %(limit)s"
+)
+_LIST_CALLBACKS_FOR_TASK: Final[LiteralString] = (
+    "SELECT " + _CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = %(task_id)s"
+    " ORDER BY id DESC LIMIT %(limit)s"
+)
+_PING: Final[LiteralString] = "SELECT 1"
+
+
+def _apply_sql(event: EventKind) -> LiteralString:
+    if event is EventKind.SUCCEEDED:
+        return _APPLY_SUCCEEDED
+    if event is EventKind.FAILED:
+        return _APPLY_FAILED
+    if target(event) in TERMINAL_STATES:
+        return _APPLY_ENDED
+    return _APPLY_PROGRESS
+
+
+def _text_array(values: Collection[str]) -> list[str]:
+    return sorted(str(v) for v in values)
+
+
+_APPLY_BY_EVENT: Final[Mapping[EventKind, LiteralString]] = {e: _apply_sql(e) for e in EventKind}
+_SOURCES: Final[Mapping[EventKind, list[str]]] = {e: _text_array(sources(e)) for e in EventKind}
+_LATE_FROM: Final[Mapping[EventKind, list[str]]] = {
+    e: _text_array([s for s in sources(e) if is_late(s, e)]) for e in EventKind
+}
+_ACTIVE: Final = _text_array(ACTIVE_STATES)
+_OUTCOME_EVENTS: Final = _text_array([EventKind.SUCCEEDED, EventKind.FAILED])
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _one_line(exc: BaseException) -> str:
+    # libpq's messages run over several lines ("... Is the server running on that host?").
+    return " ".join(str(exc).split())
+
+
+def _store_error(exc: psycopg.Error) -> StoreError:
+    """kied's error for a driver error; the caller raises it ``from exc``."""
+    if isinstance(exc, psycopg.errors.UniqueViolation):
+        # Another writer stored the same key first (the task id of a job, mostly).
+        return ConflictError(f"PostgreSQL: {_one_line(exc)}")
+    if isinstance(exc, PoolClosed):
+        return StoreUnavailableError("the store is closed")
+    if isinstance(exc, PoolTimeout):
+        return StoreUnavailableError(f"PostgreSQL: no connection: {_one_line(exc)}")
+    return StoreUnavailableError(f"PostgreSQL: {_one_line(exc)}")
+
+
+@contextmanager
+def _map_store_errors() -> Iterator[None]:
+    """Turn the driver's errors into ``ConflictError`` or ``StoreUnavailableError``."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise _store_error(exc) from exc
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """How far one attempt at an operation got, to tell whether it may be made again."""
+
+    write: bool
+    #: COMMIT was sent at least once: from then on, something may have been written
+    commit_sent: bool = False
+    connection_lost: bool = False
+
+
+@contextmanager
+def _transaction(conn: _Connection, attempt: _Attempt) -> Iterator[None]:
+    """One READ COMMITTED transaction: committed if the block ends, else rolled back."""
+    conn.execute(_BEGIN)
+    try:
+        yield
+    except BaseException:
+        with suppress(psycopg.Error):  # a lost connection has rolled back already
+            conn.execute(_ROLLBACK)
+        raise
+    attempt.commit_sent = True
+    conn.execute(_COMMIT)
+
+
+def _may_retry(exc: psycopg.Error, attempt: _Attempt) -> bool:
+    """Whether an operation that failed with ``exc`` may safely run again from the start.
+
+    - The server rolled the transaction back itself (deadlock, serialization failure):
+      nothing was written.
+    - The connection was lost (server restart, ``pg_terminate_backend``, network) and the
+      operation only reads, or it writes but had not sent COMMIT: the server rolls an
+      unfinished transaction back when its connection goes, so nothing was written.
+    - Not when the connection was lost while COMMIT was in flight: the write may have
+      been committed, and running it again could report a different result.
+    - Not when the server answered with an error on a live connection (a statement
+      timeout, a constraint): the same operation would meet the same answer.
+    - Not when no connection came within the bound: the pool already waited that long.
+    """
+    if isinstance(exc, _ROLLED_BACK):
+        return True
+    if not attempt.connection_lost:
+        return False
+    return not (attempt.write and attempt.commit_sent)
+
+
+def _idle_and_alive(conn: _Connection) -> bool:
+    # An idle connection has nothing to read. Anything waiting is the server's goodbye (an
+    # error and end of file after a restart, pg_terminate_backend or an idle timeout), so
+    # this finds such a connection without a round trip.
+    pgconn = conn.pgconn
+    if pgconn.status != pq.ConnStatus.OK:
+        return False
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN)
+    return not poller.poll(0)
+
+
+def _getconn(pool: ConnectionPool[_Connection], timeout_s: float) -> _Connection:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = pool.getconn(timeout=max(deadline - time.monotonic(), 1e-3))
+        if _idle_and_alive(conn):
+            return conn
+        conn.close()
+        pool.putconn(conn)  # the pool replaces a closed connection
+
+
+def _configure(conn: _Connection) -> None:
+    conn.execute(_SET_STATEMENT_TIMEOUT)
+
+
+def _conninfo(settings: PostgresStoreSettings) -> str:
+    """The user's URL, with kied's connection defaults for whatever it does not set."""
+    try:
+        given = conninfo_to_dict(settings.url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError("KIED_DATABASE_URL", f"not a valid PostgreSQL URL: {exc}") from None
+    defaults = dict(_CONNECTION_DEFAULTS)
+    # libpq takes whole seconds, and no fewer than 2.
+    defaults["connect_timeout"] = str(max(2, math.ceil(settings.connect_timeout_s)))
+    return make_conninfo(settings.url, **{k: v for k, v in defaults.items() if k not in given})
+
+
+def _task_lock_key(task_id: str) -> int:
+    digest = hashlib.blake2b(task_id.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _lock_tasks(conn: _Connection, task_ids: Iterable[TaskId | None]) -> None:
+    # Everything that matches callbacks and jobs by task id takes this lock first, so a
+    # callback and the job it names can never miss each other: whichever commits second
+    # sees the other (READ COMMITTED: each statement sees what committed before it).
+    # Keys are taken in one order everywhere, so that two batches cannot deadlock on them.
+    keys = sorted({_task_lock_key(t) for t in task_ids if t is not None})
+    if keys:
+        conn.execute(_ADVISORY_XACT_LOCKS, {"lock_class": _TASK_LOCK_CLASS, "lock_keys": keys})
+
+
+def _dump_json(value: JsonValue) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _load_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _job(row: _Row) -> Job:
+    (
+        job_id,
+        family,
+        model,
+        task_id,
+        state,
+        request,
+        metadata,
+        idempotency_key,
+        created_at,
+        updated_at,
+        deadline_at,
+        kie_state,
+        result_urls,
+        result,
+        error_code,
+        error_message,
+        ended_by,
+        ended_at,
+        late,
+        last_error,
+    ) = row
+    return Job(
+        id=JobId(job_id),
+        family=family,
+        model=model,
+        task_id=None if task_id is None else TaskId(task_id),
+        state=JobState(state),
+        request=_load_json(request),
+        metadata=_load_json(metadata),
+        idempotency_key=idempotency_key,
+        created_at=created_at,
+        updated_at=updated_at,
+        deadline_at=deadline_at,
+        kie_state=kie_state,
+        result_urls=tuple(json.loads(result_urls)),
+        result=_load_json(result),
+        error_code=error_code,
+        error_message=error_message,
+        ended_by=None if ended_by is None else EndedBy(ended_by),
+        ended_at=ended_at,
+        late=late,
+        last_error=last_error,
+    )
+
+
+def _stored_callback(row: _Row) -> StoredCallback:
+    (
+        inbox_id,
+        received_at,
+        body,
+        body_size,
+        content_type,
+        query,
+        remote,
+        task_id,
+        found_by,
+        job_id,
+        outcome,
+        problem,
+        authenticated,
+        auth,
+        effect,
+        matched,
+    ) = row
+    entry = InboxEntry(
+        received_at=received_at,
+        body=bytes(body),
+        body_size=body_size,
+        content_type=content_type,
+        query=query,
+        remote=remote,
+        task_id=None if task_id is None else TaskId(task_id),
+        found_by=found_by,
+        job_id=None if job_id is None else JobId(job_id),
+        outcome=outcome,
+        problem=problem,
+        authenticated=authenticated,
+        auth=auth,
+    )
+    return StoredCallback(
+        id=inbox_id,
+        entry=entry,
+        effect=CallbackEffect(effect),
+        matched_job_id=None if matched is None else JobId(matched),
+    )
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be 0 or more, not {limit}")
+
+
+def _report_params(report: Report) -> dict[str, Any]:
+    """A report as query parameters; raises ``TypeError`` for what JSON cannot hold."""
+    event = report.event
+    return {
+        "event": event.value,
+        "target": target(event).value,
+        "sources": _SOURCES[event],
+        "late_from": _LATE_FROM[event],
+        "kie_state": report.kie_state,
+        "result_urls": json.dumps(list(report.result_urls), ensure_ascii=False),
+        "result": _dump_json(report.result),
+        "error_code": report.error_code,
+        "error_message": report.error_message,
+        "ended_by": report.source.value,
+    }
+
+
+_NO_REPORT: Final[Mapping[str, Any]] = dict.fromkeys(
+    ("event", "kie_state", "result_urls", "result", "error_code", "error_message")
+)
+_ACCEPTED: Final = _report_params(Report(event=EventKind.ACCEPTED, source=EndedBy.SUBMIT))
+
+
+# ---------------------------------------------------------------------------- operations
+# Each runs in a worker thread, on one connection, inside the transaction the store opened.
+
+
+def _migrate(conn: _Connection) -> None:
+    with _transaction(conn, _Attempt(write=True)):
+        conn.execute(_NO_STATEMENT_TIMEOUT)
+        # Instances starting together wait here; the first migrates, the others find
+        # the work done.
+        lock_class, lock_key = _MIGRATION_LOCK
+        conn.execute(_ADVISORY_XACT_LOCK, {"lock_class": lock_class, "lock_key": lock_key})
+        (exists,) = _one(conn.execute(_SCHEMA_VERSION_EXISTS).fetchone())
+        if not exists:
+            conn.execute(_CREATE_SCHEMA_VERSION)
+        (version,) = _one(conn.execute(_SELECT_SCHEMA_VERSION).fetchone())
+        known = len(POSTGRES_MIGRATIONS)
+        if version > known:
+            raise StoreUnavailableError(
+                f"PostgreSQL database {conn.info.dbname!r} has schema version {version},"
+                f" newer than the {known} this kied knows; run a newer kied"
+            )
+        for number, script in enumerate(POSTGRES_MIGRATIONS[version:], start=version + 1):
+            conn.execute(script)
+            conn.execute(_INSERT_SCHEMA_VERSION, {"version": number})
+            logger.info(
+                "[GEN] storage: PostgreSQL schema migrated to version %d",
+                number,
+                extra={"action": "store_migrated", "version": number},
+            )
+
+
+def _one(row: _Row | None) -> _Row:
+    assert row is not None  # an aggregate, a function call or INSERT ... RETURNING: one row
+    return row
+
+
+def _open_pool(conninfo: str, settings: PostgresStoreSettings) -> ConnectionPool[_Connection]:
+    # A connection of its own first: it migrates, and when the server cannot be reached
+    # it says why at once (the pool would only say that it timed out).
+    conn: _Connection = psycopg.connect(conninfo, autocommit=True)
+    try:
+        _configure(conn)
+        _migrate(conn)
+    finally:
+        conn.close()
+    pool: ConnectionPool[_Connection] = ConnectionPool(
+        conninfo,
+        min_size=min(_MIN_CONNECTIONS, settings.pool_size),
+        max_size=settings.pool_size,
+        kwargs={"autocommit": True},
+        configure=_configure,
+        timeout=settings.connect_timeout_s,
+        name="kied",
+        open=False,
+    )
+    try:
+        pool.open(wait=True, timeout=settings.connect_timeout_s)
+    except BaseException:
+        pool.close(timeout=_CLOSE_TIMEOUT_S)
+        raise
+    return pool
+
+
+def _select_job(conn: _Connection, job_id: JobId) -> Job | None:
+    row = conn.execute(_SELECT_JOB, {"id": job_id}).fetchone()
+    return None if row is None else _job(row)
+
+
+def _select_job_by_task(conn: _Connection, task_id: TaskId) -> Job | None:
+    row = conn.execute(_SELECT_JOB_BY_TASK, {"task_id": task_id}).fetchone()
+    return None if row is None else _job(row)
+
+
+def _apply(conn: _Connection, job_id: JobId, report: Mapping[str, Any], now: float) -> Job | None:
+    row = conn.execute(
+        _APPLY_BY_EVENT[EventKind(report["event"])], {**report, "id": job_id, "now": now}
+    ).fetchone()
+    return None if row is None else _job(row)
+
+
+def _apply_waiting_callback(
+    conn: _Connection, job_id: JobId, task_id: TaskId, now: float
+) -> Job | None:
+    """Apply the newest early outcome for ``task_id``; the job if that changed it."""
+    row = conn.execute(
+        _WAITING_CALLBACK,
+        {"task_id": task_id, "no_job": CallbackEffect.NO_JOB.value, "events": _OUTCOME_EVENTS},
+    ).fetchone()
+    if row is None:
+        return None
+    inbox_id, event, kie_state, result_urls, result, error_code, error_message = row
+    report = Report(
+        event=EventKind(event),
+        source=EndedBy.CALLBACK,
+        kie_state=kie_state,
+        result_urls=tuple(_load_json(result_urls) or ()),
+        result=_load_json(result),
+        error_code=error_code,
+        error_message=error_message,
+    )
+    changed = _apply(conn, job_id, _report_params(report), now)
+    effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
+    conn.execute(_SET_CALLBACK_EFFECT, {"id": inbox_id, "effect": effect.value, "job_id": job_id})
+    return changed
+
+
+def _job_params(new: NewJob) -> dict[str, Any]:
+    """A new job as query parameters; raises ``TypeError`` for what JSON cannot hold."""
+    return {
+        "id": new.id,
+        "family": new.family,
+        "model": new.model,
+        "task_id": new.task_id,
+        "state": (JobState.SUBMITTING if new.task_id is None else JobState.PENDING).value,
+        "request": _dump_json(new.request),
+        "metadata": _dump_json(new.metadata),
+        "idempotency_key": new.idempotency_key,
+        "created_at": new.created_at,
+        "deadline_at": new.deadline_at,
+    }
+
+
+def _create_job(conn: _Connection, params: Mapping[str, Any]) -> tuple[Job, bool]:
+    task_id: TaskId | None = params["task_id"]
+    _lock_tasks(conn, [task_id])
+    row = conn.execute(_INSERT_JOB, params).fetchone()
+    if row is None:
+        existing = conn.execute(_SELECT_EXISTING_JOB, params).fetchone()
+        if existing is None:  # pragma: no cover - jobs are never deleted
+            raise ConflictError(f"job {params['id']} conflicts with a job that is gone")
+        return _job(existing), False
+    job = _job(row)
+    if task_id is not None:
+        job = _apply_waiting_callback(conn, job.id, task_id, params["created_at"]) or job
+    return job, True
+
+
+def _attach_task(conn: _Connection, job_id: JobId, task_id: TaskId, now: float) -> Job | None:
+    _lock_tasks(conn, [task_id])
+    row = conn.execute(_SELECT_JOB_FOR_UPDATE, {"id": job_id}).fetchone()
+    if row is None:
+        return None
+    job = _job(row)
+    if job.task_id is not None and job.task_id != task_id:
+        raise ConflictError(f"job {job_id} already tracks task {job.task_id}")
+    newly_attached = job.task_id is None
+    if newly_attached:
+        other = _select_job_by_task(conn, task_id)
+        if other is not None:
+            raise ConflictError(f"task {task_id} is already tracked by job {other.id}")
+        conn.execute(_SET_TASK, {"id": job_id, "task_id": task_id, "now": now})
+    _apply(conn, job_id, _ACCEPTED, now)
+    if newly_attached:
+        _apply_waiting_callback(conn, job_id, task_id, now)
+    return _select_job(conn, job_id)
+
+
+def _resolve_callback(
+    conn: _Connection, entry: InboxEntry, report: Mapping[str, Any] | None
+) -> tuple[CallbackEffect, Job | None]:
+    # The caller holds the lock on entry.task_id.
+    if not entry.authenticated:
+        return CallbackEffect.REJECTED, None
+    # A callback that may change its job locks the row as it reads it: until commit, the
+    # job is what this transaction makes of it, so a no-op needs no second look.
+    locking = report is not None
+    job = None
+    if entry.job_id is not None:
+        sql = _SELECT_JOB_FOR_UPDATE if locking else _SELECT_JOB
+        row = conn.execute(sql, {"id": entry.job_id}).fetchone()
+        job = None if row is None else _job(row)
+    if job is None and entry.task_id is not None:
+        sql = _SELECT_JOB_BY_TASK_FOR_UPDATE if locking else _SELECT_JOB_BY_TASK
+        row = conn.execute(sql, {"task_id": entry.task_id}).fetchone()
+        job = None if row is None else _job(row)
+    if report is None:
+        return CallbackEffect.NOT_APPLICABLE, job
+    if job is None:
+        return CallbackEffect.NO_JOB, None
+    if job.task_id is None and entry.task_id is not None:
+        params = {"id": job.id, "task_id": entry.task_id, "now": entry.received_at}
+        row = conn.execute(_SET_TASK, params).fetchone()
+        job = job if row is None else _job(row)
+    changed = _apply(conn, job.id, report, entry.received_at)
+    if changed is not None:
+        return CallbackEffect.CHANGED, changed
+    return CallbackEffect.NO_OP, job
+
+
+def _record_callback(
+    conn: _Connection, entry: InboxEntry, report: Mapping[str, Any] | None
+) -> CallbackRecord:
+    effect, job = _resolve_callback(conn, entry, report)
+    row = conn.execute(
+        _INSERT_CALLBACK,
+        {
+            **(_NO_REPORT if report is None else report),
+            "received_at": entry.received_at,
+            "body": entry.body,
+            "body_size": entry.body_size,
+            "content_type": entry.content_type,
+            "query": entry.query,
+            "remote": entry.remote,
+            "task_id": entry.task_id,
+            "found_by": entry.found_by,
+            "job_id": entry.job_id,
+            "outcome": entry.outcome,
+            "problem": entry.problem,
+            "authenticated": entry.authenticated,
+            "auth": entry.auth,
+            "effect": effect.value,
+            "matched_job_id": None if job is None else job.id,
+        },
+    ).fetchone()
+    (inbox_id,) = _one(row)
+    return CallbackRecord(inbox_id=inbox_id, effect=effect, job=job)
+
+
+def _callback_tasks(batch: Iterable[tuple[InboxEntry, object]]) -> list[TaskId | None]:
+    return [entry.task_id for entry, _ in batch if entry.authenticated]
+
+
+def _record_callbacks(
+    batch: Sequence[tuple[InboxEntry, Mapping[str, Any] | None]],
+    conn: _Connection,
+    attempt: _Attempt,
+) -> list[CallbackRecord | Exception]:
+    """Write ``batch`` in one transaction; one result (or error) per callback, in order."""
+    try:
+        with _transaction(conn, attempt):
+            _lock_tasks(conn, _callback_tasks(batch))
+            return [_record_callback(conn, entry, report) for entry, report in batch]
+    except Exception as exc:
+        if len(batch) == 1 or conn.broken or isinstance(exc, _ROLLED_BACK):
+            raise
+    # One callback failed the whole batch (the server refused one of its values): write
+    # each on its own, so that only that one fails.
+    results: list[CallbackRecord | Exception] = []
+    for entry, report in batch:
+        try:
+            with _transaction(conn, attempt):
+                _lock_tasks(conn, _callback_tasks([(entry, report)]))
+                results.append(_record_callback(conn, entry, report))
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            error = _store_error(exc)
+            error.__cause__ = exc
+            results.append(error)
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _fetch_all(sql: LiteralString, params: Mapping[str, Any], conn: _Connection) -> list[_Row]:
+    return conn.execute(sql, params).fetchall()
+
+
+def _execute(sql: LiteralString, params: Mapping[str, Any], conn: _Connection) -> None:
+    conn.execute(sql, params)
+
+
+# ---------------------------------------------------------------------------- the store
+
+
+def _shared_error(exc: BaseException) -> StoreUnavailableError:
+    # One exception object must not be raised in several tasks (tracebacks would mix).
+    error = StoreUnavailableError(f"the callback's batch failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class _QueuedCallback:
+    entry: InboxEntry
+    report: Mapping[str, Any] | None
+    # Set when the callback is written or failed, or when its task must write the batch.
+    wake: trio.Event = field(default_factory=trio.Event)
+    record: CallbackRecord | None = None
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.record is not None or self.error is not None
+
+
+class PostgresStore(JobStore):
+    """:class:`~kied.store.JobStore` on a PostgreSQL database, shared by every instance.
+
+    Each operation is one function run in one worker thread on one pooled connection:
+    reads are single statements, writes one explicit READ COMMITTED transaction. State
+    changes are compare-and-set updates; callbacks and jobs that meet by task id take a
+    transaction-level advisory lock on that task id first, so that across instances a
+    callback that arrives while its job is being created is never missed. Worker threads
+    go through a ``CapacityLimiter`` as large as the pool, so no thread waits for a
+    connection another thread of the same store holds.
+
+    Callbacks that arrive while one is being written are queued and written together,
+    in arrival order, in one transaction and one thread hop: the thread hop, not the
+    database, is what a write costs. When the server refuses one callback of a batch,
+    the others are written one by one, so that only that one fails.
+
+    An operation whose connection is lost is run again, at most twice, when that is safe:
+    reads always; writes when COMMIT had not been sent, or when the server itself rolled
+    the transaction back (deadlock, serialization failure). A write whose connection is
+    lost during COMMIT may have committed, and fails with ``StoreUnavailableError``.
+
+    Cancellation:
+        A read is abandoned at once; its thread finishes on its own (every statement is
+        bounded by the server's statement timeout) and returns the connection. A write
+        whose thread has started runs to its end (commit or rollback) before the
+        cancellation is seen, so a cancellation never leaves a write half known. That
+        wait is bounded by the 15 s statement timeout per statement, the connect timeout
+        for a connection, and TCP keepalives for a silent network.
+
+    Resource handling:
+        :meth:`connect` opens the pool and :meth:`aclose` closes it; use
+        :func:`kied.store.open_store`, which does both.
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool[_Connection],
+        limiter: trio.CapacityLimiter,
+        *,
+        getconn_timeout_s: float,
+    ) -> None:
+        """Wrap an open pool on a migrated database; use :meth:`connect` instead."""
+        self._pool: ConnectionPool[_Connection] | None = pool
+        self._limiter = limiter
+        self._getconn_timeout_s = getconn_timeout_s
+        # Callbacks waiting to be written, and whether a task is writing them (or has
+        # been handed the job of writing the next batch).
+        self._callbacks: list[_QueuedCallback] = []
+        self._writing_callbacks = False
+
+    @classmethod
+    async def connect(cls, settings: PostgresStoreSettings) -> PostgresStore:
+        """Connect to the database ``settings.url`` names, migrate it and open the pool.
+
+        Args:
+            settings: the URL (libpq URL or key=value string), the pool size and the
+                connect timeout. TCP keepalives, ``connect_timeout`` and
+                ``application_name`` are added to the URL unless it sets them.
+
+        Returns:
+            The open store.
+
+        Raises:
+            ConfigError: the URL cannot be parsed.
+            StoreUnavailableError: the server cannot be reached or refused the
+                connection, the migration failed, or the schema is newer than this
+                version of kied knows.
+
+        Cancellation:
+            Once the open has started in its thread it runs to its end (bounded by the
+            connect timeout, plus the migration); the cancellation is seen afterwards and
+            the store is closed again.
+
+        Resource handling:
+            The caller owns the store and must :meth:`aclose` it.
+        """
+        conninfo = _conninfo(settings)
+        limiter = trio.CapacityLimiter(settings.pool_size)
+        with _map_store_errors():
+            pool = await trio.to_thread.run_sync(
+                partial(_open_pool, conninfo, settings), limiter=limiter
+            )
+        store = cls(pool, limiter, getconn_timeout_s=settings.connect_timeout_s)
+        try:
+            await trio.lowlevel.checkpoint()
+        except BaseException:
+            with trio.move_on_after(_CLOSE_TIMEOUT_S * 2, shield=True):
+                await store.aclose()
+            raise
+        return store
+
+    async def _read(self, query: Callable[[_Connection], _T]) -> _T:
+        return await self._run(lambda conn, attempt: query(conn), write=False)
+
+    async def _write(self, change: Callable[[_Connection], _T]) -> _T:
+        def in_transaction(conn: _Connection, attempt: _Attempt) -> _T:
+            with _transaction(conn, attempt):
+                return change(conn)
+
+        return await self._run(in_transaction, write=True)
+
+    async def _run(self, operation: Callable[[_Connection, _Attempt], _T], *, write: bool) -> _T:
+        with _map_store_errors():
+            for delay in _RETRY_DELAYS_S:
+                attempt = _Attempt(write=write)
+                try:
+                    return await self._attempt(operation, attempt)
+                except psycopg.Error as exc:
+                    if not _may_retry(exc, attempt):
+                        raise
+                    logger.warning(
+                        "[GEN] storage: %s: %s; trying again in %.2f s",
+                        type(exc).__name__,
+                        _one_line(exc),
+                        delay,
+                        extra={"action": "store_retry"},
+                    )
+                await trio.sleep(delay)
+            return await self._attempt(operation, _Attempt(write=write))
+
+    async def _attempt(
+        self, operation: Callable[[_Connection, _Attempt], _T], attempt: _Attempt
+    ) -> _T:
+        if self._pool is None:
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailableError("the store is closed")
+        return await trio.to_thread.run_sync(
+            self._call,
+            operation,
+            attempt,
+            limiter=self._limiter,
+            abandon_on_cancel=not attempt.write,
+        )
+
+    def _call(self, operation: Callable[[_Connection, _Attempt], _T], attempt: _Attempt) -> _T:
+        # Runs in the worker thread, after the limiter let it in: the store may have been
+        # closed while this call waited for its turn.
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailableError("the store is closed")
+        conn = _getconn(pool, self._getconn_timeout_s)
+        try:
+            return operation(conn, attempt)
+        finally:
+            attempt.connection_lost = conn.broken
+            pool.putconn(conn)
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1``."""
+        await self._read(partial(_fetch_all, _PING, {}))
+
+    async def create_job(self, new: NewJob) -> tuple[Job, bool]:
+        """Store ``new``; see :meth:`JobStore.create_job`.
+
+        A job with the same id, idempotency key or task id is returned as it is, with
+        ``False``, also when another instance stores it at the same moment. A job created
+        with a task id starts ``pending``, else ``submitting``.
+        """
+        params = _job_params(new)
+        return await self._write(partial(_create_job, params=params))
+
+    async def get_job(self, job_id: JobId) -> Job | None:
+        return await self._read(partial(_select_job, job_id=job_id))
+
+    async def get_job_by_task(self, task_id: TaskId) -> Job | None:
+        return await self._read(partial(_select_job_by_task, task_id=task_id))
+
+    async def list_jobs(
+        self, *, states: Collection[str] | None = None, limit: int = 100
+    ) -> list[Job]:
+        _check_limit(limit)
+        params: dict[str, object]
+        if states is None:
+            sql, params = _LIST_JOBS, {"limit": limit}
+        else:
+            sql, params = _LIST_JOBS_IN_STATES, {"states": _text_array(states), "limit": limit}
+        return [_job(r) for r in await self._read(partial(_fetch_all, sql, params))]
+
+    async def unfinished_jobs(self) -> list[Job]:
+        rows = await self._read(partial(_fetch_all, _UNFINISHED_JOBS, {"states": _ACTIVE}))
+        return [_job(r) for r in rows]
+
+    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
+        """Record ``task_id`` and apply ``accepted``; see :meth:`JobStore.attach_task`.
+
+        The task id is recorded whatever the job's state; only the state change is a
+        compare-and-set. Repeating the call is harmless.
+
+        Raises:
+            ConflictError: the job already tracks another task, or another job tracks
+                this one.
+            StoreUnavailableError: the database failed.
+        """
+        return await self._write(partial(_attach_task, job_id=job_id, task_id=task_id, now=now))
+
+    async def apply(self, job_id: JobId, report: Report, *, now: float) -> Job | None:
+        params = _report_params(report)
+        return await self._write(partial(_apply, job_id=job_id, report=params, now=now))
+
+    async def note_error(self, job_id: JobId, message: str, *, now: float) -> None:
+        params = {"id": job_id, "message": message, "now": now}
+        await self._write(partial(_execute, _NOTE_ERROR, params))
+
+    async def record_callback(self, entry: InboxEntry, report: Report | None) -> CallbackRecord:
+        """Store ``entry`` and apply ``report``; see :meth:`JobStore.record_callback`.
+
+        ``now`` for the job's change is ``entry.received_at``. A rejected callback looks
+        nothing up; a callback with nothing to apply still names its job.
+
+        Cancellation:
+            Cancelled while it waits its turn, the callback is not written. Once its
+            batch is being written, it is written, whether or not the caller waits.
+        """
+        item = _QueuedCallback(
+            entry=entry, report=None if report is None else _report_params(report)
+        )
+        self._callbacks.append(item)
+        if self._writing_callbacks:
+            try:
+                await item.wake.wait()
+            except BaseException:
+                if item in self._callbacks:  # not taken by a write: drop it
+                    self._callbacks.remove(item)
+                    if item.wake.is_set():  # handed the writing just as it was cancelled
+                        self._hand_off_callbacks()
+                raise
+            if not item.finished:  # handed the writing: write the next batch
+                await self._write_callbacks(item)
+        else:
+            self._writing_callbacks = True
+            await self._write_callbacks(item)
+        if item.error is not None:
+            raise item.error
+        assert item.record is not None
+        return item.record
+
+    async def _write_callbacks(self, own: _QueuedCallback) -> None:
+        # Called only by the one task that holds ``_writing_callbacks``.
+        # The caller's own callback is the oldest queued, so it is always in the batch.
+        batch = self._callbacks[:_MAX_CALLBACK_BATCH]
+        del self._callbacks[:_MAX_CALLBACK_BATCH]
+        try:
+            results = await self._run(
+                partial(_record_callbacks, [(c.entry, c.report) for c in batch]), write=True
+            )
+        except trio.Cancelled:
+            # Only raised before a thread started, or between attempts (after one that
+            # wrote nothing): nothing was written.
+            self._callbacks[:0] = [c for c in batch if c is not own]
+            raise
+        except BaseException as exc:
+            for c in batch:
+                c.error = exc if c is own else _shared_error(exc)
+                c.wake.set()
+            raise
+        else:
+            for c, result in zip(batch, results, strict=True):
+                if isinstance(result, CallbackRecord):
+                    c.record = result
+                else:
+                    c.error = result
+                c.wake.set()
+        finally:
+            self._hand_off_callbacks()
+
+    def _hand_off_callbacks(self) -> None:
+        # The writer is done: the task of the oldest queued callback writes the next batch.
+        if self._callbacks:
+            self._callbacks[0].wake.set()
+        else:
+            self._writing_callbacks = False
+
+    async def list_callbacks(
+        self, *, task_id: TaskId | None = None, limit: int = 100
+    ) -> list[StoredCallback]:
+        _check_limit(limit)
+        params: dict[str, object]
+        if task_id is None:
+            sql, params = _LIST_CALLBACKS, {"limit": limit}
+        else:
+            sql, params = _LIST_CALLBACKS_FOR_TASK, {"task_id": task_id, "limit": limit}
+        return [_stored_callback(r) for r in await self._read(partial(_fetch_all, sql, params))]
+
+    async def aclose(self) -> None:
+        """Close the pool. Idempotent.
+
+        Operations already running finish on their connections, which are closed as they
+        come back; operations after this raise ``StoreUnavailableError``.
+
+        Cancellation:
+            Cancelled while the pool closes, the closing finishes in its thread.
+        """
+        pool, self._pool = self._pool, None
+        if pool is None:
+            await trio.lowlevel.checkpoint()
+            return
+        with _map_store_errors():
+            await trio.to_thread.run_sync(
+                partial(pool.close, timeout=_CLOSE_TIMEOUT_S), abandon_on_cancel=True
+            )
