@@ -407,7 +407,7 @@ async def _queries_kied(config: SimulatorConfig, n: int, arrival_s: float) -> li
                     completed_t=task["completed_at"] - WALL0,
                     queries=task["status_queries"],
                     duration_s=task["duration_s"],
-                    lag_s=job.ended_at - (task["completed_at"] or math.nan),
+                    lag_s=job.ended_at - task["completed_at"],
                     ended_by=job.ended_by.value if job.ended_by else "?",
                 )
             )

@@ -244,7 +244,7 @@ def _read_submission(body: object, *, default_timeout_s: float) -> _Submission:
             choices = ", ".join(f.value for f in Family)
             raise BadRequestError("family", f"must be one of {choices}")
         family = Family(family_value)
-    if family is Family.MARKET and model is None:
+    if family is Family.MARKET and model is None and body.get("task_id") is None:
         raise BadRequestError("model", "a Market job needs a model")
 
     task_id = body.get("task_id")

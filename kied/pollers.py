@@ -181,6 +181,7 @@ class PollerSupervisor:
         finally:
             if self._scopes.get(job.id) is scope:
                 del self._scopes[job.id]
+            logger.debug("[GEN] poller for job %s stopped", job.id)
 
     async def _poll_until_terminal(self, job: Job) -> None:
         family = Family(job.family)

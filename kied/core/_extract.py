@@ -20,12 +20,12 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from itertools import islice
+from itertools import chain, islice
 from operator import itemgetter
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from kied.core._json import JsonObject, JsonValue
 
@@ -152,6 +152,11 @@ _FIELDS: Final = frozenset(
 )
 
 _URL_IN_TEXT: Final = re.compile(r"https?://[^\s\[\]\"'<>,]+", re.IGNORECASE)
+#: http:// or https://, in any case, and something after it.
+_URL_HEAD: Final = re.compile(r"https?://.", re.IGNORECASE | re.ASCII | re.DOTALL)
+#: How a JSON object or array can begin: ``_decode`` tries no text that does not, as a
+#: failed decode costs an exception (Suno lyrics open with "[Verse]").
+_JSON_OPENING: Final = re.compile(r'\{[ \t\n\r]*["}]|\[[ \t\n\r]*[\]"{\[\-0-9tfnNI]')
 _INT_TEXT: Final = re.compile(r"[+-]?\d{1,18}")
 _MAX_CODE: Final = 10**18
 _MAX_INT_BITS: Final = 1000
@@ -279,11 +284,12 @@ def clean_id(value: JsonValue) -> str | None:
 
 
 def _is_url(text: str) -> bool:
-    if len(text) > _MAX_URL_CHARS:
-        return False
-    head = text[:8].lower()
-    rest = text[8:] if head == "https://" else text[7:] if head.startswith("http://") else ""
-    return bool(rest) and text.isprintable() and " " not in text
+    return (
+        len(text) <= _MAX_URL_CHARS
+        and _URL_HEAD.match(text) is not None
+        and text.isprintable()
+        and " " not in text
+    )
 
 
 def _urls_in(text: str) -> list[str]:
@@ -322,19 +328,18 @@ class Node:
 
     def path(self, leaf: str) -> str:
         """Where ``leaf`` sits, e.g. ``data.taskId``, ``data[0].taskId``, ``data(json).taskId``."""
-        parts: list[str] = []
+        parts = ["." + _short(leaf)]
         node: Node | None = self
         while node is not None:
-            part = ""
-            if node.key is not None:
-                part = "." + _short(node.key)
-            elif node.index is not None:
-                part = f"[{node.index}]"
             if node.embedded:
-                part += "(json)"
-            parts.append(part)
+                parts.append("(json)")
+            if (key := node.key) is not None:
+                parts.append("." + (key if len(key) <= _SHORT else _short(key)))
+            elif node.index is not None:
+                parts.append(f"[{node.index}]")
             node = node.parent
-        return ("".join(reversed(parts)) + "." + _short(leaf)).lstrip(".")
+        parts.reverse()
+        return "".join(parts).lstrip(".")
 
     def chain(self) -> list[Node]:
         """This object and the objects that contain it, nearest first."""
@@ -347,8 +352,11 @@ class Node:
         return chain
 
 
+_SHORT: Final = 40  # keys shown in a path are cut to this length
+
+
 def _short(key: str) -> str:
-    return key if len(key) <= 40 else key[:39] + "…"
+    return key if len(key) <= _SHORT else key[: _SHORT - 1] + "…"
 
 
 @dataclass(slots=True, eq=False)
@@ -363,6 +371,10 @@ class Scan:
     containers: int  # objects and arrays met
     visited: int  # values examined: the work done
     exhausted: bool  # the node budget ran out before the walk ended
+    #: The shallowest usable ``taskId`` (or, at its depth, ``recordId``) outside request echoes
+    #: and results, with the object holding it and its key as sent.
+    task_id: tuple[Node, str, str] | None
+    generic_id: tuple[Node, str, str] | None  # the same for a generic ``id``
     #: JSON text in request echoes left undecoded (see :func:`scan`), with the room left
     #: under ``max_depth`` and ``max_embedded`` where it sits.
     deferred: list[tuple[str, int, int]]
@@ -386,21 +398,31 @@ _KeyInfo: TypeAlias = tuple[str, str, bool, Zone | None]
 
 _UNRANKED: Final = len(_URL_KEYS)
 
+#: The keys that name the task, by rank: a ``taskId`` beats a ``recordId`` at the same depth,
+#: and a generic ``id`` counts only when no other id does, and only this shallow (``id``,
+#: ``data.id``, ``data[0].id``: Suno's track ids sit deeper).
+_ID_RANKS: Final = {"taskid": 0, "recordid": 1, "id": 2}
+_GENERIC_ID: Final = 2
+_GENERIC_ID_MAX_DEPTH: Final = 2
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class _Shape:
     """How the walk reads an object with a given sequence of keys."""
 
-    #: The document index of each key in walk order (result keys first, best first, then the
-    #: rest in document order); None when that is document order.
-    order: tuple[int, ...] | None
+    #: Puts the values in walk order (result keys first, best first, then the rest in
+    #: document order); None when that is document order.
+    reorder: Callable[[list[JsonValue]], tuple[JsonValue, ...]] | None
     keys: tuple[_KeyInfo, ...]  # in walk order
+    #: Per key in walk order, whether its value is in the result zone when the object is
+    #: outside it, and when the object is inside it.
+    results_below_other: tuple[bool, ...]
+    results_below_results: tuple[bool, ...]
     norms: frozenset[str]  # every normalised key
     raw_keys: frozenset[str]  # the keys as sent whose normalised key is not empty
-    #: The keys readers look at: their walk positions, normalised keys and keys as sent.
-    field_at: tuple[int, ...]
-    field_norms: tuple[str, ...]
-    field_keys: tuple[str, ...]
+    ids: tuple[tuple[int, int], ...]  # (walk position, rank) of the keys that name a task
+    #: The keys readers look at: (walk position, normalised key, key as sent).
+    fields: tuple[tuple[int, str, str], ...]
     opens_results: bool  # some key holds result URLs
 
 
@@ -415,13 +437,21 @@ def _make_shape(keys: tuple[str, ...]) -> _Shape:
     order = tuple(index for _, index, _ in ranked)
     infos = tuple(info for _, _, info in ranked)
     return _Shape(
-        order=None if order == tuple(range(len(keys))) else order,
+        # A permutation of two or more keys, so the getter returns a tuple.
+        reorder=None if order == tuple(range(len(keys))) else itemgetter(*order),
         keys=infos,
+        results_below_other=tuple(opens is _URL for _, _, _, opens in infos),
+        results_below_results=tuple(opens is not _ECHO for _, _, _, opens in infos),
         norms=frozenset(norm for norm, _, _, _ in infos),
         raw_keys=frozenset(key for norm, key, _, _ in infos if norm),
-        field_at=tuple(position for position, info in enumerate(infos) if info[2]),
-        field_norms=tuple(norm for norm, _, field, _ in infos if field),
-        field_keys=tuple(key for _, key, field, _ in infos if field),
+        ids=tuple(
+            (position, _ID_RANKS[info[0]])
+            for position, info in enumerate(infos)
+            if info[0] in _ID_RANKS
+        ),
+        fields=tuple(
+            (position, norm, key) for position, (norm, key, field, _) in enumerate(infos) if field
+        ),
         opens_results=any(rank < _UNRANKED for rank, _, _ in ranked),
     )
 
@@ -467,6 +497,9 @@ def _walk(
     raw_keys: set[str] = set()
     deferred: list[tuple[str, int, int]] = []
     deferred_cost = 0
+    # The ids found so far, as (depth, rank, node, key, id): objects are met shallow first.
+    task_id: tuple[int, int, Node, str, str] | None = None
+    generic_id: tuple[Node, str, str] | None = None
     visited = 0
     exhausted = max_nodes <= 0
     if not exhausted:
@@ -495,7 +528,7 @@ def _walk(
         zone = node.zone
         in_echo = zone is _ECHO
         remaining = max_nodes - visited
-        values: list[JsonValue]
+        values: Sequence[JsonValue]
         shape: _Shape | None = None
         if isinstance(value, dict):
             if type(value) is dict and len(value) <= remaining:
@@ -508,9 +541,10 @@ def _walk(
                 names = tuple(map(_KEY_OF, pairs))
                 values = list(map(_VALUE_OF, pairs))
             shape = _SHAPES.get(names) or _shape(names)
-            if shape.order is not None:
-                values = [values[index] for index in shape.order]
+            if shape.reorder is not None:
+                values = shape.reorder(values)
             harvests = zone is _URL or (shape.opens_results and not in_echo)
+            in_results = shape.results_below_results if zone is _URL else shape.results_below_other
         else:
             exhausted = len(value) > remaining
             values = list(islice(value, remaining)) if exhausted else value
@@ -534,7 +568,6 @@ def _walk(
                     visited += 1
                 container: JsonObject | list[JsonValue]
                 if isinstance(child, str):
-                    ok = False
                     if decodes and ((head := child[:1]) in _OPENERS or head.isspace()):
                         if defer and (
                             in_echo or (shape is not None and shape.keys[position][3] is _ECHO)
@@ -545,20 +578,22 @@ def _walk(
                             deferred_cost += len(child) * (max_embedded - level)
                             continue
                         ok, decoded = _decode(child, allow_string=False)
-                    if ok:
-                        # A JSON text that opens with { or [ is an object or an array.
-                        if not isinstance(decoded, _CONTAINERS):
-                            continue
-                        container, embedded = decoded, True
-                    else:
-                        if not harvests:
-                            continue
-                        if shape is not None:
-                            opens = shape.keys[position][3]
-                            if (zone if opens is None or in_echo else opens) is not _URL:
+                        if ok:
+                            # A JSON text that opens with { or [ is an object or an array.
+                            if not isinstance(decoded, _CONTAINERS):
                                 continue
-                        visited, cut = _harvest(child, (*base, position), urls, visited, max_nodes)
-                        exhausted = exhausted or cut
+                            container, embedded = decoded, True
+                    else:
+                        ok = False
+                    if not ok:
+                        if not harvests or (shape is not None and not in_results[position]):
+                            continue
+                        for index, url in enumerate(_urls_in(child)):
+                            if visited >= max_nodes:
+                                exhausted = True
+                                break
+                            visited += 1
+                            urls.append(((*base, position, index), url))
                         continue
                 elif isinstance(child, _CONTAINERS):
                     container, embedded = child, False
@@ -587,15 +622,33 @@ def _walk(
 
         if shape is None:
             continue
+        if shape.ids and zone is _NORMAL:
+            node_depth = node.depth
+            for at, rank in shape.ids:
+                if at >= walked:
+                    break
+                if rank == _GENERIC_ID:
+                    if generic_id is not None or node_depth > _GENERIC_ID_MAX_DEPTH:
+                        continue
+                elif task_id is not None and (node_depth, rank) >= task_id[:2]:
+                    continue
+                if (found := clean_id(values[at])) is None:
+                    continue
+                key = shape.keys[at][1]
+                if rank == _GENERIC_ID:
+                    generic_id = (node, key, found)
+                else:
+                    task_id = (node_depth, rank, node, key, found)
         # The keys of the object the budget covered: the fields readers look at, and the keys
         # seen outside request echoes.
         if walked == len(values):
             if not in_echo:
                 keys |= shape.norms
                 raw_keys |= shape.raw_keys
-            if shape.field_at:
-                picked = map(values.__getitem__, shape.field_at)
-                node.fields.extend(zip(shape.field_norms, shape.field_keys, picked, strict=True))
+            if shape.fields:
+                fields = node.fields
+                for at, norm, key in shape.fields:
+                    fields.append((norm, key, values[at]))
             continue
         for (norm, key, is_field, _), child in zip(shape.keys[:walked], values, strict=False):
             if is_field:
@@ -605,41 +658,31 @@ def _walk(
                 if norm:
                     raw_keys.add(key)
 
-    return Scan(
-        objects,
-        # Breadth-first finds shallow things first; results read best in document order.
-        tuple(dict.fromkeys(map(_VALUE_OF, sorted(urls))))
-        if len(urls) > 1
-        else (tuple(map(_VALUE_OF, urls))),
-        frozenset(keys),
-        frozenset(raw_keys),
-        expanded + len(queue),  # every container met was queued
-        visited,
-        exhausted,
-        deferred,
-    ), deferred_cost
-
-
-def _harvest(
-    text: str,
-    order: tuple[int, ...],
-    urls: list[tuple[tuple[int, ...], str]],
-    visited: int,
-    max_nodes: int,
-) -> tuple[int, bool]:
-    """Collect the URLs in ``text``, one unit of the budget each; (visited, exhausted)."""
-    for index, url in enumerate(_urls_in(text)):
-        if visited >= max_nodes:
-            return visited, True
-        visited += 1
-        urls.append(((*order, index), url))
-    return visited, False
+    # Breadth-first finds shallow things first; results read best in document order.
+    urls.sort()
+    return (
+        Scan(
+            objects,
+            tuple(dict.fromkeys(map(_VALUE_OF, urls))),
+            frozenset(keys),
+            frozenset(raw_keys),
+            expanded + len(queue),  # every container met was queued
+            visited,
+            exhausted,
+            None if task_id is None else task_id[2:],
+            generic_id,
+            deferred,
+        ),
+        deferred_cost,
+    )
 
 
 def _decode(text: str, *, allow_string: bool) -> tuple[bool, JsonValue]:
     """Decode JSON held in a string; (False, None) when it is not JSON worth reading."""
     text = text.strip()
     if not text or text[0] not in ('{["' if allow_string else "{["):
+        return False, None
+    if text[0] != '"' and _JSON_OPENING.match(text) is None:
         return False, None
     try:
         return True, _loads_trimmed(text)
@@ -685,10 +728,9 @@ def _fields_in_text(deferred: list[tuple[str, int, int]]) -> Iterator[tuple[str,
         children: Iterable[JsonValue]
         if isinstance(value, dict):
             children = value.values()
-            for key, child in value.items():
-                norm = norm_key(key)
-                if norm in _FIELDS:
-                    yield norm, child
+            names = tuple(value)
+            for _, norm, key in (_SHAPES.get(names) or _shape(names)).fields:
+                yield norm, value[key]
         else:
             children = value
         if depth_room < 1:
@@ -757,18 +799,21 @@ class Fields:
         return self.error_code is not None or self.error_message is not None
 
 
-def read_fields(nodes: Iterable[Node], *, has_urls: bool) -> Fields:
-    """Read every field of :class:`Fields` in one pass over the objects of ``nodes``.
+def read_fields(first: list[Node], then: Iterable[Node], *, has_urls: bool) -> Fields:
+    """Read every field of :class:`Fields` from the objects of ``first``, then of ``then``.
 
     Objects inside request echoes and results are passed over. Each field takes the first
-    value its reader accepts, in node order and, within a node, in document order; a value
-    the reader refuses (an empty message, a code of 0) is passed over for the next one.
+    value its reader accepts, in that order of objects and, within an object, in document
+    order; a value the reader refuses (an empty message, a code of 0) is passed over for the
+    next one. An object of ``first`` met again in ``then`` has nothing more to give.
     """
     code: int | None = None
     texts: list[str | None] = [None] * 8
     slots, readers = _SLOTS, _TEXT_READERS
-    for node in nodes:
-        if node.zone is not _NORMAL:
+    read = len(first)
+    done = {id(node) for node in first}
+    for index, node in enumerate(chain(first, then)):
+        if node.zone is not _NORMAL or (index >= read and id(node) in done):
             continue
         for norm, _, value in node.fields:
             # Every reader reads null as nothing.

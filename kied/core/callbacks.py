@@ -173,8 +173,24 @@ def _unrecognised(reason: str) -> Unrecognised:
 
 def _text_of(body: bytes) -> str:
     # json.detect_encoding knows the UTF-8 BOM and UTF-16/32; bad bytes become U+FFFD.
-    text = body.decode(json.detect_encoding(body), errors="replace")
+    text = body.decode(_encoding(body), errors="replace")
     return text.lstrip("\ufeff").strip()
+
+
+#: json.detect_encoding's answers by a body's first four bytes, all it looks at; bodies start
+#: alike, and past this many different starts the answer is worked out each time.
+_ENCODINGS: Final[dict[bytes, str]] = {}
+_ENCODINGS_SIZE: Final = 64
+
+
+def _encoding(body: bytes) -> str:
+    head = body[:4]
+    encoding = _ENCODINGS.get(head)
+    if encoding is None:
+        encoding = json.detect_encoding(head)
+        if len(_ENCODINGS) < _ENCODINGS_SIZE:
+            _ENCODINGS[head] = encoding
+    return encoding
 
 
 _FORMISH: Final = re.compile(r"[^\s=&{}\[\]\"]+=")
@@ -214,9 +230,6 @@ def _load(text: str, content_type: str | None, limits: ParseLimits) -> _Loaded:
 # -- the task id --------------------------------------------------------------------------
 
 _NORMAL: Final = Zone.NORMAL  # an Enum member looked up once, not per object
-_SPECIFIC_IDS: Final = {"taskid": 0, "recordid": 1}  # the name and its rank
-#: A generic ``id`` counts only this shallow: ``id``, ``data.id``, ``data[0].id``.
-_GENERIC_ID_MAX_DEPTH: Final = 2
 _QUERY_IDS: Final = frozenset({"taskid"})
 _HEADER_IDS: Final = frozenset({"xtaskid", "taskid", "xkietaskid", "kietaskid"})
 
@@ -228,40 +241,10 @@ class _Found:
     node: Node | None  # the object holding the id, when it came from the body
 
 
-def _body_ids(found: Scan, max_depth: int, prefix: str) -> tuple[_Found | None, _Found | None]:
-    """The body's task id (``taskId``, then ``recordId``) and its generic ``id``, in one pass.
-
-    Each is the shallowest usable one; at equal depth a ``taskId`` beats a ``recordId``, and
-    otherwise the first met wins. Request echoes and results are not searched.
-    """
-    # (depth, rank, node, key, id); objects come shallow first, so the pass can stop at the
-    # first depth that can improve on neither.
-    specific: tuple[int, int, Node, str, str] | None = None
-    generic: tuple[Node, str, str] | None = None
-    for node in found.objects:
-        depth = node.depth
-        specific_done = depth > max_depth or (specific is not None and depth > specific[0])
-        if specific_done and (generic is not None or depth > _GENERIC_ID_MAX_DEPTH):
-            break
-        if node.zone is not _NORMAL:
-            continue
-        for norm, key, value in node.fields:
-            rank = _SPECIFIC_IDS.get(norm)
-            if rank is not None:
-                if specific_done or (specific is not None and (depth, rank) >= specific[:2]):
-                    continue
-                if (task_id := clean_id(value)) is not None:
-                    specific = (depth, rank, node, key, task_id)
-            elif norm == "id" and generic is None and depth <= _GENERIC_ID_MAX_DEPTH:
-                if (task_id := clean_id(value)) is not None:
-                    generic = (node, key, task_id)
-    return (
-        None if specific is None else _found(specific[2], specific[3], specific[4], prefix),
-        None if generic is None else _found(*generic, prefix),
-    )
-
-
-def _found(node: Node, key: str, task_id: str, prefix: str) -> _Found:
+def _body_id(hit: tuple[Node, str, str] | None, prefix: str) -> _Found | None:
+    if hit is None:
+        return None
+    node, key, task_id = hit
     return _Found(task_id, prefix + node.path(key), node)
 
 
@@ -326,6 +309,8 @@ def _starts_mj(value: JsonValue) -> bool:
     return text is not None and text.lower().startswith("mj")
 
 
+_FAMILY_NAMES: Final = {family: family.value for family in Family}
+
 _KEY_MARKERS: Final = (
     (frozenset({"audiowavurl"}), Family.SUNO_WAV),
     (frozenset({"vocalremovalinfo"}), Family.SUNO_VOCAL),
@@ -385,18 +370,18 @@ def _parse(
     if reason is None and found.containers == 0:
         reason = "not a JSON object"
 
-    specific, generic = _body_ids(found, limits.max_depth, "form:" if loaded.form else "")
+    prefix = "form:" if loaded.form else ""
     hit = (
-        specific
+        _body_id(found.task_id, prefix)
         or _side_id(query, _QUERY_IDS, "query", header=False)
         or _side_id(headers, _HEADER_IDS, "header", header=True)
-        or generic
+        or _body_id(found.generic_id, prefix)
     )
 
     # Fields are read from the id's own object and its containers first, then anywhere.
     id_node = hit.node if hit is not None else None
     chain = id_node.chain() if id_node is not None else []
-    fields = read_fields(chain + found.objects, has_urls=bool(found.urls))
+    fields = read_fields(chain, found.objects, has_urls=bool(found.urls))
     code = fields.code
     stage = fields.stage
     error_code, error_message = fields.error_code, fields.error_message
@@ -430,5 +415,5 @@ def _parse(
         error_message=error_message,
         kie_code=code,
         stage=stage,
-        family=family.value if family is not None else None,
+        family=_FAMILY_NAMES[family] if family is not None else None,
     )

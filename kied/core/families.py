@@ -248,7 +248,7 @@ def _read_status(family: Family, data: JsonValue) -> StatusReading:
         return _UNREADABLE
     found = scan(data)
     # The state and error fields sit at the top of ``data`` in every family.
-    top = read_fields(found.objects[:1], has_urls=bool(found.urls))
+    top = read_fields(found.objects[:1], (), has_urls=bool(found.urls))
     judged = _judge(family, top)
     outcome, kie_state = judged if judged is not None else (_U, None)
     return StatusReading(

@@ -154,6 +154,25 @@ CREATE TABLE callback_inbox (
 CREATE INDEX callback_inbox_task_id ON callback_inbox (task_id);
 
 CREATE INDEX callback_inbox_matched_job_id ON callback_inbox (matched_job_id);
+
+-- Every new job, and every change of a job's state, task id or KIE state, is announced on
+-- the kied_jobs channel with the job id, when its transaction commits, so that the other
+-- instances hear of it (a note on an error, last_error alone, is not announced).
+CREATE FUNCTION kied_announce_job() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('kied_jobs', NEW.id);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_announce_insert AFTER INSERT ON jobs
+    FOR EACH ROW EXECUTE FUNCTION kied_announce_job();
+
+CREATE TRIGGER jobs_announce_update AFTER UPDATE ON jobs
+    FOR EACH ROW
+    WHEN ((OLD.state, OLD.task_id, OLD.kie_state)
+          IS DISTINCT FROM (NEW.state, NEW.task_id, NEW.kie_state))
+    EXECUTE FUNCTION kied_announce_job();
 """
 
 #: PostgreSQL migrations, oldest first.

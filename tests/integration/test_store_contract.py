@@ -1188,6 +1188,29 @@ async def test_postgres_migrations_run_once_when_stores_open_together(
     assert versions == [(n,) for n in range(1, len(POSTGRES_MIGRATIONS) + 1)]
 
 
+async def test_postgres_job_changes_are_announced_as_they_commit(pg_url: str) -> None:
+    # Other instances LISTEN on kied_jobs: a new job, a state, task or KIE state change is
+    # a note carrying the job id; a poller's error note is not.
+    listener = await trio.to_thread.run_sync(partial(psycopg.connect, pg_url, autocommit=True))
+    try:
+        await trio.to_thread.run_sync(listener.execute, "LISTEN kied_jobs")
+        async with open_store(PostgresStoreSettings(url=pg_url)) as store:
+            job, _ = await store.create_job(make_new_job())  # 1
+            await store.attach_task(job.id, TaskId("t-1"), now=1_001.0)  # 2
+            await store.apply(job.id, _report(E.PROGRESS), now=1_002.0)  # 3: KIE state
+            await store.apply(job.id, _report(E.PROGRESS), now=1_003.0)  # the same: none
+            await store.note_error(job.id, "KIE answered 502", now=1_004.0)  # none
+            await store.record_callback(make_inbox_entry(task_id="t-1"), SUCCESS)  # 4
+            other, _ = await store.create_job(make_new_job())  # 5
+
+        def notes() -> list[str]:
+            return [n.payload for n in listener.notifies(timeout=0.5)]
+
+        assert await trio.to_thread.run_sync(notes) == [job.id] * 4 + [other.id]
+    finally:
+        await trio.to_thread.run_sync(listener.close)
+
+
 async def test_postgres_refuses_a_newer_schema(pg_url: str) -> None:
     newer = len(POSTGRES_MIGRATIONS) + 1
     await _admin(pg_url, "INSERT INTO schema_version (version, applied_at) VALUES (%s, 0)", newer)
