@@ -8,8 +8,11 @@ callbacks the tests send to the instance of their choice.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -205,3 +208,47 @@ def test_a_terminated_lock_connection_makes_the_leader_step_down(fleet, pg_serve
     fleet.leader()
     log_ok = fleet.procs[leader].poll() is None
     assert log_ok  # stepping down is not dying
+
+
+def _restart_postgresql() -> None:
+    clusters = sorted(os.listdir("/etc/postgresql"))
+    for version in clusters:
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+
+@pytest.mark.skipif(
+    shutil.which("pg_ctlcluster") is None or os.geteuid() != 0,
+    reason="restarting the server needs Debian's pg_ctlcluster as root",
+)
+def test_postgresql_restarted_under_load_loses_no_job(fleet):
+    for _ in range(2):
+        fleet.start()
+    leader = fleet.leader()
+    accepted = [submit(leader) for _ in range(10)]
+    restart = threading.Thread(target=_restart_postgresql)
+    restart.start()
+    # Keep the fleet busy while the server goes away and comes back: submissions may be
+    # refused while it is down, but every one that was accepted must end.
+    while restart.is_alive():
+        for url in list(fleet.procs):
+            try:
+                r = httpx.post(f"{url}/v1/jobs", json={"model": "m", "input": {"p": 1}}, timeout=5)
+            except httpx.HTTPError:
+                continue
+            if r.status_code == 201:
+                accepted.append(r.json())
+            r = httpx.post(
+                f"{url}/callbacks/kie", json={"code": 200, "data": {"taskId": "unknown"}}, timeout=5
+            )
+            assert r.status_code == 200  # even while nothing can be stored
+        time.sleep(0.05)
+    restart.join()
+    leader = fleet.leader()
+    for job in accepted:
+        assert wait_job(leader, job["id"], within_s=90)["state"] == "succeeded"
+    assert list(fleet.modes().values()).count("ACTIVE") == 1
