@@ -670,6 +670,7 @@ async def _scale(
                         )
                         if phase == "window":
                             steady.append((wall, cpu_used, queries))
+                window_to = time.perf_counter()
                 rss["end_of_window"] = _rss_mib()
                 running = watch.running
                 first_query_s = next((t - lead_t for t in query_times if t >= lead_t), math.nan)
@@ -695,12 +696,12 @@ async def _scale(
                 [lag for t, lag in lags if began <= t < window_from], scale=1000, digits=1
             ),
             "steady_window": _dist(
-                [lag for t, lag in lags if t >= window_from], scale=1000, digits=1
+                [lag for t, lag in lags if window_from <= t < window_to], scale=1000, digits=1
             ),
         },
         # Python's cyclic garbage collector, from the lead to the window, and in the window
         "gc_while_starting": _gc_summary([p for p in gc_pauses if began <= p[0] < window_from]),
-        "gc_steady_window": _gc_summary([p for p in gc_pauses if p[0] >= window_from]),
+        "gc_steady_window": _gc_summary([p for p in gc_pauses if window_from <= p[0] < window_to]),
         "rss_mib": rss,
         "rss_for_pollers_mib": round(rss["end_of_window"] - rss["jobs_stored"], 1),
         "rss_per_poller_kib": round((rss["end_of_window"] - rss["jobs_stored"]) * 1024 / n, 2),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
 import secrets
 import signal
 import socket
@@ -27,11 +26,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import httpx
 import trio
 
+from kied._flags import FlagParser, parse_duration, parse_integer, parse_number
 from kied.client_cli import api_error_line
 from kied.core.jobs import TERMINAL_STATES, Job, JobState
 from kied.daemon import run
@@ -144,15 +144,6 @@ class DemoOptions:
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        if m := re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message):
-            raise ConfigError(m[1], m[2])
-        if m := re.match(r"unrecognized arguments: (\S+)", message):
-            raise ConfigError(m[1], "unknown flag (see kied demo --help)")
-        raise ConfigError("arguments", message)
-
-
 _DESCRIPTION: Final = """\
 Start a simulated KIE and a kied daemon in this process, submit jobs through the
 daemon's HTTP API under a chosen fault mix, and end with a table: jobs by final
@@ -175,7 +166,7 @@ def _epilog() -> str:
 
 def _build_parser() -> argparse.ArgumentParser:
     d = DemoOptions()
-    p = _Parser(
+    p = FlagParser(
         prog="kied demo",
         description=_DESCRIPTION,
         epilog=_epilog(),
@@ -223,64 +214,36 @@ def parse_demo_args(argv: Sequence[str]) -> DemoOptions:
     ns = _build_parser().parse_args(list(argv))
     kw: dict[str, Any] = {}
     if ns.jobs is not None:
-        kw["jobs"] = _integer("--jobs", ns.jobs)
+        kw["jobs"] = parse_integer("--jobs", ns.jobs)
         if kw["jobs"] < 1:
             raise ConfigError("--jobs", f"must be 1 or more, not {ns.jobs!r}")
     if ns.duration is not None:
-        kw["duration_s"] = _duration(ns.duration)
+        kw["duration_s"] = parse_duration("--duration", ns.duration)
     mix = ns.mix or _DEFAULT_MIX
     kw["mix"] = mix
     for name in _FAULTS:
         text = getattr(ns, name)
         flag = "--" + name.replace("_", "-")
-        value = MIXES[mix].get(name, 0.0) if text is None else _number(flag, text)
+        value = MIXES[mix].get(name, 0.0) if text is None else parse_number(flag, text)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(flag, f"must be a fraction in [0, 1], not {text!r}")
         kw[name] = value
     if ns.late_delay is not None:
-        kw["late_delay_s"] = _number("--late-delay", ns.late_delay)
+        kw["late_delay_s"] = parse_number("--late-delay", ns.late_delay)
         if kw["late_delay_s"] < 0:
             raise ConfigError("--late-delay", f"must be 0 seconds or more, not {ns.late_delay!r}")
     if ns.timeout is not None:
-        kw["timeout_s"] = _number("--timeout", ns.timeout)
+        kw["timeout_s"] = parse_number("--timeout", ns.timeout)
         if not 0 < kw["timeout_s"] <= 30 * 24 * 3600:
             raise ConfigError(
                 "--timeout", f"must be more than 0 and at most 30 days, not {ns.timeout!r}"
             )
     if ns.seed is not None:
-        kw["seed"] = _integer("--seed", ns.seed)
+        kw["seed"] = parse_integer("--seed", ns.seed)
     kw["verbose"] = ns.verbose
     options = DemoOptions(**kw)
     options.simulator_config()  # validates what the simulator checks
     return options
-
-
-def _number(flag: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(flag, f"must be a number, not {text!r}") from None
-    if not math.isfinite(value):
-        raise ConfigError(flag, f"must be a finite number, not {text!r}")
-    return value
-
-
-def _integer(flag: str, text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(flag, f"must be a whole number, not {text!r}") from None
-
-
-def _duration(text: str) -> tuple[float, float]:
-    low_text, sep, high_text = text.partition("-")
-    low = _number("--duration", low_text)
-    high = _number("--duration", high_text) if sep else low
-    if not 0 <= low <= high:
-        raise ConfigError(
-            "--duration", f"must be SECONDS or MIN-MAX with 0 <= MIN <= MAX, not {text!r}"
-        )
-    return low, high
 
 
 def main(argv: Sequence[str]) -> int:

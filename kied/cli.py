@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import trio
@@ -22,6 +23,8 @@ from kied.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from kied.settings import LogFormat
 
 __all__ = ["main"]
 
@@ -69,17 +72,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def configure_logging(level: str) -> None:
-    """Plain lines on stderr; under systemd the journal adds its own timestamps."""
-    under_journal = "JOURNAL_STREAM" in os.environ
-    fmt = (
-        "%(levelname)s %(name)s: %(message)s"
-        if under_journal
-        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """Lines on stderr: plain text, or one JSON object per line for log shippers.
+
+    Under systemd the journal adds its own timestamps, so text lines carry none.
+    """
+    if log_format == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JsonFormatter())
+        logging.basicConfig(level=level, handlers=[handler], force=True)
+    else:
+        under_journal = "JOURNAL_STREAM" in os.environ
+        fmt = (
+            "%(levelname)s %(name)s: %(message)s"
+            if under_journal
+            else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     # httpx logs every request at INFO: status queries would drown the daemon's own lines.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+# Every attribute a plain record has; anything else on a record came from ``extra=``.
+_PLAIN_RECORD = logging.LogRecord("", logging.INFO, "", 0, "", None, None)
+_RECORD_ATTRIBUTES = frozenset(vars(_PLAIN_RECORD)) | {"message", "asctime"}
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message and the ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def _serve(argv: Sequence[str]) -> int:
@@ -88,7 +126,7 @@ def _serve(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"kied: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     failure: OSError | None = None
     try:
         trio.run(_serve_async, settings)
@@ -96,7 +134,12 @@ def _serve(argv: Sequence[str]) -> int:
         failure = _first_leaf(group)
     if failure is not None:
         # One line for the user; the log above has the detail.
-        print(f"kied: cannot serve on {settings.host}:{settings.port}: {failure}", file=sys.stderr)
+        where = (
+            f"the socket systemd passed (LISTEN_FDS={settings.listen_fds})"
+            if settings.listen_fds
+            else f"{settings.host}:{settings.port}"
+        )
+        print(f"kied: cannot serve on {where}: {failure}", file=sys.stderr)
         return 1
     return 0
 

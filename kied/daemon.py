@@ -5,6 +5,7 @@
     run()
     ├── HTTP server (Hypercorn trio serve + Quart-Trio app)   started first
     ├── storage: opened after the port, retried while it fails
+    ├── watchdog: WATCHDOG=1 to systemd at half its WatchdogSec=, when it asks
     └── leadership: loop { acquire lock -> ACTIVE; lose it -> PASSIVE }
           └── while ACTIVE: the leader's nursery, cancelled when the lock is lost
 """
@@ -23,11 +24,13 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from kied import __version__
+from kied._sdnotify import Notifier, run_watchdog
 from kied.core.jobs import TERMINAL_STATES, EndedBy, Job, JobId
 from kied.core.schedule import CallbackHealth
 from kied.errors import LeadershipLostError, StoreError, StoreUnavailableError
 from kied.jobs import JobsService, JobWatchers
 from kied.leadership import Leader, open_leadership
+from kied.metrics import Metrics
 from kied.service import CallbackService
 from kied.settings import FileLockSettings, NoLockSettings, PostgresStoreSettings, Settings
 from kied.store import JobStore, open_store
@@ -80,16 +83,49 @@ class Daemon:
         self._supervisor: PollerSupervisor | None = None
         self.health_of_callbacks = CallbackHealth()
         self.watchers = JobWatchers()
+        self.metrics = Metrics(
+            mode=lambda: self.mode.value,
+            pollers=lambda: 0 if self._supervisor is None else self._supervisor.polling,
+        )
         self.callbacks = CallbackService(
             settings,
             store=self.store,
             now=now,
+            metrics=self.metrics,
             on_change=self.job_changed,
             on_callback=self._callback_seen,
         )
         self.jobs = JobsService(
-            settings, store=self.store, now=now, watchers=self.watchers, on_change=self.job_changed
+            settings,
+            store=self.store,
+            now=now,
+            watchers=self.watchers,
+            on_change=self.job_changed,
+            metrics=self.metrics,
         )
+        self.notifier = Notifier(settings.notify_socket)
+        self._status_sent: str | None = None
+        self._stopping = False
+
+    def report_status(self, *lines: str) -> None:
+        """Tell systemd ``lines`` (``READY=1``, ...) and the status line, when it changed."""
+        if self._store is not None:
+            storage = "storage ready"
+        else:
+            storage = "storage not ready: " + " ".join(self._store_problem.split())[:200]
+        status = f"{self.mode.value}; {storage}; {self.lock_backend} lock"
+        if self._stopping:
+            status = "stopping; " + status
+        if status != self._status_sent:
+            lines = (*lines, f"STATUS={status}")
+            self._status_sent = status
+        if lines:
+            self.notifier.notify(*lines)
+
+    def stopping(self) -> None:
+        """Shutdown has begun: tell systemd, which then no longer expects watchdog pings."""
+        self._stopping = True
+        self.report_status("STOPPING=1")
 
     def job_changed(self, job: Job) -> None:
         """Every change of a job, from a callback, the API or a poller, passes here."""
@@ -168,13 +204,16 @@ class Daemon:
                     self._store = store
                     self._store_ready.set()
                     logger.info("[GEN] storage ready: %s", _describe_store(self.settings))
+                    self.report_status()
                     try:
                         await trio.sleep_forever()
                     finally:
                         self._store = None
                         self._store_problem = "storage is closed"
+                        self.report_status()
             except StoreError as exc:
                 self._store_problem = str(exc)
+                self.report_status()
                 logger.error("[GEN] storage unavailable, retrying in %.1f s: %s", delay, exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, _STORE_RETRY_MAX_S)
@@ -193,7 +232,9 @@ class Daemon:
                     store = await self._wait_store_forever()
                     self._leader = leader
                     self.mode = Mode.ACTIVE
+                    self.metrics.lock_acquired()
                     logger.info("[LOCK] %s lock held: ACTIVE", leader.backend)
+                    self.report_status()
                     try:
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(leader.watch)
@@ -201,7 +242,9 @@ class Daemon:
                     finally:
                         self.mode = Mode.PASSIVE
                         self._leader = None
+                        self.report_status()
             except* LeadershipLostError as group:
+                self.metrics.lock_lost()
                 for exc in group.exceptions:
                     logger.warning("[LOCK] leadership lost: %s; PASSIVE", exc)
             await trio.lowlevel.checkpoint()
@@ -223,6 +266,7 @@ class Daemon:
                 now=self.now,
                 health=self.health_of_callbacks,
                 on_change=self.job_changed,
+                metrics=self.metrics,
             )
             self._supervisor = supervisor
             try:
@@ -276,8 +320,12 @@ def _describe_store(settings: Settings) -> str:
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     """Hypercorn's configuration for ``settings``."""
     config = HypercornConfig()
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    config.bind = [f"{host}:{settings.port}"]
+    if settings.listen_fds:
+        # Socket activation: systemd bound the sockets and passes them from fd 3 on.
+        config.bind = [f"fd://{3 + i}" for i in range(settings.listen_fds)]
+    else:
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        config.bind = [f"{host}:{settings.port}"]
     config.graceful_timeout = settings.graceful_timeout_s
     config.accesslog = None
     config.errorlog = logging.getLogger("kied.http")
@@ -306,6 +354,10 @@ async def run(
         now: the wall clock (Unix seconds) used for stored times.
         kie_transport: an httpx transport for KIE (tests); the network by default.
 
+    Under systemd (``settings.notify_socket``) it sends ``READY=1`` once the port
+    listens, ``STATUS=`` whenever the mode or storage changes, and ``STOPPING=1`` when
+    ``stop`` is set.
+
     Cancellation: cancelling ``run`` skips the graceful drain; prefer ``stop``.
     Resource handling: owns the listening socket, storage and the lock.
     """
@@ -325,8 +377,14 @@ async def run(
     async with trio.open_nursery() as root:
         urls: list[str] = await root.start(serve_http)
         logger.info("[HTTP] listening on %s", " ".join(urls))
+        daemon.metrics.port_opened()
+        # Only now, with the port accepting connections, is the service ready.
+        daemon.report_status("READY=1")
         task_status.started(urls)
         async with trio.open_nursery() as storage:
+            if settings.watchdog_s is not None:
+                # In this nursery, so that the pings go on while requests drain.
+                storage.start_soon(run_watchdog, daemon.notifier, settings.watchdog_s / 2)
             await storage.start(daemon.run_storage)
             if isinstance(settings.store, PostgresStoreSettings):
                 storage.start_soon(daemon.run_job_listener, settings.store.url)
@@ -334,6 +392,7 @@ async def run(
                 leadership.start_soon(daemon.run_leadership)
                 await stop.wait()
                 logger.info("[HTTP] shutting down: releasing the lock, draining requests")
+                daemon.stopping()
                 root.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace_s
                 leadership.cancel_scope.cancel()
             await http_done.wait()

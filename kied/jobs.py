@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from kied.core._json import JsonObject
+    from kied.metrics import Metrics
     from kied.settings import Settings
     from kied.store import JobStore
 
@@ -142,11 +143,13 @@ class JobsService:
         now: Callable[[], float],
         watchers: JobWatchers,
         on_change: Callable[[Job], None],
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._store = store
         self._now = now
         self._watchers = watchers
+        self._metrics = metrics
         self._on_change = on_change
 
     async def submit(self, body: object) -> tuple[Job, bool]:
@@ -179,6 +182,9 @@ class JobsService:
                 f" tracking task {job.task_id}" if sub.task_id else "",
                 extra={"action": "job_created", "job_id": job.id},
             )
+            if job.state in TERMINAL_STATES:
+                # A tracked task whose callback came first: storing the job ended it.
+                self._metrics.job_ended(job)
             self._on_change(job)
         return job, created
 
@@ -218,6 +224,7 @@ class JobsService:
                 job_id,
                 extra={"action": "job_cancelled", "job_id": job_id},
             )
+            self._metrics.job_ended(changed)
             self._on_change(changed)
             return changed, True
         return await store.get_job(JobId(job_id)), False

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from kied.core._json import JsonObject
     from kied.kie.client import TaskStatus
+    from kied.metrics import Metrics
     from kied.settings import Settings
     from kied.store import JobStore
 
@@ -78,6 +79,7 @@ class PollerSupervisor:
         now: Callable[[], float],
         health: CallbackHealth,
         on_change: Callable[[Job], None],
+        metrics: Metrics,
         policy: PollPolicy | None = None,
         rng: random.Random | None = None,
         rescan_s: float = 30.0,
@@ -88,6 +90,7 @@ class PollerSupervisor:
         self._now = now
         self._health = health
         self._on_change = on_change
+        self._metrics = metrics
         self._policy = policy or PollPolicy()
         self._rng = rng or random.Random()
         self._rescan_s = rescan_s
@@ -212,7 +215,7 @@ class PollerSupervisor:
                 status = await self._kie.get_status(family, task_id)
             except UpstreamError as exc:
                 failures += 1
-                self._count("rejected" if isinstance(exc, UpstreamRejectedError) else "error")
+                self._count(_failure(exc))
                 await self._note(job.id, f"status query failed: {exc}")
                 retry_after = exc.retry_after_s if isinstance(exc, UpstreamBusyError) else None
                 delay = backoff_delay(
@@ -274,6 +277,7 @@ class PollerSupervisor:
                 )
             except UpstreamBusyError as exc:
                 # KIE dropped the request (429, 455, 5xx) or did not answer: try again.
+                self._metrics.create_task("busy")
                 failures += 1
                 await self._note(job.id, f"createTask failed: {exc}")
                 await trio.sleep(
@@ -288,6 +292,7 @@ class PollerSupervisor:
             except UpstreamError as exc:
                 # Refused, or accepted without a task id to follow: creating it again
                 # could start a second generation, so the job ends here.
+                self._metrics.create_task(_failure(exc))
                 code = exc.code if isinstance(exc, UpstreamRejectedError) else "no task id"
                 message = exc.message if isinstance(exc, UpstreamRejectedError) else str(exc)
                 report = Report(
@@ -299,10 +304,24 @@ class PollerSupervisor:
                 logger.error("[GEN] job %s: KIE refused the task: %s", job.id, exc)
                 await self._finish(job, report)
                 return None
+            self._metrics.create_task("created")
+            attached_at = self._now()
             try:
-                attached = await self._store.attach_task(job.id, task_id, now=self._now())
+                attached = await self._store.attach_task(job.id, task_id, now=attached_at)
             except ConflictError:
                 attached = await self._store.get_job(job.id)
+            else:
+                if (
+                    attached is not None
+                    and attached.state in TERMINAL_STATES
+                    and attached.ended_by is EndedBy.CALLBACK
+                    and attached.ended_at == attached_at
+                ):
+                    # The attach applied a callback that had matched no job, at the
+                    # attach's own time: this write ended the job. A job a callback ended
+                    # first (here or at another instance) carries that callback's time,
+                    # and was counted where it was written.
+                    self._metrics.job_ended(attached)
             logger.info(
                 "[GEN] job %s -> KIE task %s",
                 job.id,
@@ -322,6 +341,7 @@ class PollerSupervisor:
             changed = await self._store.apply(job.id, report, now=self._now())
         if changed is None:
             return
+        self._metrics.job_ended(changed)
         logger.info(
             "[GEN] job %s -> %s (by %s)",
             job.id,
@@ -347,3 +367,13 @@ class PollerSupervisor:
 
     def _count(self, result: str) -> None:
         self.status_queries[result] = self.status_queries.get(result, 0) + 1
+        self._metrics.status_query(result)
+
+
+def _failure(exc: UpstreamError) -> str:
+    """How a call to KIE failed, as counted: busy (try again), rejected, or error."""
+    if isinstance(exc, UpstreamBusyError):
+        return "busy"
+    if isinstance(exc, UpstreamRejectedError):
+        return "rejected"
+    return "error"

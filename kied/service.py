@@ -13,13 +13,14 @@ from urllib.parse import parse_qsl, urlencode
 
 from kied.core.auth import check_callback_auth
 from kied.core.callbacks import CallbackOutcome, Outcome, ParseLimits, Unrecognised, parse_callback
-from kied.core.jobs import EndedBy, Job, JobId, Report, TaskId
+from kied.core.jobs import TERMINAL_STATES, EndedBy, Job, JobId, Report, TaskId
 from kied.core.outcomes import outcome_report
-from kied.store import CallbackRecord, InboxEntry, JobStore
+from kied.store import CallbackEffect, CallbackRecord, InboxEntry, JobStore
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
+    from kied.metrics import Metrics
     from kied.settings import Settings
 
 __all__ = ["CallbackService", "RawCallback", "report_for"]
@@ -64,12 +65,14 @@ class CallbackService:
         *,
         store: Callable[[], Awaitable[JobStore]],
         now: Callable[[], float],
+        metrics: Metrics,
         on_change: Callable[[Job], None] = lambda job: None,
         on_callback: Callable[[bool], None] = lambda authenticated: None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._now = now
+        self._metrics = metrics
         self._on_change = on_change
         self._on_callback = on_callback
         self._limits = ParseLimits(max_bytes=settings.max_callback_bytes)
@@ -137,6 +140,12 @@ class CallbackService:
         )
         store = await self._store()
         record = await store.record_callback(entry, report_for(parsed))
+        self._metrics.callback_recorded(
+            outcome=parsed.outcome.value, auth=verdict.detail, effect=record.effect.value
+        )
+        changed = record.job if record.effect == CallbackEffect.CHANGED else None
+        if changed is not None and changed.state in TERMINAL_STATES:
+            self._metrics.job_ended(changed)
         self._on_callback(verdict.authenticated)
         logger.info(
             "[KIE_CALLBACK] task %s job %s: %s, %s (%s)",
@@ -159,8 +168,8 @@ class CallbackService:
                 entry.problem,
                 raw.body_size,
             )
-        if record.job is not None and record.effect.value == "changed":
-            self._on_change(record.job)
+        if changed is not None:
+            self._on_change(changed)
         return record
 
 

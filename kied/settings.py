@@ -10,7 +10,7 @@ import argparse
 import os.path
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 from urllib.parse import urlsplit
 
 from kied.errors import ConfigError
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENVIRONMENT_HELP",
     "FileLockSettings",
+    "LogFormat",
     "NoLockSettings",
     "PgLockSettings",
     "PostgresStoreSettings",
@@ -32,6 +33,9 @@ __all__ = [
 
 SECONDS = 1.0
 MIB = 1024 * 1024
+
+#: ``text``: plain lines; ``json``: one JSON object per line, for log shippers
+LogFormat = Literal["text", "json"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +97,13 @@ class Settings:
     #: bound for shielded cleanup (lock release, closing storage)
     cleanup_s: float = 2 * SECONDS
     log_level: str = "INFO"
+    log_format: LogFormat = "text"
+    #: systemd's notification socket (a path, or @name for an abstract one); None outside systemd
+    notify_socket: str | None = None
+    #: systemd's watchdog timeout; kied pings at half of it. None: no watchdog
+    watchdog_s: float | None = None
+    #: sockets passed by socket activation, from fd 3 on; 0: kied binds host:port itself
+    listen_fds: int = 0
 
 
 ENVIRONMENT_HELP = """\
@@ -114,6 +125,12 @@ environment (flags win over the environment):
   KIED_API_TOKEN       bearer token the /v1 API requires when set
   KIED_JOB_TIMEOUT     seconds a job may take before it is timed_out; default 900
   KIED_LOG_LEVEL       DEBUG, INFO (default), WARNING, ERROR
+  KIED_LOG_FORMAT      text (default) or json: one JSON object per line
+set by systemd:
+  NOTIFY_SOCKET        where READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 are sent
+  WATCHDOG_USEC        the watchdog timeout; kied pings at half of it (WATCHDOG_PID: for whom)
+  LISTEN_FDS           sockets passed from fd 3 on (LISTEN_PID: for whom); served instead
+                       of KIED_HOST and PORT
 """
 
 
@@ -138,15 +155,20 @@ def serve_parser(prog: str = "kied serve") -> argparse.ArgumentParser:
         "--job-timeout", help="seconds before a job is timed_out (KIED_JOB_TIMEOUT)"
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (KIED_LOG_LEVEL)")
+    parser.add_argument("--log-format", help="text or json (KIED_LOG_FORMAT)")
     return parser
 
 
-def load_settings(environ: Mapping[str, str], argv: Sequence[str] = ()) -> Settings:
+def load_settings(
+    environ: Mapping[str, str], argv: Sequence[str] = (), *, pid: int | None = None
+) -> Settings:
     """Build and validate the settings of ``kied serve``.
 
     Args:
         environ: the process environment (only the entry point passes ``os.environ``).
         argv: the flags after ``kied serve``.
+        pid: this process's id, which systemd's ``LISTEN_PID`` and ``WATCHDOG_PID`` must
+            name; ``os.getpid()`` by default.
 
     Returns:
         The frozen settings.
@@ -190,6 +212,18 @@ def load_settings(environ: Mapping[str, str], argv: Sequence[str] = ()) -> Setti
                 level_src[0], f"must be DEBUG, INFO, WARNING or ERROR, not {level_src[1]!r}"
             )
 
+    format_src = pick(flags.log_format, "KIED_LOG_FORMAT")
+    log_format: LogFormat = "text"
+    if format_src is not None:
+        if format_src[1].lower() not in ("text", "json"):
+            raise ConfigError(format_src[0], f"must be text or json, not {format_src[1]!r}")
+        log_format = "json" if format_src[1].lower() == "json" else "text"
+
+    own_pid = os.getpid() if pid is None else pid
+    notify_socket = _notify_socket(environ)
+    watchdog_s = _watchdog_s(environ, own_pid) if notify_socket is not None else None
+    listen_fds = _listen_fds(environ, own_pid)
+
     hmac_key = environ.get("KIE_WEBHOOK_HMAC_KEY", "").strip()
     public_src = pick(None, "KIED_PUBLIC_URL", "RENDER_EXTERNAL_URL")
     base_src = pick(None, "KIE_BASE_URL")
@@ -206,6 +240,10 @@ def load_settings(environ: Mapping[str, str], argv: Sequence[str] = ()) -> Setti
         api_token=_secret(environ, "KIED_API_TOKEN"),
         job_timeout_s=job_timeout_s,
         log_level=log_level,
+        log_format=log_format,
+        notify_socket=notify_socket,
+        watchdog_s=watchdog_s,
+        listen_fds=listen_fds,
     )
 
 
@@ -227,6 +265,56 @@ def _positive_seconds(name: str, value: str) -> float:
     if not 0 < seconds <= 30 * 24 * 3600:
         raise ConfigError(name, f"must be more than 0 and at most 30 days, not {value!r}")
     return seconds
+
+
+def _for_us(environ: Mapping[str, str], name: str, pid: int) -> bool:
+    """Whether systemd's ``*_PID`` variable ``name`` is unset or names this process."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return True
+    try:
+        return int(value) == pid
+    except ValueError:
+        raise ConfigError(name, f"must be a process id, not {value!r}") from None
+
+
+def _notify_socket(environ: Mapping[str, str]) -> str | None:
+    value = environ.get("NOTIFY_SOCKET", "").strip()
+    if not value:
+        return None
+    if not value.startswith(("/", "@")) or len(value) < 2:
+        raise ConfigError(
+            "NOTIFY_SOCKET", f"must be an absolute socket path or an @abstract name, not {value!r}"
+        )
+    return value
+
+
+def _watchdog_s(environ: Mapping[str, str], pid: int) -> float | None:
+    value = environ.get("WATCHDOG_USEC", "").strip()
+    if not value or not _for_us(environ, "WATCHDOG_PID", pid):
+        return None
+    try:
+        usec = int(value)
+    except ValueError:
+        usec = 0
+    if usec <= 0:
+        raise ConfigError(
+            "WATCHDOG_USEC", f"must be a positive number of microseconds, not {value!r}"
+        )
+    return usec / 1_000_000
+
+
+def _listen_fds(environ: Mapping[str, str], pid: int) -> int:
+    value = environ.get("LISTEN_FDS", "").strip()
+    if not value or not _for_us(environ, "LISTEN_PID", pid):
+        return 0
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count <= 0:
+        raise ConfigError("LISTEN_FDS", f"must be a positive integer, not {value!r}")
+    return count
 
 
 def _secret(environ: Mapping[str, str], name: str) -> str | None:

@@ -38,6 +38,7 @@ from kied.store._base import (
     JobStore,
     StoredCallback,
 )
+from kied.store._common import check_limit
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -210,8 +211,7 @@ class MemoryStore(JobStore):
         self, *, states: Collection[str] | None = None, limit: int = 100
     ) -> list[Job]:
         await self._enter()
-        if limit < 0:
-            raise ValueError(f"limit must be 0 or more, not {limit}")
+        check_limit(limit)
         wanted = None if states is None else {str(s) for s in states}
         # Newest first: by creation time, ties broken by the later insert.
         jobs = sorted(
@@ -297,8 +297,7 @@ class MemoryStore(JobStore):
         self, *, task_id: TaskId | None = None, limit: int = 100
     ) -> list[StoredCallback]:
         await self._enter()
-        if limit < 0:
-            raise ValueError(f"limit must be 0 or more, not {limit}")
+        check_limit(limit)
         rows = [r for r in reversed(self._inbox) if task_id is None or r.entry.task_id == task_id]
         return [
             StoredCallback(id=r.id, entry=r.entry, effect=r.effect, matched_job_id=r.matched_job_id)

@@ -7,14 +7,16 @@ import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
-from quart import request
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from kied.jobs import MAX_WAIT_S, BadRequestError, JobsService, job_to_json
+from kied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kied.service import CallbackService, RawCallback
 
 if TYPE_CHECKING:
+    from kied.metrics import Metrics
     from kied.settings import Settings
 
 __all__ = ["DaemonStatus", "create_app"]
@@ -28,7 +30,10 @@ _BODY_READ_S = 10.0
 
 
 class DaemonStatus(Protocol):
-    """What the health endpoints report."""
+    """What the health and metrics endpoints report."""
+
+    @property
+    def metrics(self) -> Metrics: ...
 
     def health(self) -> dict[str, Any]: ...
 
@@ -49,13 +54,15 @@ def create_app(
     Args:
         callbacks: stores and applies every callback.
         jobs: the jobs API.
-        status: answers ``/healthz`` and ``/readyz``.
+        status: answers ``/healthz``, ``/readyz`` and ``/metrics``, and counts callbacks'
+            answers.
         settings: limits for callback bodies, and the API token.
     """
     app = QuartTrio("kied")
     app.config["MAX_CONTENT_LENGTH"] = None  # the callback route bounds bodies itself
     max_callback_bytes = settings.max_callback_bytes
     oversized_keep_bytes = settings.oversized_keep_bytes
+    metrics = status.metrics
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -68,7 +75,13 @@ def create_app(
             return {"status": "ready"}, 200
         return {"status": "unavailable", "reason": reason}, 503
 
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        # Unauthenticated, for the operator's scraper: keep it off the public internet.
+        return Response(metrics.exposition(), status=200, content_type=METRICS_CONTENT_TYPE)
+
     async def callback() -> tuple[dict[str, Any], int]:
+        answer: dict[str, Any]
         try:
             raw = await _read_callback(max_callback_bytes, oversized_keep_bytes)
             record = await callbacks.handle(raw)
@@ -76,8 +89,13 @@ def create_app(
             # KIE retries anything but 200, without end: the answer is 200 whatever
             # happened here, and the failure is logged loudly instead.
             logger.exception("[KIE_CALLBACK] callback could not be recorded")
-            return {"status": "received", "stored": False}, 200
-        return {"status": "received", "stored": True, "id": record.inbox_id}, 200
+            metrics.callback_unstored()
+            answer = {"status": "received", "stored": False}
+        else:
+            answer = {"status": "received", "stored": True, "id": record.inbox_id}
+        code = 200
+        metrics.callback_answered(code)
+        return answer, code
 
     app.add_url_rule("/callbacks/kie", "callback", callback, methods=["POST"], strict_slashes=False)
     app.add_url_rule("/callbacks/kie/", "callback_slash", callback, methods=["POST"])

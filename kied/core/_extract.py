@@ -20,7 +20,8 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from itertools import chain, islice
+from itertools import islice
+from json.scanner import make_scanner
 from operator import itemgetter
 from typing import TYPE_CHECKING, Final, TypeAlias
 
@@ -43,6 +44,7 @@ __all__ = [
     "error_code_text",
     "flag_text",
     "loads",
+    "loads_trimmed",
     "message_text",
     "norm_key",
     "read_fields",
@@ -154,9 +156,12 @@ _FIELDS: Final = frozenset(
 _URL_IN_TEXT: Final = re.compile(r"https?://[^\s\[\]\"'<>,]+", re.IGNORECASE)
 #: http:// or https://, in any case, and something after it.
 _URL_HEAD: Final = re.compile(r"https?://.", re.IGNORECASE | re.ASCII | re.DOTALL)
-#: How a JSON object or array can begin: ``_decode`` tries no text that does not, as a
-#: failed decode costs an exception (Suno lyrics open with "[Verse]").
-_JSON_OPENING: Final = re.compile(r'\{[ \t\n\r]*["}]|\[[ \t\n\r]*[\]"{\[\-0-9tfnNI]')
+#: What can follow the { or [ opening a JSON object or array: ``_decode`` tries no text with
+#: anything else there, as a failed decode costs an exception (Suno lyrics open "[Verse]").
+_JSON_SECOND: Final = {
+    "{": frozenset('"} \t\n\r'),
+    "[": frozenset(']"{[-0123456789tfnNI \t\n\r'),
+}
 _INT_TEXT: Final = re.compile(r"[+-]?\d{1,18}")
 _MAX_CODE: Final = 10**18
 _MAX_INT_BITS: Final = 1000
@@ -176,6 +181,8 @@ def _parse_constant(_text: str) -> None:
 
 _JSON_SPACE: Final = " \t\n\r"
 _DECODER: Final = json.JSONDecoder(parse_constant=_parse_constant)
+#: What ``_DECODER.raw_decode`` calls, called directly: one JSON value from an offset.
+_SCAN: Final = make_scanner(_DECODER)  # type: ignore[arg-type]  # typeshed wants a Scanner
 # Slower (a Python call per integer), so only for bodies the fast decoder refused.
 _CAREFUL_DECODER: Final = json.JSONDecoder(parse_int=_parse_int, parse_constant=_parse_constant)
 
@@ -187,14 +194,16 @@ def loads(text: str) -> JsonValue:
         ValueError: not JSON.
         RecursionError: nested deeper than the interpreter allows.
     """
-    return _loads_trimmed(text.strip(_JSON_SPACE))
+    return loads_trimmed(text.strip(_JSON_SPACE))
 
 
-def _loads_trimmed(text: str) -> JsonValue:
+def loads_trimmed(text: str) -> JsonValue:
     """:func:`loads` for text with no JSON whitespace around it."""
     try:
         value: JsonValue
-        value, end = _DECODER.raw_decode(text)
+        value, end = _SCAN(text, 0)
+    except StopIteration:
+        raise json.JSONDecodeError("Expecting value", text, 0) from None
     except json.JSONDecodeError:
         raise
     except ValueError:
@@ -207,8 +216,7 @@ def _loads_trimmed(text: str) -> JsonValue:
 
 
 def _safe_text(text: str) -> str:
-    # Lone surrogates (from "\ud800" escapes) cannot be encoded; replace them.
-    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def as_int(value: JsonValue) -> int | None:
@@ -228,7 +236,8 @@ def as_int(value: JsonValue) -> int | None:
 def message_text(value: JsonValue) -> str | None:
     """Readable text from a string or a number, stripped and bounded; None when empty."""
     if isinstance(value, str):
-        text = _safe_text(value).strip()
+        # Lone surrogates (from "\ud800" escapes) cannot be encoded; replace them.
+        text = (value if value.isascii() else _safe_text(value)).strip()
     elif isinstance(value, bool) or value is None or isinstance(value, list | dict):
         return None
     elif isinstance(value, float):
@@ -246,10 +255,13 @@ def message_text(value: JsonValue) -> str | None:
     return text
 
 
+_NO_ERROR: Final = ("0", "200")
+
+
 def error_code_text(value: JsonValue) -> str | None:
     """An error code as text; the "no error" values (null, "", 0, 200) are None."""
     text = message_text(value)
-    if text is None or text in ("0", "200"):
+    if text is None or text in _NO_ERROR:
         return None
     return text
 
@@ -294,7 +306,13 @@ def _is_url(text: str) -> bool:
 
 def _urls_in(text: str) -> list[str]:
     text = text.strip()
-    if _is_url(text):
+    # _is_url, without a call: most texts here are one URL.
+    if (
+        len(text) <= _MAX_URL_CHARS
+        and _URL_HEAD.match(text) is not None
+        and text.isprintable()
+        and " " not in text
+    ):
         return [text]
     # Some doc versions send a list as text that is not JSON: '[http://a.mp4, http://b.mp4]'.
     if not text.startswith("["):
@@ -319,8 +337,17 @@ class Node:
     zone: Zone
     #: Its place in a depth-first reading with result keys first: result URLs are sorted by it.
     order: tuple[int, ...]
-    #: The keys readers look at, in document order: (normalised key, key as sent, value).
-    fields: list[tuple[str, str, JsonValue]] = field(default_factory=list)
+    #: Once an object is walked: its shape, its values in walk order, and how many of them the
+    #: budget covered.
+    walked: tuple[_Shape, Sequence[JsonValue], int] | None = field(default=None, init=False)
+
+    @property
+    def fields(self) -> list[tuple[str, str, JsonValue]]:
+        """The keys readers look at, in walk order: (normalised key, key as sent, value)."""
+        if self.walked is None:
+            return []
+        shape, values, walked = self.walked
+        return [(norm, key, values[at]) for at, norm, key in shape.fields if at < walked]
 
     def get(self, name: str) -> Iterator[tuple[str, JsonValue]]:
         """Every (key as sent, value) whose normalised key is ``name``."""
@@ -328,18 +355,17 @@ class Node:
 
     def path(self, leaf: str) -> str:
         """Where ``leaf`` sits, e.g. ``data.taskId``, ``data[0].taskId``, ``data(json).taskId``."""
-        parts = ["." + _short(leaf)]
+        text = "." + _short(leaf)
         node: Node | None = self
         while node is not None:
             if node.embedded:
-                parts.append("(json)")
-            if (key := node.key) is not None:
-                parts.append("." + (key if len(key) <= _SHORT else _short(key)))
+                text = "(json)" + text
+            if node.key is not None:
+                text = "." + _short(node.key) + text
             elif node.index is not None:
-                parts.append(f"[{node.index}]")
+                text = f"[{node.index}]{text}"
             node = node.parent
-        parts.reverse()
-        return "".join(parts).lstrip(".")
+        return text.lstrip(".")
 
     def chain(self) -> list[Node]:
         """This object and the objects that contain it, nearest first."""
@@ -423,6 +449,8 @@ class _Shape:
     ids: tuple[tuple[int, int], ...]  # (walk position, rank) of the keys that name a task
     #: The keys readers look at: (walk position, normalised key, key as sent).
     fields: tuple[tuple[int, str, str], ...]
+    #: (walk position, field of :class:`Fields`) of the keys :func:`read_fields` reads.
+    slots: tuple[tuple[int, int], ...]
     opens_results: bool  # some key holds result URLs
 
 
@@ -452,6 +480,9 @@ def _make_shape(keys: tuple[str, ...]) -> _Shape:
         fields=tuple(
             (position, norm, key) for position, (norm, key, field, _) in enumerate(infos) if field
         ),
+        slots=tuple(
+            (position, _SLOTS[info[0]]) for position, info in enumerate(infos) if info[0] in _SLOTS
+        ),
         opens_results=any(rank < _UNRANKED for rank, _, _ in ranked),
     )
 
@@ -480,15 +511,38 @@ _VALUE_OF: Final = itemgetter(1)
 _OPENERS: Final = frozenset("{[")
 
 
-def _walk(
-    root: JsonValue, max_depth: int, max_nodes: int, max_embedded: int, defer: bool
-) -> tuple[Scan, int]:
-    """The walk :func:`scan` describes, and the most the deferred text could have cost.
+def _decode(text: str, *, allow_string: bool) -> tuple[bool, JsonValue]:
+    """Decode JSON held in a string; (False, None) when it is not JSON worth reading."""
+    text = text.strip()
+    if not text or text[0] not in ('{["' if allow_string else "{["):
+        return False, None
+    if text[0] != '"' and text[1:2] not in _JSON_SECOND[text[0]]:
+        return False, None
+    try:
+        return True, loads_trimmed(text)
+    except (ValueError, RecursionError):
+        return False, None
+
+
+def scan(
+    root: JsonValue,
+    *,
+    max_depth: int = MAX_DEPTH,
+    max_nodes: int = MAX_NODES,
+    max_embedded: int = MAX_EMBEDDED,
+    lazy_echoes: bool = False,
+) -> Scan:
+    """Walk ``root`` breadth-first within the given bounds; see the module docstring.
 
     Every value examined costs one unit of ``max_nodes``, and so does every URL harvested;
     an object or array is cut at the first value the budget does not cover, and the walk
-    stops at the first container it cannot finish. With ``defer``, JSON text inside a
-    request echo is not decoded but set aside.
+    stops at the first container it cannot finish.
+
+    With ``lazy_echoes``, JSON text inside request echoes is decoded only when
+    :meth:`Scan.echo_fields` asks for it: the echo's objects are then missing from
+    ``objects`` and its values from ``visited``, and nothing else changes. That holds only
+    while the budget would have covered the text, so when it might not have, the walk is
+    made again in full.
     """
     queue: deque[Node] = deque()
     objects: list[Node] = []
@@ -512,7 +566,7 @@ def _walk(
                 break
             value, level = decoded, level + 1
         if isinstance(value, _CONTAINERS) and max_depth >= 0:
-            node = Node(value, None, None, None, level > 0, 0, level, _NORMAL, (), [])
+            node = Node(value, None, None, None, level > 0, 0, level, _NORMAL, ())
             if isinstance(value, dict):
                 objects.append(node)
             queue.append(node)
@@ -569,7 +623,7 @@ def _walk(
                 container: JsonObject | list[JsonValue]
                 if isinstance(child, str):
                     if decodes and ((head := child[:1]) in _OPENERS or head.isspace()):
-                        if defer and (
+                        if lazy_echoes and (
                             in_echo or (shape is not None and shape.keys[position][3] is _ECHO)
                         ):
                             # Each value its text holds starts at a character of its own, and
@@ -614,7 +668,6 @@ def _walk(
                     level + 1 if embedded else level,
                     child_zone,
                     (*base, position),
-                    [],
                 )
                 if isinstance(container, dict):
                     objects.append(placed)
@@ -639,85 +692,48 @@ def _walk(
                     generic_id = (node, key, found)
                 else:
                     task_id = (node_depth, rank, node, key, found)
-        # The keys of the object the budget covered: the fields readers look at, and the keys
-        # seen outside request echoes.
-        if walked == len(values):
-            if not in_echo:
-                keys |= shape.norms
-                raw_keys |= shape.raw_keys
-            if shape.fields:
-                fields = node.fields
-                for at, norm, key in shape.fields:
-                    fields.append((norm, key, values[at]))
+        node.walked = (shape, values, walked)
+        # The keys seen outside request echoes, of those the budget covered.
+        if in_echo:
             continue
-        for (norm, key, is_field, _), child in zip(shape.keys[:walked], values, strict=False):
-            if is_field:
-                node.fields.append((norm, key, child))
-            if not in_echo:
-                keys.add(norm)
-                if norm:
-                    raw_keys.add(key)
+        if walked == len(values):
+            keys |= shape.norms
+            raw_keys |= shape.raw_keys
+            continue
+        for norm, key, _, _ in shape.keys[:walked]:
+            keys.add(norm)
+            if norm:
+                raw_keys.add(key)
 
+    if deferred and (exhausted or visited + deferred_cost > max_nodes):
+        # The text set aside might have run the budget out: walk again, decoding it.
+        return scan(root, max_depth=max_depth, max_nodes=max_nodes, max_embedded=max_embedded)
     # Breadth-first finds shallow things first; results read best in document order.
-    urls.sort()
-    return (
-        Scan(
-            objects,
-            tuple(dict.fromkeys(map(_VALUE_OF, urls))),
-            frozenset(keys),
-            frozenset(raw_keys),
-            expanded + len(queue),  # every container met was queued
-            visited,
-            exhausted,
-            None if task_id is None else task_id[2:],
-            generic_id,
-            deferred,
-        ),
-        deferred_cost,
+    if len(urls) > 1:
+        urls.sort()
+    return Scan(
+        objects,
+        tuple(dict.fromkeys(map(_VALUE_OF, urls)))
+        if len(urls) > 1
+        else tuple(map(_VALUE_OF, urls)),
+        frozenset(keys),
+        frozenset(raw_keys),
+        expanded + len(queue),  # every container met was queued
+        visited,
+        exhausted,
+        None if task_id is None else task_id[2:],
+        generic_id,
+        deferred,
     )
 
 
-def _decode(text: str, *, allow_string: bool) -> tuple[bool, JsonValue]:
-    """Decode JSON held in a string; (False, None) when it is not JSON worth reading."""
-    text = text.strip()
-    if not text or text[0] not in ('{["' if allow_string else "{["):
-        return False, None
-    if text[0] != '"' and _JSON_OPENING.match(text) is None:
-        return False, None
-    try:
-        return True, _loads_trimmed(text)
-    except (ValueError, RecursionError):
-        return False, None
-
-
-def scan(
-    root: JsonValue,
-    *,
-    max_depth: int = MAX_DEPTH,
-    max_nodes: int = MAX_NODES,
-    max_embedded: int = MAX_EMBEDDED,
-    lazy_echoes: bool = False,
-) -> Scan:
-    """Walk ``root`` breadth-first within the given bounds; see the module docstring.
-
-    With ``lazy_echoes``, JSON text inside request echoes is decoded only when
-    :meth:`Scan.echo_fields` asks for it: the echo's objects are then missing from
-    ``objects`` and its values from ``visited``, and nothing else changes. That holds only
-    while the budget would have covered the text, so when it might not have, the walk is
-    made again in full.
-    """
-    found, deferred_cost = _walk(root, max_depth, max_nodes, max_embedded, lazy_echoes)
-    if found.deferred and (found.exhausted or found.visited + deferred_cost > max_nodes):
-        found, _ = _walk(root, max_depth, max_nodes, max_embedded, False)
-    return found
-
-
-def _fields_in_text(deferred: list[tuple[str, int, int]]) -> Iterator[tuple[str, JsonValue]]:
+def _fields_in_text(deferred: list[tuple[str, int, int]]) -> list[tuple[str, JsonValue]]:
     """The fields the walk would have read in the objects of deferred JSON text.
 
     Each entry is (text, depth room, decode room): how many levels the walk may still go
     down, and how many more JSON-in-a-string decodes it may make, where the text sits.
     """
+    fields: list[tuple[str, JsonValue]] = []
     stack: list[tuple[JsonObject | list[JsonValue], int, int]] = []
     for text, depth_room, decode_room in deferred:
         ok, decoded = _decode(text, allow_string=False)
@@ -730,19 +746,20 @@ def _fields_in_text(deferred: list[tuple[str, int, int]]) -> Iterator[tuple[str,
             children = value.values()
             names = tuple(value)
             for _, norm, key in (_SHAPES.get(names) or _shape(names)).fields:
-                yield norm, value[key]
+                fields.append((norm, value[key]))
         else:
             children = value
         if depth_room < 1:
             continue
         for child in children:
             if isinstance(child, str):
-                if decode_room > 0:
+                if decode_room > 0 and ((head := child[:1]) in _OPENERS or head.isspace()):
                     ok, decoded = _decode(child, allow_string=False)
                     if ok and isinstance(decoded, _CONTAINERS):
                         stack.append((decoded, depth_room - 1, decode_room - 1))
             elif isinstance(child, _CONTAINERS):
                 stack.append((child, depth_room - 1, decode_room))
+    return fields
 
 
 # -- reading fields -----------------------------------------------------------------------
@@ -763,15 +780,6 @@ _SLOTS: Final = {
     "state": _STATE,
     "status": _STATUS,
     "successflag": _SUCCESS_FLAG,
-}
-_TEXT_READERS: Final = {
-    _MESSAGE: message_text,
-    _STAGE: message_text,
-    _ERROR_CODE: error_code_text,
-    _ERROR_MESSAGE: message_text,
-    _STATE: flag_text,
-    _STATUS: flag_text,
-    _SUCCESS_FLAG: flag_text,
 }
 
 
@@ -799,31 +807,35 @@ class Fields:
         return self.error_code is not None or self.error_message is not None
 
 
-def read_fields(first: list[Node], then: Iterable[Node], *, has_urls: bool) -> Fields:
-    """Read every field of :class:`Fields` from the objects of ``first``, then of ``then``.
+def read_fields(nodes: Iterable[Node], *, has_urls: bool) -> Fields:
+    """Read every field of :class:`Fields` in one pass over the objects of ``nodes``.
 
     Objects inside request echoes and results are passed over. Each field takes the first
-    value its reader accepts, in that order of objects and, within an object, in document
-    order; a value the reader refuses (an empty message, a code of 0) is passed over for the
-    next one. An object of ``first`` met again in ``then`` has nothing more to give.
+    value its reader accepts, in node order and, within a node, in document order; a value
+    the reader refuses (an empty message, a code of 0) is passed over for the next one.
     """
     code: int | None = None
     texts: list[str | None] = [None] * 8
-    slots, readers = _SLOTS, _TEXT_READERS
-    read = len(first)
-    done = {id(node) for node in first}
-    for index, node in enumerate(chain(first, then)):
-        if node.zone is not _NORMAL or (index >= read and id(node) in done):
+    for node in nodes:
+        if node.walked is None or node.zone is not _NORMAL:
             continue
-        for norm, _, value in node.fields:
-            # Every reader reads null as nothing.
-            if value is None or (slot := slots.get(norm)) is None:
+        shape, values, walked = node.walked
+        for at, slot in shape.slots:
+            if at >= walked:
+                break
+            value = values[at]
+            if value is None:  # every reader reads null as nothing
                 continue
             if slot == _CODE:
                 if code is None:
                     code = as_int(value)
             elif texts[slot] is None:
-                texts[slot] = readers[slot](value)
+                # flag_text and error_code_text, without a call each.
+                if slot >= _STATE and isinstance(value, bool):
+                    texts[slot] = "true" if value else "false"
+                else:
+                    text = message_text(value)
+                    texts[slot] = None if slot == _ERROR_CODE and text in _NO_ERROR else text
     return Fields(
         code,
         texts[_MESSAGE],

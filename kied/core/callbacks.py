@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 from urllib.parse import parse_qsl
 
 from kied.core._extract import (
@@ -41,7 +41,7 @@ from kied.core._extract import (
     Zone,
     clean_id,
     flag_text,
-    loads,
+    loads_trimmed,
     norm_key,
     read_fields,
     scan,
@@ -172,25 +172,22 @@ def _unrecognised(reason: str) -> Unrecognised:
 
 
 def _text_of(body: bytes) -> str:
-    # json.detect_encoding knows the UTF-8 BOM and UTF-16/32; bad bytes become U+FFFD.
-    text = body.decode(_encoding(body), errors="replace")
-    return text.lstrip("\ufeff").strip()
-
-
-#: json.detect_encoding's answers by a body's first four bytes, all it looks at; bodies start
-#: alike, and past this many different starts the answer is worked out each time.
-_ENCODINGS: Final[dict[bytes, str]] = {}
-_ENCODINGS_SIZE: Final = 64
-
-
-def _encoding(body: bytes) -> str:
+    # json.detect_encoding knows the UTF-8 BOM and UTF-16/32; bad bytes become U+FFFD. It
+    # looks at the first four bytes only, and bodies start alike.
     head = body[:4]
     encoding = _ENCODINGS.get(head)
     if encoding is None:
         encoding = json.detect_encoding(head)
         if len(_ENCODINGS) < _ENCODINGS_SIZE:
             _ENCODINGS[head] = encoding
-    return encoding
+    text = body.decode(encoding, errors="replace")
+    return text.lstrip("\ufeff").strip()
+
+
+#: json.detect_encoding's answers by a body's first four bytes; past this many different
+#: starts the answer is worked out each time.
+_ENCODINGS: Final[dict[bytes, str]] = {}
+_ENCODINGS_SIZE: Final = 64
 
 
 _FORMISH: Final = re.compile(r"[^\s=&{}\[\]\"]+=")
@@ -209,22 +206,19 @@ def _form(text: str, limits: ParseLimits) -> JsonObject:
     return form
 
 
-@dataclass(slots=True)
-class _Loaded:
-    value: JsonValue
-    reason: str | None = None  # why the body could not be read
-    form: bool = False
+#: A body read: (its value, why it could not be read, whether it was form-encoded).
+_Loaded: TypeAlias = "tuple[JsonValue, str | None, bool]"
 
 
 def _load(text: str, content_type: str | None, limits: ParseLimits) -> _Loaded:
     if text[0] not in '{["' and (_is_form_type(content_type) or _FORMISH.match(text)):
-        return _Loaded(_form(text, limits), form=True)
+        return _form(text, limits), None, True
     try:
-        return _Loaded(loads(text))
+        return loads_trimmed(text), None, False  # _text_of strips it
     except RecursionError:
-        return _Loaded(None, "too deeply nested")
+        return None, "too deeply nested", False
     except ValueError:
-        return _Loaded(None, "invalid JSON")
+        return None, "invalid JSON", False
 
 
 # -- the task id --------------------------------------------------------------------------
@@ -269,22 +263,22 @@ def _guess_family(found: Scan, id_node: Node | None, code: int | None) -> Family
     if "callbacktype" in keys:
         lyrics = "text" in keys and keys.isdisjoint(("audiourl", "streamaudiourl"))
         return Family.SUNO_LYRICS if lyrics else Family.SUNO
-    for marker, family in _KEY_MARKERS:
-        if not keys.isdisjoint(marker):
-            return family
+    if not keys.isdisjoint(_MARKER_KEYS):
+        for marker, family in _KEY_MARKERS:
+            if not keys.isdisjoint(marker):
+                return family
     if "images" in keys:
         return Family.SUNO_COVER
     # MJ and Luma callbacks have the same shape; the request echoed in promptJson differs
     # (MJ requests name a taskType such as mj_txt2img, Luma requests a videoUrl).
     echoed = found.echo_fields()
-    if any(norm == "tasktype" and _starts_mj(value) for norm, value in echoed):
-        return Family.MJ
-    if (
-        any(norm == "videourl" for norm, _ in echoed)
-        and "resulturls" in keys
-        and "info" not in keys
-    ):
-        return Family.LUMA
+    for norm, value in echoed:
+        if norm == "tasktype" and _starts_mj(value):
+            return Family.MJ
+    if "resulturls" in keys and "info" not in keys:
+        for norm, _ in echoed:
+            if norm == "videourl":
+                return Family.LUMA
     # 4o's callback spells result_urls in snake case; Veo's info.resultUrls is camel case.
     if "result_urls" in found.raw_keys or ("resulturls" in keys and "progress" in keys):
         return Family.GPT4O
@@ -326,6 +320,7 @@ _KEY_MARKERS: Final = (
         Family.VEO,
     ),
 )
+_MARKER_KEYS: Final = frozenset().union(*(marker for marker, _ in _KEY_MARKERS))
 
 
 # -- the outcome --------------------------------------------------------------------------
@@ -358,30 +353,32 @@ def _parse(
     if len(body) > limits.max_bytes:
         return _unrecognised("oversized")
     text = _text_of(body)
-    loaded = _load(text, content_type, limits) if text else _Loaded(None, "empty body")
+    value, reason, form = _load(text, content_type, limits) if text else (None, "empty body", False)
     found = scan(
-        loaded.value,
+        value,
         max_depth=limits.max_depth,
         max_nodes=limits.max_nodes,
         max_embedded=limits.max_embedded,
         lazy_echoes=True,
     )
-    reason = loaded.reason
     if reason is None and found.containers == 0:
         reason = "not a JSON object"
 
-    prefix = "form:" if loaded.form else ""
-    hit = (
-        _body_id(found.task_id, prefix)
-        or _side_id(query, _QUERY_IDS, "query", header=False)
-        or _side_id(headers, _HEADER_IDS, "header", header=True)
-        or _body_id(found.generic_id, prefix)
-    )
+    prefix = "form:" if form else ""
+    if found.task_id is not None:
+        node, key, task_id = found.task_id
+        hit: _Found | None = _Found(task_id, prefix + node.path(key), node)
+    else:
+        hit = (
+            _side_id(query, _QUERY_IDS, "query", header=False)
+            or _side_id(headers, _HEADER_IDS, "header", header=True)
+            or _body_id(found.generic_id, prefix)
+        )
 
     # Fields are read from the id's own object and its containers first, then anywhere.
     id_node = hit.node if hit is not None else None
     chain = id_node.chain() if id_node is not None else []
-    fields = read_fields(chain, found.objects, has_urls=bool(found.urls))
+    fields = read_fields(chain + found.objects, has_urls=bool(found.urls))
     code = fields.code
     stage = fields.stage
     error_code, error_message = fields.error_code, fields.error_message
@@ -391,7 +388,7 @@ def _parse(
         flag = judged[0] if judged is not None else None
     else:
         flag = _judge_any(fields)
-    outcome = _decide(code, stage, flag, fields.has_error)
+    outcome = _decide(code, stage, flag, error_code is not None or error_message is not None)
     if code is not None and code != 200:
         error_code = error_code or str(code)
         error_message = error_message or fields.message

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from kied.core._extract import Fields, Outcome, read_fields, scan
 
@@ -97,8 +97,8 @@ _P, _S, _F, _U = Outcome.PENDING, Outcome.SUCCESS, Outcome.FAIL, Outcome.UNKNOWN
 
 #: Reads one field's value (as text) into an outcome; UNKNOWN for values the family lacks.
 _Reader = Callable[[str, Fields], Outcome]
-#: Picks one state-like field.
-_Field = Callable[[Fields], str | None]
+#: One state-like field of :class:`Fields`, by name.
+_Field = Literal["state", "status", "success_flag"]
 
 
 def _table(mapping: Mapping[str, Outcome]) -> _Reader:
@@ -151,55 +151,37 @@ _GPT4O_FLAG: Final = _table({"0": _P, "1": _S, "2": _F})
 _MIDI_STATE: Final = _table({"complete": _S})
 
 
-def _state(fields: Fields) -> str | None:
-    return fields.state
-
-
-def _status(fields: Fields) -> str | None:
-    return fields.status
-
-
-def _success_flag(fields: Fields) -> str | None:
-    return fields.success_flag
-
-
 #: Per family, the fields that carry its state, in the order they are trusted.
 _READERS: Final[Mapping[Family, tuple[tuple[_Field, _Reader], ...]]] = {
-    Family.MARKET: ((_state, _MARKET_STATE),),
-    Family.VEO: ((_success_flag, _NUMBERED_FLAG),),
-    Family.RUNWAY: ((_state, _RUNWAY_STATE),),
-    Family.ALEPH: ((_success_flag, _aleph),),
-    Family.SUNO: ((_status, _suno_style),),
-    Family.SUNO_LYRICS: ((_status, _suno_style),),
-    Family.SUNO_WAV: ((_status, _suno_style),),
-    Family.SUNO_VOCAL: ((_status, _suno_style),),
-    Family.SUNO_MIDI: ((_success_flag, _NUMBERED_FLAG), (_state, _MIDI_STATE)),
-    Family.SUNO_COVER: ((_success_flag, _COVER_FLAG), (_status, _suno_style)),
-    Family.GPT4O: ((_status, _GPT4O_STATUS), (_success_flag, _GPT4O_FLAG)),
-    Family.FLUX_KONTEXT: ((_success_flag, _NUMBERED_FLAG),),
-    Family.MJ: ((_success_flag, _NUMBERED_FLAG),),
-    Family.LUMA: ((_success_flag, _LUMA_FLAG),),
+    Family.MARKET: (("state", _MARKET_STATE),),
+    Family.VEO: (("success_flag", _NUMBERED_FLAG),),
+    Family.RUNWAY: (("state", _RUNWAY_STATE),),
+    Family.ALEPH: (("success_flag", _aleph),),
+    Family.SUNO: (("status", _suno_style),),
+    Family.SUNO_LYRICS: (("status", _suno_style),),
+    Family.SUNO_WAV: (("status", _suno_style),),
+    Family.SUNO_VOCAL: (("status", _suno_style),),
+    Family.SUNO_MIDI: (("success_flag", _NUMBERED_FLAG), ("state", _MIDI_STATE)),
+    Family.SUNO_COVER: (("success_flag", _COVER_FLAG), ("status", _suno_style)),
+    Family.GPT4O: (("status", _GPT4O_STATUS), ("success_flag", _GPT4O_FLAG)),
+    Family.FLUX_KONTEXT: (("success_flag", _NUMBERED_FLAG),),
+    Family.MJ: (("success_flag", _NUMBERED_FLAG),),
+    Family.LUMA: (("success_flag", _LUMA_FLAG),),
 }
 
 
 def _judge(family: Family, fields: Fields) -> tuple[Outcome, str] | None:
     """The family's reading of its state field, with that field's value; None if it has none."""
-    return _read(_READERS[family], fields)
-
-
-def _read(
-    readers: tuple[tuple[_Field, _Reader], ...], fields: Fields
-) -> tuple[Outcome, str] | None:
-    for pick, read in readers:
-        value = pick(fields)
+    for name, read in _READERS[family]:
+        value: str | None = getattr(fields, name)
         if value is not None:
             return read(value, fields), value
     return None
 
 
-#: Each distinct way of reading the fields once: families that read them alike (Veo, MJ and
-#: Flux; the Suno-style ones) hold the same opinion, so one of them is asked.
-_DISTINCT_READERS: Final = tuple(dict.fromkeys(_READERS.values()))
+#: One family for each distinct way of reading the fields: families that read them alike
+#: (Veo, MJ and Flux; the Suno-style ones) hold the same opinion, so one of them is asked.
+_DISTINCT: Final = tuple({readers: family for family, readers in _READERS.items()}.values())
 
 
 def _judge_any(fields: Fields) -> Outcome | None:
@@ -209,9 +191,7 @@ def _judge_any(fields: Fields) -> Outcome | None:
     1 is success everywhere; 2 is a failure for Veo but *generating* for Suno cover, so it is
     UNKNOWN). None when no state field is present.
     """
-    opinions = {
-        judged[0] for readers in _DISTINCT_READERS if (judged := _read(readers, fields)) is not None
-    }
+    opinions = {judged[0] for family in _DISTINCT if (judged := _judge(family, fields)) is not None}
     if not opinions:
         return None
     definite = opinions - {_U}
@@ -248,7 +228,7 @@ def _read_status(family: Family, data: JsonValue) -> StatusReading:
         return _UNREADABLE
     found = scan(data)
     # The state and error fields sit at the top of ``data`` in every family.
-    top = read_fields(found.objects[:1], (), has_urls=bool(found.urls))
+    top = read_fields(found.objects[:1], has_urls=bool(found.urls))
     judged = _judge(family, top)
     outcome, kie_state = judged if judged is not None else (_U, None)
     return StatusReading(

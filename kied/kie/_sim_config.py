@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
+from kied._flags import FlagParser, parse_duration, parse_integer, parse_number
 from kied.errors import ConfigError
 from kied.kie._sim_faults import MalformedKind, StatusErrorKind
 
@@ -149,15 +149,6 @@ def _invalid(field_name: str, problem: str) -> NoReturn:
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        if m := re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message):
-            raise ConfigError(m[1], m[2])
-        if m := re.match(r"unrecognized arguments: (\S+)", message):
-            raise ConfigError(m[1], "unknown flag")
-        raise ConfigError("arguments", message)
-
-
 _EPILOG = """\
 KIE endpoints (all need "Authorization: Bearer <anything>"):
   Market        POST /api/v1/jobs/createTask         GET /api/v1/jobs/recordInfo?taskId=
@@ -184,7 +175,7 @@ The listening URL is printed as one line: "kied simulate listening on URL".
 
 def _build_parser() -> argparse.ArgumentParser:
     d = SimulatorConfig()
-    p = _Parser(
+    p = FlagParser(
         prog="kied simulate",
         description="A fake KIE.ai API with fault injection, for developing, testing and "
         "benchmarking kied without spending credits.",
@@ -297,38 +288,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _number(flag: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(flag, f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise ConfigError(flag, f"expected a finite number, got {text!r}")
-    return value
-
-
-def _integer(flag: str, text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(flag, f"expected an integer, got {text!r}") from None
-
-
-_NUMBER = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*"
-
-
-def _duration(text: str) -> tuple[float, float]:
-    if m := re.fullmatch(_NUMBER, text):
-        value = float(m[1])
-        return value, value
-    if m := re.fullmatch(f"{_NUMBER}-{_NUMBER}", text):
-        low, high = float(m[1]), float(m[2])
-        if low > high:
-            raise ConfigError("--duration", f"MIN must not exceed MAX, got {text!r}")
-        return low, high
-    raise ConfigError("--duration", f"expected SECONDS or MIN-MAX (both >= 0), got {text!r}")
-
-
 _K = TypeVar("_K", MalformedKind, StatusErrorKind)
 
 
@@ -361,13 +320,13 @@ def parse_simulator_args(argv: Sequence[str]) -> SimulatorConfig:
     if ns.host is not None:
         kw["host"] = ns.host
     if ns.port is not None:
-        kw["port"] = _integer("--port", ns.port)
+        kw["port"] = parse_integer("--port", ns.port)
     if ns.duration is not None:
-        kw["duration_s"] = _duration(ns.duration)
+        kw["duration_s"] = parse_duration("--duration", ns.duration)
     for name in _FRACTIONS:
         text = getattr(ns, name)
         if text is not None:
-            kw[name] = _number(_FLAG[name], text)
+            kw[name] = parse_number(_FLAG[name], text)
     for name, attr in (
         ("late_delay_s", "late_delay"),
         ("callback_timeout_s", "callback_timeout"),
@@ -376,11 +335,11 @@ def parse_simulator_args(argv: Sequence[str]) -> SimulatorConfig:
     ):
         text = getattr(ns, attr)
         if text is not None:
-            kw[name] = _number(_FLAG[name], text)
+            kw[name] = parse_number(_FLAG[name], text)
     for name in ("callback_retries", "callback_concurrency", "seed"):
         text = getattr(ns, name)
         if text is not None:
-            kw[name] = _integer(_FLAG[name], text)
+            kw[name] = parse_integer(_FLAG[name], text)
     if ns.malformed_kinds is not None:
         kw["malformed_kinds"] = _kinds("--malformed-kinds", ns.malformed_kinds, MalformedKind)
     if ns.status_error_kinds is not None:

@@ -7,13 +7,13 @@ PostgreSQL store is configured (:func:`kied.store.open_store` does).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import select
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, LiteralString, TypeVar
 
@@ -26,18 +26,15 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from kied.core.jobs import (
     ACTIVE_STATES,
-    TERMINAL_STATES,
     EndedBy,
     EventKind,
     Job,
     JobId,
-    JobState,
     NewJob,
     Report,
     TaskId,
     is_late,
     sources,
-    target,
 )
 from kied.errors import ConfigError, ConflictError, StoreError, StoreUnavailableError
 from kied.store._base import (
@@ -47,12 +44,26 @@ from kied.store._base import (
     JobStore,
     StoredCallback,
 )
+from kied.store._common import (
+    CALLBACK_COLUMNS,
+    JOB_COLUMNS,
+    NO_REPORT,
+    WAITING_CALLBACK_COLUMNS,
+    apply_statements,
+    check_limit,
+    entry_values,
+    job_from_row,
+    new_job_values,
+    report_values,
+    stored_callback_from_row,
+    waiting_report,
+)
 from kied.store._migrations import POSTGRES_MIGRATIONS
+from kied.store._queue import CallbackQueue
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
-    from kied.core._json import JsonValue
     from kied.settings import PostgresStoreSettings
 
 __all__ = ["PostgresStore"]
@@ -63,6 +74,8 @@ _T = TypeVar("_T")
 
 _Connection = psycopg.Connection[tuple[Any, ...]]
 _Row = tuple[Any, ...]
+#: A callback as queued for writing: the entry, and its report as query parameters.
+_QueuedCallback = tuple[InboxEntry, Mapping[str, Any] | None]
 
 #: Connections the pool keeps open when idle; it grows to the pool size under load.
 _MIN_CONNECTIONS: Final = 2
@@ -129,21 +142,16 @@ _INSERT_SCHEMA_VERSION: Final[LiteralString] = (
     " VALUES (%(version)s, extract(epoch FROM clock_timestamp()))"
 )
 
-_JOB_COLUMNS: Final[LiteralString] = (
-    "id, family, model, task_id, state, request, metadata, idempotency_key, created_at,"
-    " updated_at, deadline_at, kie_state, result_urls, result, error_code, error_message,"
-    " ended_by, ended_at, late, last_error"
-)
-_SELECT_JOB: Final[LiteralString] = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = %(id)s"
+_SELECT_JOB: Final[LiteralString] = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE id = %(id)s"
 _SELECT_JOB_FOR_UPDATE: Final[LiteralString] = _SELECT_JOB + " FOR UPDATE"
 _SELECT_JOB_BY_TASK: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE task_id = %(task_id)s"
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE task_id = %(task_id)s"
 )
 _SELECT_JOB_BY_TASK_FOR_UPDATE: Final[LiteralString] = _SELECT_JOB_BY_TASK + " FOR UPDATE"
 # The job a create_job call repeats: same id first, then same idempotency key, then
 # same task id (NULL parameters match nothing).
 _SELECT_EXISTING_JOB: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs"
+    "SELECT " + JOB_COLUMNS + " FROM jobs"
     " WHERE id = %(id)s OR idempotency_key = %(idempotency_key)s OR task_id = %(task_id)s"
     " ORDER BY CASE WHEN id = %(id)s THEN 0"
     " WHEN idempotency_key = %(idempotency_key)s THEN 1 ELSE 2 END"
@@ -157,24 +165,24 @@ _INSERT_JOB: Final[LiteralString] = (
     " VALUES (%(id)s, %(family)s, %(model)s, %(task_id)s, %(state)s, %(request)s,"
     " %(metadata)s, %(idempotency_key)s, %(created_at)s, %(created_at)s, %(deadline_at)s)"
     " ON CONFLICT DO NOTHING"
-    " RETURNING " + _JOB_COLUMNS
+    " RETURNING " + JOB_COLUMNS
 )
 _LIST_JOBS: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs ORDER BY created_at DESC, seq DESC LIMIT %(limit)s"
+    "SELECT " + JOB_COLUMNS + " FROM jobs ORDER BY created_at DESC, seq DESC LIMIT %(limit)s"
 )
 _LIST_JOBS_IN_STATES: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = ANY(%(states)s::text[])"
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE state = ANY(%(states)s::text[])"
     " ORDER BY created_at DESC, seq DESC LIMIT %(limit)s"
 )
 _UNFINISHED_JOBS: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = ANY(%(states)s::text[])"
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE state = ANY(%(states)s::text[])"
     " ORDER BY deadline_at, created_at, seq"
 )
 _SET_TASK: Final[LiteralString] = (
     "UPDATE jobs SET task_id = %(task_id)s, updated_at = %(now)s"
     " WHERE id = %(id)s AND task_id IS NULL"
     " AND NOT EXISTS (SELECT 1 FROM jobs WHERE task_id = %(task_id)s)"
-    " RETURNING " + _JOB_COLUMNS
+    " RETURNING " + JOB_COLUMNS
 )
 _NOTE_ERROR: Final[LiteralString] = (
     "UPDATE jobs SET last_error = %(message)s, updated_at = %(now)s WHERE id = %(id)s"
@@ -186,7 +194,7 @@ _NOTE_ERROR: Final[LiteralString] = (
 # one of them matches. In SET, column names are the old values, so ``late`` is computed
 # from the state the job had before.
 _CAS: Final[LiteralString] = (
-    " WHERE id = %(id)s AND state = ANY(%(sources)s::text[]) RETURNING " + _JOB_COLUMNS
+    " WHERE id = %(id)s AND state = ANY(%(sources)s::text[]) RETURNING " + JOB_COLUMNS
 )
 _APPLY_PROGRESS: Final[LiteralString] = (
     "UPDATE jobs SET state = %(target)s, updated_at = %(now)s,"
@@ -217,10 +225,6 @@ _APPLY_ENDED: Final[LiteralString] = (
     " late = (late OR state = ANY(%(late_from)s::text[]))" + _CAS
 )
 
-_CALLBACK_COLUMNS: Final[LiteralString] = (
-    "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
-    " outcome, problem, authenticated, auth, effect, matched_job_id"
-)
 _INSERT_CALLBACK: Final[LiteralString] = (
     "INSERT INTO callback_inbox (received_at, body, body_size, content_type, query, remote,"
     " task_id, found_by, job_id, outcome, problem, authenticated, auth, effect, matched_job_id,"
@@ -234,8 +238,7 @@ _INSERT_CALLBACK: Final[LiteralString] = (
 # A callback that arrived before any job had its task id: the newest authenticated
 # outcome (success or failure) no job matched.
 _WAITING_CALLBACK: Final[LiteralString] = (
-    "SELECT id, event, kie_state, result_urls, result, error_code, error_message"
-    " FROM callback_inbox"
+    "SELECT " + WAITING_CALLBACK_COLUMNS + " FROM callback_inbox"
     " WHERE task_id = %(task_id)s AND authenticated AND effect = %(no_job)s"
     " AND outcome IN ('success', 'fail') AND event = ANY(%(events)s::text[])"
     " ORDER BY id DESC LIMIT 1"
@@ -244,30 +247,22 @@ _SET_CALLBACK_EFFECT: Final[LiteralString] = (
     "UPDATE callback_inbox SET effect = %(effect)s, matched_job_id = %(job_id)s WHERE id = %(id)s"
 )
 _LIST_CALLBACKS: Final[LiteralString] = (
-    "SELECT " + _CALLBACK_COLUMNS + " FROM callback_inbox ORDER BY id DESC LIMIT %(limit)s"
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox ORDER BY id DESC LIMIT %(limit)s"
 )
 _LIST_CALLBACKS_FOR_TASK: Final[LiteralString] = (
-    "SELECT " + _CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = %(task_id)s"
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = %(task_id)s"
     " ORDER BY id DESC LIMIT %(limit)s"
 )
 _PING: Final[LiteralString] = "SELECT 1"
-
-
-def _apply_sql(event: EventKind) -> LiteralString:
-    if event is EventKind.SUCCEEDED:
-        return _APPLY_SUCCEEDED
-    if event is EventKind.FAILED:
-        return _APPLY_FAILED
-    if target(event) in TERMINAL_STATES:
-        return _APPLY_ENDED
-    return _APPLY_PROGRESS
 
 
 def _text_array(values: Collection[str]) -> list[str]:
     return sorted(str(v) for v in values)
 
 
-_APPLY_BY_EVENT: Final[Mapping[EventKind, LiteralString]] = {e: _apply_sql(e) for e in EventKind}
+_APPLY_BY_EVENT: Final[Mapping[EventKind, LiteralString]] = apply_statements(
+    succeeded=_APPLY_SUCCEEDED, failed=_APPLY_FAILED, ended=_APPLY_ENDED, progress=_APPLY_PROGRESS
+)
 _SOURCES: Final[Mapping[EventKind, list[str]]] = {e: _text_array(sources(e)) for e in EventKind}
 _LATE_FROM: Final[Mapping[EventKind, list[str]]] = {
     e: _text_array([s for s in sources(e) if is_late(s, e)]) for e in EventKind
@@ -403,128 +398,12 @@ def _lock_tasks(conn: _Connection, task_ids: Iterable[TaskId | None]) -> None:
         conn.execute(_ADVISORY_XACT_LOCKS, {"lock_class": _TASK_LOCK_CLASS, "lock_keys": keys})
 
 
-def _dump_json(value: JsonValue) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _load_json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _job(row: _Row) -> Job:
-    (
-        job_id,
-        family,
-        model,
-        task_id,
-        state,
-        request,
-        metadata,
-        idempotency_key,
-        created_at,
-        updated_at,
-        deadline_at,
-        kie_state,
-        result_urls,
-        result,
-        error_code,
-        error_message,
-        ended_by,
-        ended_at,
-        late,
-        last_error,
-    ) = row
-    return Job(
-        id=JobId(job_id),
-        family=family,
-        model=model,
-        task_id=None if task_id is None else TaskId(task_id),
-        state=JobState(state),
-        request=_load_json(request),
-        metadata=_load_json(metadata),
-        idempotency_key=idempotency_key,
-        created_at=created_at,
-        updated_at=updated_at,
-        deadline_at=deadline_at,
-        kie_state=kie_state,
-        result_urls=tuple(json.loads(result_urls)),
-        result=_load_json(result),
-        error_code=error_code,
-        error_message=error_message,
-        ended_by=None if ended_by is None else EndedBy(ended_by),
-        ended_at=ended_at,
-        late=late,
-        last_error=last_error,
-    )
-
-
-def _stored_callback(row: _Row) -> StoredCallback:
-    (
-        inbox_id,
-        received_at,
-        body,
-        body_size,
-        content_type,
-        query,
-        remote,
-        task_id,
-        found_by,
-        job_id,
-        outcome,
-        problem,
-        authenticated,
-        auth,
-        effect,
-        matched,
-    ) = row
-    entry = InboxEntry(
-        received_at=received_at,
-        body=bytes(body),
-        body_size=body_size,
-        content_type=content_type,
-        query=query,
-        remote=remote,
-        task_id=None if task_id is None else TaskId(task_id),
-        found_by=found_by,
-        job_id=None if job_id is None else JobId(job_id),
-        outcome=outcome,
-        problem=problem,
-        authenticated=authenticated,
-        auth=auth,
-    )
-    return StoredCallback(
-        id=inbox_id,
-        entry=entry,
-        effect=CallbackEffect(effect),
-        matched_job_id=None if matched is None else JobId(matched),
-    )
-
-
-def _check_limit(limit: int) -> None:
-    if limit < 0:
-        raise ValueError(f"limit must be 0 or more, not {limit}")
-
-
 def _report_params(report: Report) -> dict[str, Any]:
     """A report as query parameters; raises ``TypeError`` for what JSON cannot hold."""
     event = report.event
-    return {
-        "event": event.value,
-        "target": target(event).value,
-        "sources": _SOURCES[event],
-        "late_from": _LATE_FROM[event],
-        "kie_state": report.kie_state,
-        "result_urls": json.dumps(list(report.result_urls), ensure_ascii=False),
-        "result": _dump_json(report.result),
-        "error_code": report.error_code,
-        "error_message": report.error_message,
-        "ended_by": report.source.value,
-    }
+    return {**report_values(report), "sources": _SOURCES[event], "late_from": _LATE_FROM[event]}
 
 
-_NO_REPORT: Final[Mapping[str, Any]] = dict.fromkeys(
-    ("event", "kie_state", "result_urls", "result", "error_code", "error_message")
-)
 _ACCEPTED: Final = _report_params(Report(event=EventKind.ACCEPTED, source=EndedBy.SUBMIT))
 
 
@@ -593,19 +472,19 @@ def _open_pool(conninfo: str, settings: PostgresStoreSettings) -> ConnectionPool
 
 def _select_job(conn: _Connection, job_id: JobId) -> Job | None:
     row = conn.execute(_SELECT_JOB, {"id": job_id}).fetchone()
-    return None if row is None else _job(row)
+    return None if row is None else job_from_row(row)
 
 
 def _select_job_by_task(conn: _Connection, task_id: TaskId) -> Job | None:
     row = conn.execute(_SELECT_JOB_BY_TASK, {"task_id": task_id}).fetchone()
-    return None if row is None else _job(row)
+    return None if row is None else job_from_row(row)
 
 
 def _apply(conn: _Connection, job_id: JobId, report: Mapping[str, Any], now: float) -> Job | None:
     row = conn.execute(
         _APPLY_BY_EVENT[EventKind(report["event"])], {**report, "id": job_id, "now": now}
     ).fetchone()
-    return None if row is None else _job(row)
+    return None if row is None else job_from_row(row)
 
 
 def _apply_waiting_callback(
@@ -618,36 +497,11 @@ def _apply_waiting_callback(
     ).fetchone()
     if row is None:
         return None
-    inbox_id, event, kie_state, result_urls, result, error_code, error_message = row
-    report = Report(
-        event=EventKind(event),
-        source=EndedBy.CALLBACK,
-        kie_state=kie_state,
-        result_urls=tuple(_load_json(result_urls) or ()),
-        result=_load_json(result),
-        error_code=error_code,
-        error_message=error_message,
-    )
+    inbox_id, report = waiting_report(row)
     changed = _apply(conn, job_id, _report_params(report), now)
     effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
     conn.execute(_SET_CALLBACK_EFFECT, {"id": inbox_id, "effect": effect.value, "job_id": job_id})
     return changed
-
-
-def _job_params(new: NewJob) -> dict[str, Any]:
-    """A new job as query parameters; raises ``TypeError`` for what JSON cannot hold."""
-    return {
-        "id": new.id,
-        "family": new.family,
-        "model": new.model,
-        "task_id": new.task_id,
-        "state": (JobState.SUBMITTING if new.task_id is None else JobState.PENDING).value,
-        "request": _dump_json(new.request),
-        "metadata": _dump_json(new.metadata),
-        "idempotency_key": new.idempotency_key,
-        "created_at": new.created_at,
-        "deadline_at": new.deadline_at,
-    }
 
 
 def _create_job(conn: _Connection, params: Mapping[str, Any]) -> tuple[Job, bool]:
@@ -658,8 +512,8 @@ def _create_job(conn: _Connection, params: Mapping[str, Any]) -> tuple[Job, bool
         existing = conn.execute(_SELECT_EXISTING_JOB, params).fetchone()
         if existing is None:  # pragma: no cover - jobs are never deleted
             raise ConflictError(f"job {params['id']} conflicts with a job that is gone")
-        return _job(existing), False
-    job = _job(row)
+        return job_from_row(existing), False
+    job = job_from_row(row)
     if task_id is not None:
         job = _apply_waiting_callback(conn, job.id, task_id, params["created_at"]) or job
     return job, True
@@ -670,7 +524,7 @@ def _attach_task(conn: _Connection, job_id: JobId, task_id: TaskId, now: float) 
     row = conn.execute(_SELECT_JOB_FOR_UPDATE, {"id": job_id}).fetchone()
     if row is None:
         return None
-    job = _job(row)
+    job = job_from_row(row)
     if job.task_id is not None and job.task_id != task_id:
         raise ConflictError(f"job {job_id} already tracks task {job.task_id}")
     newly_attached = job.task_id is None
@@ -698,11 +552,11 @@ def _resolve_callback(
     if entry.job_id is not None:
         sql = _SELECT_JOB_FOR_UPDATE if locking else _SELECT_JOB
         row = conn.execute(sql, {"id": entry.job_id}).fetchone()
-        job = None if row is None else _job(row)
+        job = None if row is None else job_from_row(row)
     if job is None and entry.task_id is not None:
         sql = _SELECT_JOB_BY_TASK_FOR_UPDATE if locking else _SELECT_JOB_BY_TASK
         row = conn.execute(sql, {"task_id": entry.task_id}).fetchone()
-        job = None if row is None else _job(row)
+        job = None if row is None else job_from_row(row)
     if report is None:
         return CallbackEffect.NOT_APPLICABLE, job
     if job is None:
@@ -710,7 +564,7 @@ def _resolve_callback(
     if job.task_id is None and entry.task_id is not None:
         params = {"id": job.id, "task_id": entry.task_id, "now": entry.received_at}
         row = conn.execute(_SET_TASK, params).fetchone()
-        job = job if row is None else _job(row)
+        job = job if row is None else job_from_row(row)
     changed = _apply(conn, job.id, report, entry.received_at)
     if changed is not None:
         return CallbackEffect.CHANGED, changed
@@ -724,20 +578,8 @@ def _record_callback(
     row = conn.execute(
         _INSERT_CALLBACK,
         {
-            **(_NO_REPORT if report is None else report),
-            "received_at": entry.received_at,
-            "body": entry.body,
-            "body_size": entry.body_size,
-            "content_type": entry.content_type,
-            "query": entry.query,
-            "remote": entry.remote,
-            "task_id": entry.task_id,
-            "found_by": entry.found_by,
-            "job_id": entry.job_id,
-            "outcome": entry.outcome,
-            "problem": entry.problem,
-            "authenticated": entry.authenticated,
-            "auth": entry.auth,
+            **entry_values(entry),
+            **(NO_REPORT if report is None else report),
             "effect": effect.value,
             "matched_job_id": None if job is None else job.id,
         },
@@ -751,7 +593,7 @@ def _callback_tasks(batch: Iterable[tuple[InboxEntry, object]]) -> list[TaskId |
 
 
 def _record_callbacks(
-    batch: Sequence[tuple[InboxEntry, Mapping[str, Any] | None]],
+    batch: Sequence[_QueuedCallback],
     conn: _Connection,
     attempt: _Attempt,
 ) -> list[CallbackRecord | Exception]:
@@ -793,28 +635,7 @@ def _execute(sql: LiteralString, params: Mapping[str, Any], conn: _Connection) -
 # ---------------------------------------------------------------------------- the store
 
 
-def _shared_error(exc: BaseException) -> StoreUnavailableError:
-    # One exception object must not be raised in several tasks (tracebacks would mix).
-    error = StoreUnavailableError(f"the callback's batch failed: {exc}")
-    error.__cause__ = exc
-    return error
-
-
-@dataclass(slots=True, eq=False, kw_only=True)
-class _QueuedCallback:
-    entry: InboxEntry
-    report: Mapping[str, Any] | None
-    # Set when the callback is written or failed, or when its task must write the batch.
-    wake: trio.Event = field(default_factory=trio.Event)
-    record: CallbackRecord | None = None
-    error: BaseException | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.record is not None or self.error is not None
-
-
-class PostgresStore(JobStore):
+class PostgresStore(CallbackQueue[_QueuedCallback], JobStore):
     """:class:`~kied.store.JobStore` on a PostgreSQL database, shared by every instance.
 
     Each operation is one function run in one worker thread on one pooled connection:
@@ -856,13 +677,10 @@ class PostgresStore(JobStore):
         getconn_timeout_s: float,
     ) -> None:
         """Wrap an open pool on a migrated database; use :meth:`connect` instead."""
+        super().__init__()
         self._pool: ConnectionPool[_Connection] | None = pool
         self._limiter = limiter
         self._getconn_timeout_s = getconn_timeout_s
-        # Callbacks waiting to be written, and whether a task is writing them (or has
-        # been handed the job of writing the next batch).
-        self._callbacks: list[_QueuedCallback] = []
-        self._writing_callbacks = False
 
     @classmethod
     async def connect(cls, settings: PostgresStoreSettings) -> PostgresStore:
@@ -972,7 +790,7 @@ class PostgresStore(JobStore):
         ``False``, also when another instance stores it at the same moment. A job created
         with a task id starts ``pending``, else ``submitting``.
         """
-        params = _job_params(new)
+        params = new_job_values(new)
         return await self._write(partial(_create_job, params=params))
 
     async def get_job(self, job_id: JobId) -> Job | None:
@@ -984,17 +802,17 @@ class PostgresStore(JobStore):
     async def list_jobs(
         self, *, states: Collection[str] | None = None, limit: int = 100
     ) -> list[Job]:
-        _check_limit(limit)
+        check_limit(limit)
         params: dict[str, object]
         if states is None:
             sql, params = _LIST_JOBS, {"limit": limit}
         else:
             sql, params = _LIST_JOBS_IN_STATES, {"states": _text_array(states), "limit": limit}
-        return [_job(r) for r in await self._read(partial(_fetch_all, sql, params))]
+        return [job_from_row(r) for r in await self._read(partial(_fetch_all, sql, params))]
 
     async def unfinished_jobs(self) -> list[Job]:
         rows = await self._read(partial(_fetch_all, _UNFINISHED_JOBS, {"states": _ACTIVE}))
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
         """Record ``task_id`` and apply ``accepted``; see :meth:`JobStore.attach_task`.
@@ -1027,75 +845,28 @@ class PostgresStore(JobStore):
             Cancelled while it waits its turn, the callback is not written. Once its
             batch is being written, it is written, whether or not the caller waits.
         """
-        item = _QueuedCallback(
-            entry=entry, report=None if report is None else _report_params(report)
-        )
-        self._callbacks.append(item)
-        if self._writing_callbacks:
-            try:
-                await item.wake.wait()
-            except BaseException:
-                if item in self._callbacks:  # not taken by a write: drop it
-                    self._callbacks.remove(item)
-                    if item.wake.is_set():  # handed the writing just as it was cancelled
-                        self._hand_off_callbacks()
-                raise
-            if not item.finished:  # handed the writing: write the next batch
-                await self._write_callbacks(item)
-        else:
-            self._writing_callbacks = True
-            await self._write_callbacks(item)
-        if item.error is not None:
-            raise item.error
-        assert item.record is not None
-        return item.record
+        params = None if report is None else _report_params(report)
+        return await self._queue_callback((entry, params), max_batch=_MAX_CALLBACK_BATCH)
 
-    async def _write_callbacks(self, own: _QueuedCallback) -> None:
-        # Called only by the one task that holds ``_writing_callbacks``.
-        # The caller's own callback is the oldest queued, so it is always in the batch.
-        batch = self._callbacks[:_MAX_CALLBACK_BATCH]
-        del self._callbacks[:_MAX_CALLBACK_BATCH]
-        try:
-            results = await self._run(
-                partial(_record_callbacks, [(c.entry, c.report) for c in batch]), write=True
-            )
-        except trio.Cancelled:
-            # Only raised before a thread started, or between attempts (after one that
-            # wrote nothing): nothing was written.
-            self._callbacks[:0] = [c for c in batch if c is not own]
-            raise
-        except BaseException as exc:
-            for c in batch:
-                c.error = exc if c is own else _shared_error(exc)
-                c.wake.set()
-            raise
-        else:
-            for c, result in zip(batch, results, strict=True):
-                if isinstance(result, CallbackRecord):
-                    c.record = result
-                else:
-                    c.error = result
-                c.wake.set()
-        finally:
-            self._hand_off_callbacks()
-
-    def _hand_off_callbacks(self) -> None:
-        # The writer is done: the task of the oldest queued callback writes the next batch.
-        if self._callbacks:
-            self._callbacks[0].wake.set()
-        else:
-            self._writing_callbacks = False
+    async def _write_callback_batch(
+        self, batch: list[_QueuedCallback]
+    ) -> Sequence[CallbackRecord | Exception]:
+        # trio.Cancelled comes only before a thread started, or between attempts (after
+        # one that wrote nothing): nothing was written.
+        return await self._run(partial(_record_callbacks, batch), write=True)
 
     async def list_callbacks(
         self, *, task_id: TaskId | None = None, limit: int = 100
     ) -> list[StoredCallback]:
-        _check_limit(limit)
+        check_limit(limit)
         params: dict[str, object]
         if task_id is None:
             sql, params = _LIST_CALLBACKS, {"limit": limit}
         else:
             sql, params = _LIST_CALLBACKS_FOR_TASK, {"task_id": task_id, "limit": limit}
-        return [_stored_callback(r) for r in await self._read(partial(_fetch_all, sql, params))]
+        return [
+            stored_callback_from_row(r) for r in await self._read(partial(_fetch_all, sql, params))
+        ]
 
     async def aclose(self) -> None:
         """Close the pool. Idempotent.

@@ -5,26 +5,22 @@ from __future__ import annotations
 import json
 import sqlite3
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, LiteralString, TypeVar
+from typing import TYPE_CHECKING, Final, LiteralString, TypeVar
 
 import trio
 
 from kied.core.jobs import (
     ACTIVE_STATES,
-    TERMINAL_STATES,
     EndedBy,
     EventKind,
     Job,
     JobId,
-    JobState,
     NewJob,
     Report,
     TaskId,
     is_late,
     sources,
-    target,
 )
 from kied.errors import ConflictError, StoreUnavailableError
 from kied.store._base import (
@@ -34,17 +30,32 @@ from kied.store._base import (
     JobStore,
     StoredCallback,
 )
+from kied.store._common import (
+    CALLBACK_COLUMNS,
+    JOB_COLUMNS,
+    NO_REPORT,
+    WAITING_CALLBACK_COLUMNS,
+    apply_statements,
+    check_limit,
+    entry_values,
+    job_from_row,
+    new_job_values,
+    report_values,
+    stored_callback_from_row,
+    waiting_report,
+)
 from kied.store._migrations import SQLITE_MIGRATIONS
+from kied.store._queue import CallbackQueue
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterator, Mapping
+    from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
     from pathlib import Path
-
-    from kied.core._json import JsonValue
 
 __all__ = ["SqliteStore"]
 
 _T = TypeVar("_T")
+#: A callback as queued for writing: the entry, and the report it carries.
+_QueuedCallback = tuple[InboxEntry, Report | None]
 
 #: How long a write waits for another process's transaction (SQLite's busy_timeout).
 _BUSY_TIMEOUT_S: Final = 5.0
@@ -76,35 +87,30 @@ _INSERT_SCHEMA_VERSION: Final[LiteralString] = (
     " VALUES (:version, (julianday('now') - 2440587.5) * 86400.0)"
 )
 
-_JOB_COLUMNS: Final[LiteralString] = (
-    "id, family, model, task_id, state, request, metadata, idempotency_key, created_at,"
-    " updated_at, deadline_at, kie_state, result_urls, result, error_code, error_message,"
-    " ended_by, ended_at, late, last_error"
-)
-_SELECT_JOB: Final[LiteralString] = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = :id"
+_SELECT_JOB: Final[LiteralString] = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE id = :id"
 _SELECT_JOB_BY_TASK: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE task_id = :task_id"
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE task_id = :task_id"
 )
 _SELECT_JOB_BY_KEY: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE idempotency_key = :idempotency_key"
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE idempotency_key = :idempotency_key"
 )
 _INSERT_JOB: Final[LiteralString] = (
     "INSERT INTO jobs (id, family, model, task_id, state, request, metadata, idempotency_key,"
     " created_at, updated_at, deadline_at)"
     " VALUES (:id, :family, :model, :task_id, :state, :request, :metadata, :idempotency_key,"
     " :created_at, :created_at, :deadline_at)"
-    " RETURNING " + _JOB_COLUMNS
+    " RETURNING " + JOB_COLUMNS
 )
 _LIST_JOBS: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT :limit"
+    "SELECT " + JOB_COLUMNS + " FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT :limit"
 )
 _LIST_JOBS_IN_STATES: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs"
+    "SELECT " + JOB_COLUMNS + " FROM jobs"
     " WHERE state IN (SELECT value FROM json_each(:states))"
     " ORDER BY created_at DESC, rowid DESC LIMIT :limit"
 )
 _UNFINISHED_JOBS: Final[LiteralString] = (
-    "SELECT " + _JOB_COLUMNS + " FROM jobs"
+    "SELECT " + JOB_COLUMNS + " FROM jobs"
     " WHERE state IN (SELECT value FROM json_each(:states))"
     " ORDER BY deadline_at, created_at, rowid"
 )
@@ -121,7 +127,7 @@ _NOTE_ERROR: Final[LiteralString] = (
 # (``sources(event)``, bound as a JSON array). In SET, column names are the old values,
 # so ``late`` is computed from the state the job had before.
 _CAS: Final[LiteralString] = (
-    " WHERE id = :id AND state IN (SELECT value FROM json_each(:sources)) RETURNING " + _JOB_COLUMNS
+    " WHERE id = :id AND state IN (SELECT value FROM json_each(:sources)) RETURNING " + JOB_COLUMNS
 )
 _APPLY_PROGRESS: Final[LiteralString] = (
     "UPDATE jobs SET state = :target, updated_at = :now,"
@@ -152,10 +158,6 @@ _APPLY_ENDED: Final[LiteralString] = (
     " late = (late OR state IN (SELECT value FROM json_each(:late_from)))" + _CAS
 )
 
-_CALLBACK_COLUMNS: Final[LiteralString] = (
-    "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
-    " outcome, problem, authenticated, auth, effect, matched_job_id"
-)
 _INSERT_CALLBACK: Final[LiteralString] = (
     "INSERT INTO callback_inbox (received_at, body, body_size, content_type, query, remote,"
     " task_id, found_by, job_id, outcome, problem, authenticated, auth, effect, matched_job_id,"
@@ -167,8 +169,7 @@ _INSERT_CALLBACK: Final[LiteralString] = (
 # A callback that arrived before any job had its task id: the newest authenticated
 # outcome (success or failure) no job matched.
 _WAITING_CALLBACK: Final[LiteralString] = (
-    "SELECT id, event, kie_state, result_urls, result, error_code, error_message"
-    " FROM callback_inbox"
+    "SELECT " + WAITING_CALLBACK_COLUMNS + " FROM callback_inbox"
     " WHERE task_id = :task_id AND authenticated = 1 AND effect = :no_job"
     " AND outcome IN ('success', 'fail')"
     " AND event IN (SELECT value FROM json_each(:events))"
@@ -178,30 +179,22 @@ _SET_CALLBACK_EFFECT: Final[LiteralString] = (
     "UPDATE callback_inbox SET effect = :effect, matched_job_id = :job_id WHERE id = :id"
 )
 _LIST_CALLBACKS: Final[LiteralString] = (
-    "SELECT " + _CALLBACK_COLUMNS + " FROM callback_inbox ORDER BY id DESC LIMIT :limit"
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox ORDER BY id DESC LIMIT :limit"
 )
 _LIST_CALLBACKS_FOR_TASK: Final[LiteralString] = (
-    "SELECT " + _CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = :task_id"
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = :task_id"
     " ORDER BY id DESC LIMIT :limit"
 )
 _PING: Final[LiteralString] = "SELECT 1"
-
-
-def _apply_sql(event: EventKind) -> LiteralString:
-    if event is EventKind.SUCCEEDED:
-        return _APPLY_SUCCEEDED
-    if event is EventKind.FAILED:
-        return _APPLY_FAILED
-    if target(event) in TERMINAL_STATES:
-        return _APPLY_ENDED
-    return _APPLY_PROGRESS
 
 
 def _json_array(values: Collection[str]) -> str:
     return json.dumps(sorted(values))
 
 
-_APPLY_BY_EVENT: Final[Mapping[EventKind, LiteralString]] = {e: _apply_sql(e) for e in EventKind}
+_APPLY_BY_EVENT: Final[Mapping[EventKind, LiteralString]] = apply_statements(
+    succeeded=_APPLY_SUCCEEDED, failed=_APPLY_FAILED, ended=_APPLY_ENDED, progress=_APPLY_PROGRESS
+)
 _SOURCES_JSON: Final[Mapping[EventKind, str]] = {e: _json_array(sources(e)) for e in EventKind}
 _LATE_FROM_JSON: Final[Mapping[EventKind, str]] = {
     e: _json_array([s for s in sources(e) if is_late(s, e)]) for e in EventKind
@@ -235,69 +228,6 @@ def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     finally:
         if conn.in_transaction:
             conn.execute(_ROLLBACK)
-
-
-def _dump_json(value: JsonValue) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _load_json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        id=JobId(row["id"]),
-        family=row["family"],
-        model=row["model"],
-        task_id=None if row["task_id"] is None else TaskId(row["task_id"]),
-        state=JobState(row["state"]),
-        request=_load_json(row["request"]),
-        metadata=_load_json(row["metadata"]),
-        idempotency_key=row["idempotency_key"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        deadline_at=row["deadline_at"],
-        kie_state=row["kie_state"],
-        result_urls=tuple(json.loads(row["result_urls"])),
-        result=_load_json(row["result"]),
-        error_code=row["error_code"],
-        error_message=row["error_message"],
-        ended_by=None if row["ended_by"] is None else EndedBy(row["ended_by"]),
-        ended_at=row["ended_at"],
-        late=bool(row["late"]),
-        last_error=row["last_error"],
-    )
-
-
-def _stored_callback(row: sqlite3.Row) -> StoredCallback:
-    entry = InboxEntry(
-        received_at=row["received_at"],
-        body=bytes(row["body"]),
-        body_size=row["body_size"],
-        content_type=row["content_type"],
-        query=row["query"],
-        remote=row["remote"],
-        task_id=None if row["task_id"] is None else TaskId(row["task_id"]),
-        found_by=row["found_by"],
-        job_id=None if row["job_id"] is None else JobId(row["job_id"]),
-        outcome=row["outcome"],
-        problem=row["problem"],
-        authenticated=bool(row["authenticated"]),
-        auth=row["auth"],
-    )
-    matched = row["matched_job_id"]
-    return StoredCallback(
-        id=row["id"],
-        entry=entry,
-        effect=CallbackEffect(row["effect"]),
-        matched_job_id=None if matched is None else JobId(matched),
-    )
-
-
-def _check_limit(limit: int) -> None:
-    if limit < 0:
-        raise ValueError(f"limit must be 0 or more, not {limit}")
 
 
 def _script_statements(script: str) -> Iterator[str]:
@@ -354,30 +284,24 @@ def _connect(path: Path) -> sqlite3.Connection:
 def _apply(conn: sqlite3.Connection, job_id: JobId, report: Report, now: float) -> Job | None:
     event = report.event
     params = {
+        **report_values(report),
         "id": job_id,
         "now": now,
-        "target": target(event).value,
         "sources": _SOURCES_JSON[event],
         "late_from": _LATE_FROM_JSON[event],
-        "kie_state": report.kie_state,
-        "result_urls": json.dumps(list(report.result_urls), ensure_ascii=False),
-        "result": _dump_json(report.result),
-        "error_code": report.error_code,
-        "error_message": report.error_message,
-        "ended_by": report.source.value,
     }
     rows = conn.execute(_APPLY_BY_EVENT[event], params).fetchall()
-    return _job(rows[0]) if rows else None
+    return job_from_row(rows[0]) if rows else None
 
 
 def _select_job(conn: sqlite3.Connection, job_id: JobId) -> Job | None:
     row = conn.execute(_SELECT_JOB, {"id": job_id}).fetchone()
-    return None if row is None else _job(row)
+    return None if row is None else job_from_row(row)
 
 
 def _select_job_by_task(conn: sqlite3.Connection, task_id: TaskId) -> Job | None:
     row = conn.execute(_SELECT_JOB_BY_TASK, {"task_id": task_id}).fetchone()
-    return None if row is None else _job(row)
+    return None if row is None else job_from_row(row)
 
 
 def _apply_waiting_callback(
@@ -389,18 +313,10 @@ def _apply_waiting_callback(
     ).fetchone()
     if row is None:
         return
-    report = Report(
-        event=EventKind(row["event"]),
-        source=EndedBy.CALLBACK,
-        kie_state=row["kie_state"],
-        result_urls=tuple(_load_json(row["result_urls"]) or ()),
-        result=_load_json(row["result"]),
-        error_code=row["error_code"],
-        error_message=row["error_message"],
-    )
+    inbox_id, report = waiting_report(row)
     changed = _apply(conn, job_id, report, now)
     effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
-    conn.execute(_SET_CALLBACK_EFFECT, {"id": row["id"], "effect": effect, "job_id": job_id})
+    conn.execute(_SET_CALLBACK_EFFECT, {"id": inbox_id, "effect": effect, "job_id": job_id})
 
 
 def _record_callback(
@@ -410,29 +326,10 @@ def _record_callback(
     cursor = conn.execute(
         _INSERT_CALLBACK,
         {
-            "received_at": entry.received_at,
-            "body": entry.body,
-            "body_size": entry.body_size,
-            "content_type": entry.content_type,
-            "query": entry.query,
-            "remote": entry.remote,
-            "task_id": entry.task_id,
-            "found_by": entry.found_by,
-            "job_id": entry.job_id,
-            "outcome": entry.outcome,
-            "problem": entry.problem,
-            "authenticated": entry.authenticated,
-            "auth": entry.auth,
+            **entry_values(entry),
+            **(NO_REPORT if report is None else report_values(report)),
             "effect": effect.value,
             "matched_job_id": None if job is None else job.id,
-            "event": None if report is None else report.event.value,
-            "kie_state": None if report is None else report.kie_state,
-            "result_urls": None
-            if report is None
-            else json.dumps(list(report.result_urls), ensure_ascii=False),
-            "result": None if report is None else _dump_json(report.result),
-            "error_code": None if report is None else report.error_code,
-            "error_message": None if report is None else report.error_message,
         },
     )
     inbox_id = cursor.lastrowid
@@ -464,7 +361,7 @@ def _resolve_callback(
 
 
 def _record_callbacks(
-    batch: list[tuple[InboxEntry, Report | None]], conn: sqlite3.Connection
+    batch: list[_QueuedCallback], conn: sqlite3.Connection
 ) -> list[CallbackRecord | Exception]:
     results: list[CallbackRecord | Exception] = []
     with _write_transaction(conn):
@@ -480,31 +377,10 @@ def _record_callbacks(
     return results
 
 
-def _shared_error(exc: BaseException) -> StoreUnavailableError:
-    # One exception object must not be raised in several tasks (tracebacks would mix).
-    error = StoreUnavailableError(f"the callback's batch failed: {exc}")
-    error.__cause__ = exc
-    return error
-
-
-@dataclass(slots=True, eq=False, kw_only=True)
-class _QueuedCallback:
-    entry: InboxEntry
-    report: Report | None
-    # Set when the callback is written or failed, or when its task must write the batch.
-    wake: trio.Event = field(default_factory=trio.Event)
-    record: CallbackRecord | None = None
-    error: BaseException | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.record is not None or self.error is not None
-
-
 # ---------------------------------------------------------------------------- the store
 
 
-class SqliteStore(JobStore):
+class SqliteStore(CallbackQueue[_QueuedCallback], JobStore):
     """:class:`~kied.store.JobStore` on one SQLite file.
 
     Every operation is one transaction run in one worker-thread call, through a
@@ -529,12 +405,9 @@ class SqliteStore(JobStore):
 
     def __init__(self, conn: sqlite3.Connection, limiter: trio.CapacityLimiter) -> None:
         """Wrap an open, migrated connection; use :meth:`connect` instead."""
+        super().__init__()
         self._conn: sqlite3.Connection | None = conn
         self._limiter = limiter
-        # Callbacks waiting to be written, and whether a task is writing them (or has
-        # been handed the job of writing the next batch).
-        self._callbacks: list[_QueuedCallback] = []
-        self._writing_callbacks = False
 
     @classmethod
     async def connect(cls, path: Path) -> SqliteStore:
@@ -595,29 +468,14 @@ class SqliteStore(JobStore):
                     row = conn.execute(
                         _SELECT_JOB_BY_KEY, {"idempotency_key": new.idempotency_key}
                     ).fetchone()
-                    existing = None if row is None else _job(row)
+                    existing = None if row is None else job_from_row(row)
                 if existing is None and new.task_id is not None:
                     existing = _select_job_by_task(conn, new.task_id)
                 if existing is not None:
                     return existing, False
-                state = JobState.SUBMITTING if new.task_id is None else JobState.PENDING
-                row = conn.execute(
-                    _INSERT_JOB,
-                    {
-                        "id": new.id,
-                        "family": new.family,
-                        "model": new.model,
-                        "task_id": new.task_id,
-                        "state": state.value,
-                        "request": _dump_json(new.request),
-                        "metadata": _dump_json(new.metadata),
-                        "idempotency_key": new.idempotency_key,
-                        "created_at": new.created_at,
-                        "deadline_at": new.deadline_at,
-                    },
-                ).fetchall()[0]
+                row = conn.execute(_INSERT_JOB, new_job_values(new)).fetchall()[0]
                 if new.task_id is None:
-                    return _job(row), True
+                    return job_from_row(row), True
                 _apply_waiting_callback(conn, new.id, new.task_id, new.created_at)
                 job = _select_job(conn, new.id)
                 assert job is not None  # inserted above, in this transaction
@@ -634,18 +492,18 @@ class SqliteStore(JobStore):
     async def list_jobs(
         self, *, states: Collection[str] | None = None, limit: int = 100
     ) -> list[Job]:
-        _check_limit(limit)
+        check_limit(limit)
         params: dict[str, object]
         if states is None:
             sql, params = _LIST_JOBS, {"limit": limit}
         else:
             sql, params = _LIST_JOBS_IN_STATES, {"states": _json_array(states), "limit": limit}
-        return await self._run(lambda conn: [_job(r) for r in conn.execute(sql, params)])
+        return await self._run(lambda conn: [job_from_row(r) for r in conn.execute(sql, params)])
 
     async def unfinished_jobs(self) -> list[Job]:
         params = {"states": _ACTIVE_JSON}
         return await self._run(
-            lambda conn: [_job(r) for r in conn.execute(_UNFINISHED_JOBS, params)]
+            lambda conn: [job_from_row(r) for r in conn.execute(_UNFINISHED_JOBS, params)]
         )
 
     async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
@@ -704,73 +562,25 @@ class SqliteStore(JobStore):
             Cancelled while it waits its turn, the callback is not written. Once its
             batch is being written, it is written, whether or not the caller waits.
         """
-        item = _QueuedCallback(entry=entry, report=report)
-        self._callbacks.append(item)
-        if self._writing_callbacks:
-            try:
-                await item.wake.wait()
-            except BaseException:
-                if item in self._callbacks:  # not taken by a write: drop it
-                    self._callbacks.remove(item)
-                    if item.wake.is_set():  # handed the writing just as it was cancelled
-                        self._hand_off_callbacks()
-                raise
-            if not item.finished:  # handed the writing: write the next batch
-                await self._write_callbacks(item)
-        else:
-            self._writing_callbacks = True
-            await self._write_callbacks(item)
-        if item.error is not None:
-            raise item.error
-        assert item.record is not None
-        return item.record
+        return await self._queue_callback((entry, report), max_batch=_MAX_CALLBACK_BATCH)
 
-    async def _write_callbacks(self, own: _QueuedCallback) -> None:
-        # Called only by the one task that holds ``_writing_callbacks``.
-        # The caller's own callback is the oldest queued, so it is always in the batch.
-        batch = self._callbacks[:_MAX_CALLBACK_BATCH]
-        del self._callbacks[:_MAX_CALLBACK_BATCH]
-        try:
-            results = await self._run(
-                partial(_record_callbacks, [(c.entry, c.report) for c in batch])
-            )
-        except trio.Cancelled:
-            # Only raised before the thread started: nothing was written.
-            self._callbacks[:0] = [c for c in batch if c is not own]
-            raise
-        except BaseException as exc:
-            for c in batch:
-                c.error = exc if c is own else _shared_error(exc)
-                c.wake.set()
-            raise
-        else:
-            for c, result in zip(batch, results, strict=True):
-                if isinstance(result, CallbackRecord):
-                    c.record = result
-                else:
-                    c.error = result
-                c.wake.set()
-        finally:
-            self._hand_off_callbacks()
-
-    def _hand_off_callbacks(self) -> None:
-        # The writer is done: the task of the oldest queued callback writes the next batch.
-        if self._callbacks:
-            self._callbacks[0].wake.set()
-        else:
-            self._writing_callbacks = False
+    async def _write_callback_batch(
+        self, batch: list[_QueuedCallback]
+    ) -> Sequence[CallbackRecord | Exception]:
+        # trio.Cancelled comes only before the thread started: nothing was written.
+        return await self._run(partial(_record_callbacks, batch))
 
     async def list_callbacks(
         self, *, task_id: TaskId | None = None, limit: int = 100
     ) -> list[StoredCallback]:
-        _check_limit(limit)
+        check_limit(limit)
         params: dict[str, object]
         if task_id is None:
             sql, params = _LIST_CALLBACKS, {"limit": limit}
         else:
             sql, params = _LIST_CALLBACKS_FOR_TASK, {"task_id": task_id, "limit": limit}
         return await self._run(
-            lambda conn: [_stored_callback(r) for r in conn.execute(sql, params)]
+            lambda conn: [stored_callback_from_row(r) for r in conn.execute(sql, params)]
         )
 
     async def aclose(self) -> None:

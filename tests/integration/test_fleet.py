@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from kied.leadership._postgres import LOCK_KEY
 from tests.procs import free_port, kied, mode, read_url, stop, wait_until
 
 pytestmark = pytest.mark.slow
@@ -197,8 +198,10 @@ def test_a_terminated_lock_connection_makes_the_leader_step_down(fleet, pg_serve
     with pg_server.connect() as conn:
         conn.autocommit = True
         killed = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'kied-leader'"
-            " AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
+            "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+            " WHERE a.application_name = 'kied-leader' AND a.datname = %s"
+            " AND l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s",
+            (fleet.db_url.rsplit("/", 1)[1], LOCK_KEY >> 32, LOCK_KEY & 0xFFFF_FFFF),
         ).fetchall()
     assert killed == [(True,)]
     # one leader emerges (the old one, back in line, or the standby), never two

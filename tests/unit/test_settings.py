@@ -174,3 +174,82 @@ def test_bad_values_name_the_setting(environ, argv, setting):
     assert info.value.setting == setting
     assert str(info.value).startswith(f"{setting}: ")
     assert "\n" not in str(info.value)
+
+
+def test_outside_systemd_there_is_no_notify_watchdog_or_passed_socket():
+    s = load_settings({}, pid=100)
+    assert s.notify_socket is None
+    assert s.watchdog_s is None
+    assert s.listen_fds == 0
+    assert s.log_format == "text"
+
+
+@pytest.mark.parametrize("address", ["/run/systemd/notify", "@kied-notify"])
+def test_systemd_notify_socket_and_watchdog(address):
+    s = load_settings(
+        {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "100"}, pid=100
+    )
+    assert s.notify_socket == address
+    assert s.watchdog_s == 30.0
+
+
+@pytest.mark.parametrize(
+    ("environ", "watchdog_s"),
+    [
+        ({"WATCHDOG_USEC": "200000"}, 0.2),  # WATCHDOG_PID unset: ours
+        ({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "99"}, None),  # another process's
+        ({"WATCHDOG_USEC": ""}, None),
+    ],
+)
+def test_watchdog_is_ours_unless_another_pid_is_named(environ, watchdog_s):
+    s = load_settings({"NOTIFY_SOCKET": "/run/systemd/notify", **environ}, pid=100)
+    assert s.watchdog_s == watchdog_s
+
+
+def test_watchdog_needs_somewhere_to_send_pings():
+    assert load_settings({"WATCHDOG_USEC": "200000"}, pid=100).watchdog_s is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "listen_fds"),
+    [
+        ({"LISTEN_FDS": "1"}, 1),  # LISTEN_PID unset: ours
+        ({"LISTEN_FDS": "2", "LISTEN_PID": "100"}, 2),
+        ({"LISTEN_FDS": "1", "LISTEN_PID": "99"}, 0),  # passed to another process
+        ({"LISTEN_FDS": "bogus", "LISTEN_PID": "99"}, 0),  # not ours, so not our problem
+    ],
+)
+def test_socket_activation_is_ours_unless_another_pid_is_named(environ, listen_fds):
+    assert load_settings(environ, pid=100).listen_fds == listen_fds
+
+
+@pytest.mark.parametrize(
+    ("value", "log_format"), [("text", "text"), ("json", "json"), ("JSON", "json")]
+)
+def test_log_format(value, log_format):
+    assert load_settings({"KIED_LOG_FORMAT": value}).log_format == log_format
+    assert load_settings({}, ["--log-format", value]).log_format == log_format
+
+
+@pytest.mark.parametrize(
+    ("environ", "argv", "setting"),
+    [
+        ({"LISTEN_FDS": "0"}, [], "LISTEN_FDS"),
+        ({"LISTEN_FDS": "-1"}, [], "LISTEN_FDS"),
+        ({"LISTEN_FDS": "three"}, [], "LISTEN_FDS"),
+        ({"LISTEN_FDS": "1", "LISTEN_PID": "me"}, [], "LISTEN_PID"),
+        ({"NOTIFY_SOCKET": "run/notify"}, [], "NOTIFY_SOCKET"),
+        ({"NOTIFY_SOCKET": "@"}, [], "NOTIFY_SOCKET"),
+        ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "0"}, [], "WATCHDOG_USEC"),
+        ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "30s"}, [], "WATCHDOG_USEC"),
+        ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "x"}, [], "WATCHDOG_PID"),
+        ({"KIED_LOG_FORMAT": "xml"}, [], "KIED_LOG_FORMAT"),
+        ({}, ["--log-format", "logfmt"], "--log-format"),
+    ],
+)
+def test_bad_systemd_and_log_values_name_the_setting(environ, argv, setting):
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ, argv, pid=100)
+    assert info.value.setting == setting
+    assert str(info.value).startswith(f"{setting}: ")
+    assert "\n" not in str(info.value)

@@ -1,0 +1,302 @@
+"""What the daemon counts, for ``GET /metrics`` (Prometheus text format).
+
+One :class:`Metrics` per daemon, each with its own ``CollectorRegistry``: never the
+library's global default registry, so that several daemons in one process (tests, the
+demo) each report their own numbers.
+
+Counts are taken where the thing happens, once: a callback's response code in the route,
+a callback's outcome, authentication and effect where it is recorded, and a job's end
+where the write that ended it was made (the callback service, the jobs service, the
+pollers). A change this instance merely hears about (``Daemon.job_changed``, a
+PostgreSQL notification from another instance) is never counted. Labels take a few
+fixed values only: never a job or task id.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+
+from kied import __version__
+from kied.core.callbacks import Outcome
+from kied.core.jobs import TERMINAL_STATES, EndedBy, JobState
+from kied.store import CallbackEffect
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from prometheus_client.metrics_core import Metric
+
+    from kied.core.jobs import Job
+
+__all__ = ["CONTENT_TYPE", "Metrics", "auth_label", "process_age_s"]
+
+#: The content type of :meth:`Metrics.exposition`.
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+#: Authentication results, as labels: "rejected: <why>" is counted as "rejected".
+_AUTH_LABELS: Final = ("open", "token", "hmac", "token+hmac", "rejected")
+#: How a status query or a createTask call can go, besides what KIE said of the task.
+_CALL_FAILURES: Final = ("busy", "rejected", "error")
+_MODES: Final = ("ACTIVE", "PASSIVE")
+#: The (state, ended_by) pairs a job can end with, shown at 0 from the start.
+_JOB_ENDS: Final = (
+    (JobState.SUCCEEDED, EndedBy.CALLBACK),
+    (JobState.SUCCEEDED, EndedBy.POLL),
+    (JobState.FAILED, EndedBy.CALLBACK),
+    (JobState.FAILED, EndedBy.POLL),
+    (JobState.FAILED, EndedBy.SUBMIT),
+    (JobState.TIMED_OUT, EndedBy.DEADLINE),
+    (JobState.CANCELLED, EndedBy.CANCEL),
+)
+#: Jobs take seconds to minutes; the default deadline is 15 minutes.
+_DURATION_BUCKETS_S: Final = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800, 3600)
+
+
+def auth_label(detail: str) -> str:
+    """The label for an authentication result: ``open``, ``token``, ``hmac``,
+    ``token+hmac``, or ``rejected`` (whatever the reason)."""
+    return detail if detail in _AUTH_LABELS else "rejected"
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started, as the kernel recorded it; ``None`` off Linux.
+
+    The start is the kernel's own record (``/proc/self/stat``, in clock ticks since
+    boot), so it covers the interpreter's start and every import before kied's first
+    line runs. It is read against ``CLOCK_BOOTTIME``, the clock the kernel uses for it,
+    and is exact to a clock tick (usually 10 ms).
+    """
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        ticks_per_s = os.sysconf("SC_CLK_TCK")
+        now_s = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, ValueError, AttributeError):
+        return None
+    started = _start_ticks(stat)
+    if started is None or ticks_per_s <= 0:
+        return None
+    return max(0.0, now_s - started / ticks_per_s)
+
+
+def _start_ticks(stat: bytes) -> int | None:
+    # The command name (field 2) may hold spaces and parentheses: count from the last ")".
+    # The fields after it start at field 3; the start time is field 22.
+    _, sep, rest = stat.rpartition(b")")
+    fields = rest.split()
+    if not sep or len(fields) < 20:
+        return None
+    try:
+        return int(fields[19])
+    except ValueError:
+        return None
+
+
+class Metrics:
+    """The daemon's counters and gauges, in a registry of their own.
+
+    Args:
+        mode: the daemon's mode now, ``ACTIVE`` or ``PASSIVE``; read at each scrape.
+        pollers: how many pollers run now; read at each scrape.
+        version: reported as ``kied_build_info{version}``.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: Callable[[], str] = lambda: "PASSIVE",
+        pollers: Callable[[], int] = lambda: 0,
+        version: str = __version__,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._created_at = time.perf_counter()
+        registry = self.registry
+
+        self._responses = Counter(
+            "kied_callback_responses",
+            "Answers to POST /callbacks/kie, by HTTP status code (always 200).",
+            ["code"],
+            registry=registry,
+        )
+        self._responses.labels(code="200")
+        self._by_outcome = Counter(
+            "kied_callbacks_by_outcome",
+            "Callbacks stored, by what they say of their task.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in Outcome:
+            self._by_outcome.labels(outcome=outcome.value)
+        self._by_auth = Counter(
+            "kied_callbacks_by_auth",
+            "Callbacks stored, by authentication result.",
+            ["auth"],
+            registry=registry,
+        )
+        for auth in _AUTH_LABELS:
+            self._by_auth.labels(auth=auth)
+        self._by_effect = Counter(
+            "kied_callbacks_by_effect",
+            "Callbacks stored, by what they did to their job.",
+            ["effect"],
+            registry=registry,
+        )
+        for effect in CallbackEffect:
+            self._by_effect.labels(effect=effect.value)
+        self._unstored = Counter(
+            "kied_callbacks_unstored",
+            "Callbacks answered 200 that could not be stored (see the log).",
+            registry=registry,
+        )
+        self._start_to_listen = Gauge(
+            "kied_start_to_listen_seconds",
+            "Seconds from the process's start to the HTTP port listening.",
+            registry=registry,
+        )
+        self._job_duration = Histogram(
+            "kied_job_duration_seconds",
+            "Seconds from a job's creation to its end, by what ended it.",
+            ["ended_by"],
+            buckets=_DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        for ended_by in EndedBy:
+            self._job_duration.labels(ended_by=ended_by.value)
+        self._jobs_ended = Counter(
+            "kied_jobs_ended",
+            "Jobs this instance ended, by the state they ended in and what ended them.",
+            ["state", "ended_by"],
+            registry=registry,
+        )
+        for state, ended_by in _JOB_ENDS:
+            self._jobs_ended.labels(state=state.value, ended_by=ended_by.value)
+        self._status_queries = Counter(
+            "kied_status_queries",
+            "Status queries sent to KIE, by result: what KIE said of the task"
+            " (success, fail, pending, unknown, unknown task), or busy, rejected, error.",
+            ["result"],
+            registry=registry,
+        )
+        for result in (*(o.value for o in Outcome), "unknown task", *_CALL_FAILURES):
+            self._status_queries.labels(result=result)
+        self._create_task = Counter(
+            "kied_create_task_calls",
+            "createTask calls sent to KIE, by result: created, busy, rejected, error.",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("created", *_CALL_FAILURES):
+            self._create_task.labels(result=result)
+        self._lock_acquisitions = Counter(
+            "kied_lock_acquisitions",
+            "Times this instance took the leadership lock (became ACTIVE).",
+            registry=registry,
+        )
+        self._lock_losses = Counter(
+            "kied_lock_losses",
+            "Times this instance lost the leadership lock while ACTIVE.",
+            registry=registry,
+        )
+        build = Gauge(
+            "kied_build_info", "kied's version, as a label.", ["version"], registry=registry
+        )
+        build.labels(version=version).set(1)
+        registry.register(_StateCollector(mode=mode, pollers=pollers))
+
+    def exposition(self) -> bytes:
+        """Everything, in the Prometheus text format (content type :data:`CONTENT_TYPE`)."""
+        return generate_latest(_WithoutCreated(self.registry))
+
+    def callback_answered(self, code: int) -> None:
+        self._responses.labels(code=str(code)).inc()
+
+    def callback_recorded(self, *, outcome: str, auth: str, effect: str) -> None:
+        """A callback was stored; ``auth`` is the verdict's detail."""
+        self._by_outcome.labels(outcome=outcome).inc()
+        self._by_auth.labels(auth=auth_label(auth)).inc()
+        self._by_effect.labels(effect=effect).inc()
+
+    def callback_unstored(self) -> None:
+        self._unstored.inc()
+
+    def job_ended(self, job: Job) -> None:
+        """This instance just wrote ``job``'s end; call it once per such write.
+
+        A job that is not terminal (or carries no end) is not counted.
+        """
+        if job.state not in TERMINAL_STATES or job.ended_by is None or job.ended_at is None:
+            return
+        ended_by = job.ended_by.value
+        self._jobs_ended.labels(state=job.state.value, ended_by=ended_by).inc()
+        self._job_duration.labels(ended_by=ended_by).observe(
+            max(0.0, job.ended_at - job.created_at)
+        )
+
+    def status_query(self, result: str) -> None:
+        self._status_queries.labels(result=result).inc()
+
+    def create_task(self, result: str) -> None:
+        self._create_task.labels(result=result).inc()
+
+    def lock_acquired(self) -> None:
+        self._lock_acquisitions.inc()
+
+    def lock_lost(self) -> None:
+        self._lock_losses.inc()
+
+    def port_opened(self) -> None:
+        """Record how long the process took to open its port; call it once, at that moment.
+
+        Measured from the process's start as the kernel recorded it (:func:`process_age_s`);
+        where the kernel does not say, from when this object was made.
+        """
+        age = process_age_s()
+        if age is None:
+            age = time.perf_counter() - self._created_at
+        self._start_to_listen.set(age)
+
+
+class _WithoutCreated:
+    """The registry without the ``*_created`` series the client library adds to each counter
+    and histogram: in the Prometheus text format they are gauges of their own, doubling the
+    series for no use here. (The library's switch for this is process-wide.)"""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
+class _StateCollector:
+    """The mode and the pollers, read from the daemon at each scrape: never stale."""
+
+    def __init__(self, *, mode: Callable[[], str], pollers: Callable[[], int]) -> None:
+        self._mode = mode
+        self._pollers = pollers
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("kied_mode", "", labels=["mode"])
+        yield GaugeMetricFamily("kied_pollers", "")
+
+    def collect(self) -> Iterator[Metric]:
+        current = self._mode()
+        mode = GaugeMetricFamily(
+            "kied_mode",
+            "1 for the mode this instance is in (ACTIVE, PASSIVE), else 0.",
+            labels=["mode"],
+        )
+        for name in _MODES:
+            mode.add_metric([name], 1.0 if name == current else 0.0)
+        yield mode
+        yield GaugeMetricFamily(
+            "kied_pollers", "Job pollers running now (0 while PASSIVE).", value=self._pollers()
+        )

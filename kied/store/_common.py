@@ -1,0 +1,257 @@
+"""What the database stores share: how jobs, reports and inbox rows are held in columns."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Final, LiteralString
+
+from kied.core.jobs import (
+    TERMINAL_STATES,
+    EndedBy,
+    EventKind,
+    Job,
+    JobId,
+    JobState,
+    NewJob,
+    Report,
+    TaskId,
+    target,
+)
+from kied.store._base import CallbackEffect, InboxEntry, StoredCallback
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from kied.core._json import JsonValue
+
+__all__ = [
+    "CALLBACK_COLUMNS",
+    "JOB_COLUMNS",
+    "NO_REPORT",
+    "WAITING_CALLBACK_COLUMNS",
+    "apply_statements",
+    "check_limit",
+    "entry_values",
+    "job_from_row",
+    "new_job_values",
+    "report_values",
+    "stored_callback_from_row",
+    "waiting_report",
+]
+
+# The order of each column list is the order the row readers below unpack.
+JOB_COLUMNS: Final[LiteralString] = (
+    "id, family, model, task_id, state, request, metadata, idempotency_key, created_at,"
+    " updated_at, deadline_at, kie_state, result_urls, result, error_code, error_message,"
+    " ended_by, ended_at, late, last_error"
+)
+CALLBACK_COLUMNS: Final[LiteralString] = (
+    "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
+    " outcome, problem, authenticated, auth, effect, matched_job_id"
+)
+#: An inbox row's id and the report it carried, for a callback that came before its job.
+WAITING_CALLBACK_COLUMNS: Final[LiteralString] = (
+    "id, event, kie_state, result_urls, result, error_code, error_message"
+)
+
+
+def _dump_json(value: JsonValue) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _load_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def check_limit(limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be 0 or more, not {limit}")
+
+
+def apply_statements(
+    *,
+    succeeded: LiteralString,
+    failed: LiteralString,
+    ended: LiteralString,
+    progress: LiteralString,
+) -> dict[EventKind, LiteralString]:
+    """The compare-and-set each event runs.
+
+    An outcome writes its result or its error; another event that ends the job
+    (deadline, cancel) keeps any error it carries; the rest only move the state.
+    """
+
+    def statement(event: EventKind) -> LiteralString:
+        if event is EventKind.SUCCEEDED:
+            return succeeded
+        if event is EventKind.FAILED:
+            return failed
+        if target(event) in TERMINAL_STATES:
+            return ended
+        return progress
+
+    return {event: statement(event) for event in EventKind}
+
+
+def report_values(report: Report) -> dict[str, Any]:
+    """A report as column values; raises ``TypeError`` for what JSON cannot hold."""
+    event = report.event
+    return {
+        "event": event.value,
+        "target": target(event).value,
+        "kie_state": report.kie_state,
+        "result_urls": json.dumps(list(report.result_urls), ensure_ascii=False),
+        "result": _dump_json(report.result),
+        "error_code": report.error_code,
+        "error_message": report.error_message,
+        "ended_by": report.source.value,
+    }
+
+
+#: The inbox's report columns for a callback that carried no report.
+NO_REPORT: Final[Mapping[str, Any]] = dict.fromkeys(
+    ("event", "kie_state", "result_urls", "result", "error_code", "error_message")
+)
+
+
+def new_job_values(new: NewJob) -> dict[str, Any]:
+    """A new job as column values; raises ``TypeError`` for what JSON cannot hold.
+
+    A job created with a task id starts ``pending``, else ``submitting``.
+    """
+    return {
+        "id": new.id,
+        "family": new.family,
+        "model": new.model,
+        "task_id": new.task_id,
+        "state": (JobState.SUBMITTING if new.task_id is None else JobState.PENDING).value,
+        "request": _dump_json(new.request),
+        "metadata": _dump_json(new.metadata),
+        "idempotency_key": new.idempotency_key,
+        "created_at": new.created_at,
+        "deadline_at": new.deadline_at,
+    }
+
+
+def job_from_row(row: Iterable[Any]) -> Job:
+    """The job in a row of :data:`JOB_COLUMNS`."""
+    (
+        job_id,
+        family,
+        model,
+        task_id,
+        state,
+        request,
+        metadata,
+        idempotency_key,
+        created_at,
+        updated_at,
+        deadline_at,
+        kie_state,
+        result_urls,
+        result,
+        error_code,
+        error_message,
+        ended_by,
+        ended_at,
+        late,
+        last_error,
+    ) = row
+    return Job(
+        id=JobId(job_id),
+        family=family,
+        model=model,
+        task_id=None if task_id is None else TaskId(task_id),
+        state=JobState(state),
+        request=_load_json(request),
+        metadata=_load_json(metadata),
+        idempotency_key=idempotency_key,
+        created_at=created_at,
+        updated_at=updated_at,
+        deadline_at=deadline_at,
+        kie_state=kie_state,
+        result_urls=tuple(json.loads(result_urls)),
+        result=_load_json(result),
+        error_code=error_code,
+        error_message=error_message,
+        ended_by=None if ended_by is None else EndedBy(ended_by),
+        ended_at=ended_at,
+        late=bool(late),
+        last_error=last_error,
+    )
+
+
+def entry_values(entry: InboxEntry) -> dict[str, Any]:
+    """An inbox entry as column values; :func:`stored_callback_from_row` reads them back."""
+    return {
+        "received_at": entry.received_at,
+        "body": entry.body,
+        "body_size": entry.body_size,
+        "content_type": entry.content_type,
+        "query": entry.query,
+        "remote": entry.remote,
+        "task_id": entry.task_id,
+        "found_by": entry.found_by,
+        "job_id": entry.job_id,
+        "outcome": entry.outcome,
+        "problem": entry.problem,
+        "authenticated": entry.authenticated,
+        "auth": entry.auth,
+    }
+
+
+def stored_callback_from_row(row: Iterable[Any]) -> StoredCallback:
+    """The inbox entry in a row of :data:`CALLBACK_COLUMNS`."""
+    (
+        inbox_id,
+        received_at,
+        body,
+        body_size,
+        content_type,
+        query,
+        remote,
+        task_id,
+        found_by,
+        job_id,
+        outcome,
+        problem,
+        authenticated,
+        auth,
+        effect,
+        matched,
+    ) = row
+    entry = InboxEntry(
+        received_at=received_at,
+        body=bytes(body),
+        body_size=body_size,
+        content_type=content_type,
+        query=query,
+        remote=remote,
+        task_id=None if task_id is None else TaskId(task_id),
+        found_by=found_by,
+        job_id=None if job_id is None else JobId(job_id),
+        outcome=outcome,
+        problem=problem,
+        authenticated=bool(authenticated),
+        auth=auth,
+    )
+    return StoredCallback(
+        id=inbox_id,
+        entry=entry,
+        effect=CallbackEffect(effect),
+        matched_job_id=None if matched is None else JobId(matched),
+    )
+
+
+def waiting_report(row: Iterable[Any]) -> tuple[int, Report]:
+    """The inbox id and the report in a row of :data:`WAITING_CALLBACK_COLUMNS`."""
+    inbox_id, event, kie_state, result_urls, result, error_code, error_message = row
+    return inbox_id, Report(
+        event=EventKind(event),
+        source=EndedBy.CALLBACK,
+        kie_state=kie_state,
+        result_urls=tuple(_load_json(result_urls) or ()),
+        result=_load_json(result),
+        error_code=error_code,
+        error_message=error_message,
+    )
