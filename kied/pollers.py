@@ -12,6 +12,7 @@ import random
 from typing import TYPE_CHECKING, Protocol
 
 import trio
+import trio.lowlevel
 
 from kied.core.families import Family
 from kied.core.jobs import (
@@ -55,6 +56,10 @@ __all__ = ["KieApi", "PollerSupervisor"]
 logger = logging.getLogger(__name__)
 
 _OUTCOMES = (EventKind.SUCCEEDED, EventKind.FAILED)
+#: pollers between reading storage and KIE's answer at once (twice KIE's status rate)
+_QUERY_SLOTS = 20
+#: pollers started in one go by a rescan
+_START_CHUNK = 500
 
 
 class KieApi(Protocol):
@@ -97,6 +102,7 @@ class PollerSupervisor:
         self._scopes: dict[JobId, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._rescan_now = trio.Event()
+        self._query_slots = trio.CapacityLimiter(_QUERY_SLOTS)
         #: status queries sent, by result, for operators
         self.status_queries: dict[str, int] = {}
 
@@ -150,7 +156,14 @@ class PollerSupervisor:
         except StoreError as exc:
             logger.error("[GEN] cannot load unfinished jobs: %s", exc)
             return
-        started = sum(self._start(job) for job in jobs)
+        started = 0
+        for job in jobs:
+            if self._start(job):
+                started += 1
+                if started % _START_CHUNK == 0:
+                    # Let the pollers started so far settle before starting more: a leader
+                    # taking over 100,000 jobs must not stall the callback route meanwhile.
+                    await trio.lowlevel.checkpoint()
         if started:
             logger.info("[GEN] polling %d unfinished job(s)", started)
 
@@ -165,13 +178,12 @@ class PollerSupervisor:
     async def _poll(self, job: Job, scope: trio.CancelScope) -> None:
         try:
             with scope:
-                remaining = job.deadline_at - self._now()
-                with trio.move_on_after(max(0.0, remaining)) as deadline:
-                    await self._poll_until_terminal(job)
-                if deadline.cancelled_caught:
-                    await self._finish(
-                        job, Report(event=EventKind.DEADLINE, source=EndedBy.DEADLINE)
-                    )
+                # The job's stored deadline is this scope's own: a restart does not
+                # restart the clock, and one scope per poller keeps 100,000 of them cheap.
+                scope.deadline = trio.current_time() + max(0.0, job.deadline_at - self._now())
+                await self._poll_until_terminal(job)
+            if scope.cancelled_caught and trio.current_time() >= scope.deadline:
+                await self._finish(job, Report(event=EventKind.DEADLINE, source=EndedBy.DEADLINE))
         except Exception as exc:
             # A poller's failure is a fact about its job, never the daemon's end; the
             # next rescan starts a new poller.
@@ -208,16 +220,23 @@ class PollerSupervisor:
         kie_state = job.kie_state
         while True:
             await trio.sleep_until(next_at)
-            current = await self._store.get_job(job.id)  # storage first
-            if current is None or current.state not in ACTIVE_STATES:
-                return
-            try:
-                status = await self._kie.get_status(family, task_id)
-            except UpstreamError as exc:
+            # Few pollers at a time go from storage to KIE: the rate limit lets ten status
+            # queries through a second, and the rest wait here without holding anything.
+            async with self._query_slots:
+                current = await self._store.get_job(job.id)  # storage first
+                if current is None or current.state not in ACTIVE_STATES:
+                    return
+                try:
+                    status = await self._kie.get_status(family, task_id)
+                except UpstreamError as exc:
+                    error: UpstreamError | None = exc
+                else:
+                    error = None
+            if error is not None:
                 failures += 1
-                self._count(_failure(exc))
-                await self._note(job.id, f"status query failed: {exc}")
-                retry_after = exc.retry_after_s if isinstance(exc, UpstreamBusyError) else None
+                self._count(_failure(error))
+                await self._note(job.id, f"status query failed: {error}")
+                retry_after = error.retry_after_s if isinstance(error, UpstreamBusyError) else None
                 delay = backoff_delay(
                     failures, policy, jitter=self._rng.random(), retry_after_s=retry_after
                 )
@@ -245,7 +264,10 @@ class PollerSupervisor:
                     await self._store.apply(job.id, report, now=self._now())
             elapsed = self._now() - job.created_at
             next_at = trio.current_time() + next_poll_delay(
-                elapsed, policy, jitter=self._rng.random()
+                elapsed,
+                policy,
+                jitter=self._rng.random(),
+                callbacks_healthy=self._callbacks_expected(),
             )
 
     async def _submit(self, job: Job, family: Family) -> Job | None:

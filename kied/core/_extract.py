@@ -330,16 +330,28 @@ class Node:
     value: JsonObject | list[JsonValue]
     parent: Node | None
     key: str | None  # the key it sits under in its parent object
-    index: int | None  # its index in its parent array
-    embedded: bool  # decoded from a JSON string
-    depth: int
     level: int  # how many JSON-in-a-string decodes led here
     zone: Zone
     #: Its place in a depth-first reading with result keys first: result URLs are sorted by it.
+    #: One position per level down, so its length is the depth.
     order: tuple[int, ...]
     #: Once an object is walked: its shape, its values in walk order, and how many of them the
     #: budget covered.
     walked: tuple[_Shape, Sequence[JsonValue], int] | None = field(default=None, init=False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.order)
+
+    @property
+    def index(self) -> int | None:
+        """Its index in its parent array."""
+        return self.order[-1] if self.key is None and self.parent is not None else None
+
+    @property
+    def embedded(self) -> bool:
+        """Whether it was decoded from a JSON string."""
+        return self.level > (0 if self.parent is None else self.parent.level)
 
     @property
     def fields(self) -> list[tuple[str, str, JsonValue]]:
@@ -355,16 +367,18 @@ class Node:
 
     def path(self, leaf: str) -> str:
         """Where ``leaf`` sits, e.g. ``data.taskId``, ``data[0].taskId``, ``data(json).taskId``."""
-        text = "." + _short(leaf)
-        node: Node | None = self
-        while node is not None:
-            if node.embedded:
+        text = "." + (leaf if len(leaf) <= _SHORT else _short(leaf))
+        node = self
+        while (parent := node.parent) is not None:
+            if node.level > parent.level:
                 text = "(json)" + text
-            if node.key is not None:
-                text = "." + _short(node.key) + text
-            elif node.index is not None:
-                text = f"[{node.index}]{text}"
-            node = node.parent
+            if (key := node.key) is not None:
+                text = "." + (key if len(key) <= _SHORT else _short(key)) + text
+            else:
+                text = f"[{node.order[-1]}]{text}"
+            node = parent
+        if node.level:
+            text = "(json)" + text
         return text.lstrip(".")
 
     def chain(self) -> list[Node]:
@@ -566,7 +580,7 @@ def scan(
                 break
             value, level = decoded, level + 1
         if isinstance(value, _CONTAINERS) and max_depth >= 0:
-            node = Node(value, None, None, None, level > 0, 0, level, _NORMAL, ())
+            node = Node(value, None, None, level, _NORMAL, ())
             if isinstance(value, dict):
                 objects.append(node)
             queue.append(node)
@@ -574,7 +588,6 @@ def scan(
     expanded = 0
     child_zone: Zone
     key: str | None
-    index: int | None
     while queue and not exhausted:
         node = queue.popleft()
         expanded += 1
@@ -605,19 +618,19 @@ def scan(
             harvests = zone is _URL
 
         walked = len(values)  # how many of them the budget covers
-        depth = node.depth + 1
+        base = node.order
+        depth = len(base) + 1
         if depth > max_depth or not harvests:
             # Only harvesting URLs can spend the budget part-way through the values.
             visited += walked
         if depth <= max_depth:
             level = node.level
             decodes = level < max_embedded
-            base = node.order
             for position, child in enumerate(values):
                 if harvests:
                     if visited >= max_nodes:
                         exhausted = True
-                        walked = position
+                        walked = position + 1
                         break
                     visited += 1
                 container: JsonObject | list[JsonValue]
@@ -654,17 +667,14 @@ def scan(
                 else:
                     continue
                 if shape is None:
-                    key, index, child_zone = None, position, zone
+                    key, child_zone = None, zone
                 else:
                     _, key, _, opens = shape.keys[position]
-                    index, child_zone = None, zone if opens is None or in_echo else opens
+                    child_zone = zone if opens is None or in_echo else opens
                 placed = Node(
                     container,
                     node,
                     key,
-                    index,
-                    embedded,
-                    depth,
                     level + 1 if embedded else level,
                     child_zone,
                     (*base, position),
@@ -676,7 +686,7 @@ def scan(
         if shape is None:
             continue
         if shape.ids and zone is _NORMAL:
-            node_depth = node.depth
+            node_depth = depth - 1
             for at, rank in shape.ids:
                 if at >= walked:
                     break
@@ -715,7 +725,9 @@ def scan(
         objects,
         tuple(dict.fromkeys(map(_VALUE_OF, urls)))
         if len(urls) > 1
-        else tuple(map(_VALUE_OF, urls)),
+        else (urls[0][1],)
+        if urls
+        else (),
         frozenset(keys),
         frozenset(raw_keys),
         expanded + len(queue),  # every container met was queued

@@ -55,6 +55,9 @@ class PollPolicy:
     #: that overdue wait is stretched by up to this fraction, so that jobs created together
     #: are not all queried together
     overdue_jitter: float = 0.1
+    #: with healthy callbacks, a job still running when queried is queried again after as
+    #: long as it has existed (its age doubles between queries), but at most this long
+    healthy_max_interval_s: float = 120.0
     #: the first delay after an upstream error (429/455/5xx/network); it doubles per failure
     backoff_base_s: float = 2.0
     backoff_max_s: float = 60.0
@@ -73,7 +76,13 @@ class PollPolicy:
             previous = until_s
         if previous != math.inf:
             raise ValueError("PollPolicy.steps must end with until_elapsed_s = math.inf")
-        for name in ("overdue_floor_s", "overdue_factor", "backoff_base_s", "backoff_max_s"):
+        for name in (
+            "overdue_floor_s",
+            "overdue_factor",
+            "backoff_base_s",
+            "backoff_max_s",
+            "healthy_max_interval_s",
+        ):
             value = getattr(self, name)
             if not (_finite(value) and value >= 0):
                 raise ValueError(f"PollPolicy.{name} must be finite and >= 0, got {value}")
@@ -94,7 +103,9 @@ def _check_jitter(jitter: float) -> None:
         raise ValueError(f"jitter must be in [0, 1), got {jitter}")
 
 
-def next_poll_delay(elapsed_s: float, policy: PollPolicy, *, jitter: float) -> float:
+def next_poll_delay(
+    elapsed_s: float, policy: PollPolicy, *, jitter: float, callbacks_healthy: bool = False
+) -> float:
     """The delay before the next status query of a job that is ``elapsed_s`` old.
 
     Args:
@@ -103,9 +114,12 @@ def next_poll_delay(elapsed_s: float, policy: PollPolicy, *, jitter: float) -> f
         policy: the schedule; the step that applies is the first whose ``until_elapsed_s``
             is greater than ``elapsed_s``.
         jitter: in [0, 1); 0 picks the step's ``min_s``, values towards 1 its ``max_s``.
+        callbacks_healthy: callbacks are arriving, so a query only checks that this job's
+            was not lost: the delay grows with the job's age, up to
+            ``healthy_max_interval_s``, and is never shorter than the step's.
 
     Returns:
-        Seconds, within ``[min_s, max_s]`` of the step.
+        Seconds, within ``[min_s, max_s]`` of the step, or the healthy back-off.
 
     Raises:
         ValueError: ``jitter`` is outside [0, 1), or ``elapsed_s`` is NaN.
@@ -116,7 +130,11 @@ def next_poll_delay(elapsed_s: float, policy: PollPolicy, *, jitter: float) -> f
     elapsed_s = max(elapsed_s, 0.0)
     # The last step (until math.inf) also takes an infinite age.
     _, min_s, max_s = next((step for step in policy.steps if elapsed_s < step[0]), policy.steps[-1])
-    return min_s + jitter * (max_s - min_s)
+    step = min_s + jitter * (max_s - min_s)
+    if not callbacks_healthy:
+        return step
+    backoff = min(elapsed_s, policy.healthy_max_interval_s) * (1 + policy.overdue_jitter * jitter)
+    return max(step, backoff)
 
 
 def first_poll_delay(

@@ -349,3 +349,27 @@ def test_a_pair_that_keeps_finishing_is_not_forgotten() -> None:
 def test_health_refuses_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - each names its own argument
         CallbackHealth(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "jitter", "expected"),
+    [
+        (0.0, 0.0, 2.0),  # never shorter than KIE's schedule
+        (60.0, 0.0, 60.0),  # the age: it doubles between queries
+        (90.0, 0.5, 90.0 * 1.05),
+        (119.0, 0.0, 119.0),
+        (500.0, 0.0, 120.0),  # capped
+        (500.0, 0.9, 120.0 * 1.09),
+    ],
+)
+def test_healthy_callbacks_back_off_with_the_jobs_age(elapsed, jitter, expected):
+    policy = PollPolicy()
+    assert next_poll_delay(elapsed, policy, jitter=jitter, callbacks_healthy=True) == pytest.approx(
+        expected
+    )
+    assert next_poll_delay(elapsed, policy, jitter=jitter) <= 30.0
+
+
+def test_healthy_cap_is_validated():
+    with pytest.raises(ValueError, match="healthy_max_interval_s"):
+        PollPolicy(healthy_max_interval_s=-1.0)
