@@ -9,7 +9,12 @@ examines at most ``max_nodes`` values, goes no deeper than ``max_depth`` and dec
 
 Request echoes (``param``, ``paramJson``, ``promptJson``, ``generateParam``, ``input``) are
 walked but kept apart: the input image URLs and parent task ids they hold are neither results
-nor the task's own id.
+nor the task's own id. Only family guessing ever reads them, so the callback parser has JSON
+text inside them decoded only when it does (``lazy_echoes``).
+
+Callbacks repeat a handful of object shapes, so what the walk needs to know about an object's
+keys (normalised keys, which hold results, which the readers look at) is worked out once per
+sequence of keys and kept in a small bounded table.
 """
 
 from __future__ import annotations
@@ -602,7 +607,7 @@ def scan(
                 names = tuple(value)
                 values = list(value.values())
             else:
-                # Through items(), the one way a dict subclass is read anywhere here.
+                # A dict subclass is read through len() and items() alone: it may override them.
                 exhausted = len(value) > remaining
                 pairs = list(islice(value.items(), remaining))
                 names = tuple(map(_KEY_OF, pairs))
@@ -630,7 +635,7 @@ def scan(
                 if harvests:
                     if visited >= max_nodes:
                         exhausted = True
-                        walked = position + 1
+                        walked = position
                         break
                     visited += 1
                 container: JsonObject | list[JsonValue]

@@ -38,7 +38,6 @@ from kied.core._extract import (
     Node,
     Outcome,
     Scan,
-    Zone,
     clean_id,
     flag_text,
     loads_trimmed,
@@ -223,7 +222,6 @@ def _load(text: str, content_type: str | None, limits: ParseLimits) -> _Loaded:
 
 # -- the task id --------------------------------------------------------------------------
 
-_NORMAL: Final = Zone.NORMAL  # an Enum member looked up once, not per object
 _QUERY_IDS: Final = frozenset({"taskid"})
 _HEADER_IDS: Final = frozenset({"xtaskid", "taskid", "xkietaskid", "kietaskid"})
 

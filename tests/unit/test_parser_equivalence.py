@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("KIED_SHARED", REPO.parent / "shared"))
 SAMPLES = sorted((SHARED / "fixtures" / "callbacks").glob("*.json"))
 
-MODEST = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MODEST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # -- the reference walk -------------------------------------------------------------------
 
@@ -361,6 +361,26 @@ values = st.recursive(
     ),
     max_leaves=40,
 )
+# Result-zone objects holding several URLs beside other keys, so that budgets cut them
+# part-way through their URLs.
+url_texts = st.sampled_from([text for text in TEXTS if "http" in text])
+results = st.dictionaries(
+    st.sampled_from(["resultUrls", "videoUrl", "images", "vocal_removal_info", "resultObject"]),
+    url_texts
+    | st.lists(url_texts, max_size=4)
+    | st.dictionaries(st.sampled_from(KEYS), url_texts | scalars, max_size=4),
+    min_size=1,
+    max_size=3,
+)
+# Objects naming several ids, some unusable, so that the order between them matters.
+ids = st.dictionaries(
+    st.sampled_from(["taskId", "task_id", "TASK-ID", "recordId", "id", "x"]),
+    st.sampled_from(["a", "b", 7, 7.5, "", "x y", True]),
+    min_size=2,
+)
+values = values | st.dictionaries(
+    st.sampled_from(KEYS), values | results | ids | st.lists(ids, max_size=3), max_size=4
+).map(lambda value: {**value, "data": value})
 limits = st.tuples(st.integers(-1, 8), st.integers(0, 80), st.integers(0, 5))
 
 
