@@ -132,6 +132,9 @@ class _Pollers:
     #: trio times at which the status-query rate limiter let a query through
     grants: list[float] = field(default_factory=list)
 
+    #: pollers waiting for one of the supervisor's query slots (set once it runs)
+    waiting_for_slot: Callable[[], int] = lambda: 0
+
     _changed: trio.Event | None = None
 
     @property
@@ -620,6 +623,14 @@ async def _scale(
                 began, cpu = time.perf_counter(), time.process_time()
                 lead_t = trio.current_time()
                 stack.lead()
+
+                def slot_waiters() -> int:
+                    supervisor = stack.daemon._supervisor
+                    if supervisor is None:
+                        return 0
+                    return supervisor._query_slots.statistics().tasks_waiting
+
+                watch.waiting_for_slot = slot_waiters
                 await watch.wait_until(lambda w: w.started >= n, within_s=600)
                 start: dict[str, float] = {
                     "all_pollers_started_s": round(time.perf_counter() - began, 2),
@@ -630,9 +641,11 @@ async def _scale(
                 queued: list[float] = []
 
                 async def note_queued() -> None:
-                    # Every poller has read its job and waits at the rate limiter (or has had
-                    # its query): the start-up wave is over.
-                    await watch.wait_until(lambda w: len(w.asking) >= n, within_s=3600)
+                    # Every poller waits its turn for a status query (kied lets a few at a
+                    # time read storage and ask KIE) or has had it: the start-up wave is over.
+                    await watch.wait_until(
+                        lambda w: len(w.asking) + w.waiting_for_slot() >= n, within_s=3600
+                    )
                     queued.append(time.perf_counter())
                     rss["pollers_queued"] = _rss_mib()
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from kied.settings import LogFormat
 
-__all__ = ["main"]
+__all__ = ["configure_logging", "main"]
 
 logger = logging.getLogger("kied")
 

@@ -243,6 +243,9 @@ def message_text(value: JsonValue) -> str | None:
     if isinstance(value, str):
         # Lone surrogates (from "\ud800" escapes) cannot be encoded; replace them.
         text = (value if value.isascii() else _safe_text(value)).strip()
+        if "\x00" in text:
+            # No database keeps NUL in text; it carries nothing a reader needs.
+            text = text.replace("\x00", "").strip()
     elif isinstance(value, bool) or value is None or isinstance(value, list | dict):
         return None
     elif isinstance(value, float):

@@ -1172,3 +1172,15 @@ def test_family_values_are_family_names():
     for param in FAMILY_CASES:
         family = parse(param.values[0]).family
         assert family is None or family in {f.value for f in Family}
+
+
+def test_nul_characters_are_dropped_from_messages():
+    body = (
+        b'{"code":501,"msg":"bad\\u0000","data":{"taskId":"t-nul","state":"fail",'
+        b'"failCode":"5\\u000000","failMsg":"broken\\u0000 input"}}'
+    )
+    parsed = parse_callback(body)
+    assert parsed.task_id == "t-nul"
+    assert parsed.outcome.value == "fail"
+    assert parsed.error_code == "500"
+    assert parsed.error_message == "broken input"
