@@ -223,12 +223,14 @@ class Daemon:
     ) -> None:
         """PASSIVE until the lock is held, ACTIVE while it is, and again, until cancelled."""
         task_status.started()
+        store_settings = self.settings.store
+        database_url = (
+            store_settings.url if isinstance(store_settings, PostgresStoreSettings) else None
+        )
         while True:
             logger.info("[LOCK] seeking the %s lock; PASSIVE until it is held", self.lock_backend)
             try:
-                async with open_leadership(
-                    self.settings.lock, database_url=getattr(self.settings.store, "url", None)
-                ) as leader:
+                async with open_leadership(self.settings.lock, database_url=database_url) as leader:
                     store = await self._wait_store_forever()
                     self._leader = leader
                     self.mode = Mode.ACTIVE
@@ -314,7 +316,9 @@ class Daemon:
 
 def _describe_store(settings: Settings) -> str:
     store = settings.store
-    return f"sqlite {store.path}" if hasattr(store, "path") else "postgresql"
+    if isinstance(store, PostgresStoreSettings):
+        return "postgresql"
+    return f"sqlite {store.path}"
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
