@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Final
 import psycopg
 import trio
 from psycopg import pq
-from psycopg.conninfo import make_conninfo
+
+from kied._pgconn import connection_info
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,15 +32,7 @@ _RETRY_MAX_S: Final = 5.0
 
 
 def _connect(url: str) -> psycopg.Connection[TupleRow]:
-    conninfo = make_conninfo(
-        url,
-        application_name="kied-listener",
-        connect_timeout=5,
-        keepalives=1,
-        keepalives_idle=5,
-        keepalives_interval=2,
-        keepalives_count=3,
-    )
+    conninfo = connection_info(url, application_name="kied-listener")
     conn = psycopg.connect(conninfo, autocommit=True)
     conn.execute(f"LISTEN {CHANNEL}")
     return conn

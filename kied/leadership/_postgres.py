@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import psycopg
 import trio
 from psycopg import pq
-from psycopg.conninfo import make_conninfo
 
+from kied._pgconn import connection_info
 from kied.errors import LeadershipLostError
 
 if TYPE_CHECKING:
@@ -46,15 +46,8 @@ _CONNECT_TIMEOUT_S: Final = 5
 
 
 def _connect(url: str) -> psycopg.Connection[TupleRow]:
-    conninfo = make_conninfo(
-        url,
-        application_name="kied-leader",
-        connect_timeout=_CONNECT_TIMEOUT_S,
-        keepalives=1,
-        keepalives_idle=5,
-        keepalives_interval=2,
-        keepalives_count=3,
-        tcp_user_timeout=10_000,
+    conninfo = connection_info(
+        url, application_name="kied-leader", connect_timeout_s=_CONNECT_TIMEOUT_S
     )
     return psycopg.connect(conninfo, autocommit=True)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import select
 import time
 from collections.abc import Mapping
@@ -21,9 +20,9 @@ import psycopg
 import psycopg.errors
 import trio
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
+from kied._pgconn import connection_info
 from kied.core.jobs import (
     ACTIVE_STATES,
     EndedBy,
@@ -36,7 +35,7 @@ from kied.core.jobs import (
     is_late,
     sources,
 )
-from kied.errors import ConfigError, ConflictError, StoreError, StoreUnavailableError
+from kied.errors import ConflictError, StoreError, StoreUnavailableError
 from kied.store._base import (
     CallbackEffect,
     CallbackRecord,
@@ -84,14 +83,6 @@ _STATEMENT_TIMEOUT_S: Final = 15
 #: Connection options added to the URL unless it sets them: libpq gives up on a silent
 #: peer after keepalives_idle + keepalives_interval * keepalives_count seconds when
 #: waiting for an answer, and after tcp_user_timeout when its own data goes unacknowledged.
-_CONNECTION_DEFAULTS: Final[Mapping[str, str]] = {
-    "application_name": "kied",
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "3",
-    "tcp_user_timeout": "20000",  # milliseconds
-}
 #: Pauses before the second and the third attempt of an operation whose connection was
 #: lost; see :func:`_may_retry`.
 _RETRY_DELAYS_S: Final = (0.05, 0.25)
@@ -372,15 +363,9 @@ def _configure(conn: _Connection) -> None:
 
 
 def _conninfo(settings: PostgresStoreSettings) -> str:
-    """The user's URL, with kied's connection defaults for whatever it does not set."""
-    try:
-        given = conninfo_to_dict(settings.url)
-    except psycopg.ProgrammingError as exc:
-        raise ConfigError("KIED_DATABASE_URL", f"not a valid PostgreSQL URL: {exc}") from None
-    defaults = dict(_CONNECTION_DEFAULTS)
-    # libpq takes whole seconds, and no fewer than 2.
-    defaults["connect_timeout"] = str(max(2, math.ceil(settings.connect_timeout_s)))
-    return make_conninfo(settings.url, **{k: v for k, v in defaults.items() if k not in given})
+    return connection_info(
+        settings.url, application_name="kied", connect_timeout_s=settings.connect_timeout_s
+    )
 
 
 def _task_lock_key(task_id: str) -> int:
