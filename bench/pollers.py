@@ -69,10 +69,9 @@ from kied.kie.simulator import Family as SimFamily
 from kied.kie.simulator import Simulator, SimulatorConfig, TaskOverrides
 from kied.kie.simulator import create_app as create_sim_app
 from kied.pollers import PollerSupervisor
-from kied.service import RawCallback
 from kied.settings import NoLockSettings, Settings, SqliteStoreSettings
 from kied.store import JobStore, SqliteStore
-from kied.testing import MemoryStore
+from kied.testing import MemoryStore, raw_callback
 from kied.web import create_app as create_kied_app
 
 if TYPE_CHECKING:
@@ -267,16 +266,7 @@ async def _open_stack(
             response: httpx.Response = await parts["kied_app"].handle_async_request(request)
             await response.aread()
         else:
-            raw = RawCallback(
-                body=body,
-                body_size=len(body),
-                oversized=False,
-                query_string=request.url.query.decode(),
-                headers={k.lower(): v for k, v in request.headers.items()},
-                content_type=request.headers.get("content-type"),
-                remote="127.0.0.1",
-            )
-            await parts["daemon"].callbacks.handle(raw)
+            await parts["daemon"].callbacks.handle(await raw_callback(request))
             response = httpx.Response(200, json={"status": "received"})
         answered.setdefault(task_id, time.perf_counter())
         return response

@@ -31,6 +31,7 @@ from kied.core.jobs import (
     target,
 )
 from kied.errors import ConflictError, StoreUnavailableError
+from kied.service import RawCallback
 from kied.store._base import (
     CallbackEffect,
     CallbackRecord,
@@ -43,9 +44,11 @@ from kied.store._common import check_limit
 if TYPE_CHECKING:
     from collections.abc import Collection
 
+    import httpx
+
     from kied.core._json import JsonObject, JsonValue
 
-__all__ = ["MemoryStore", "make_inbox_entry", "make_new_job"]
+__all__ = ["MemoryStore", "make_inbox_entry", "make_new_job", "raw_callback"]
 
 _OUTCOME_EVENTS = frozenset({EventKind.SUCCEEDED, EventKind.FAILED})
 
@@ -360,4 +363,22 @@ def make_inbox_entry(
         problem=problem,
         authenticated=authenticated,
         auth="token" if authenticated else "missing token",
+    )
+
+
+async def raw_callback(request: httpx.Request) -> RawCallback:
+    """A callback POSTed through an in-memory httpx transport, as kied's HTTP layer reads it.
+
+    Lets a test or benchmark hand the simulator's callbacks straight to
+    ``CallbackService.handle`` without a socket.
+    """
+    body = await request.aread()
+    return RawCallback(
+        body=body,
+        body_size=len(body),
+        oversized=False,
+        query_string=request.url.query.decode("latin-1"),
+        headers={name.lower(): value for name, value in request.headers.items()},
+        content_type=request.headers.get("content-type"),
+        remote="127.0.0.1",
     )

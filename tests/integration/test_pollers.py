@@ -21,10 +21,9 @@ import trio.testing
 from kied.core.jobs import EndedBy, JobState
 from kied.daemon import Daemon
 from kied.kie.simulator import Simulator, SimulatorConfig, create_app
-from kied.service import RawCallback
 from kied.settings import NoLockSettings, Settings, SqliteStoreSettings
 from kied.store import CallbackEffect
-from kied.testing import MemoryStore
+from kied.testing import MemoryStore, raw_callback
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -114,17 +113,7 @@ async def open_stack(
     holder: dict[str, Daemon] = {}
 
     async def deliver(request: httpx.Request) -> httpx.Response:
-        body = await request.aread()
-        raw = RawCallback(
-            body=body,
-            body_size=len(body),
-            oversized=False,
-            query_string=request.url.query.decode(),
-            headers={k.lower(): v for k, v in request.headers.items()},
-            content_type=request.headers.get("content-type"),
-            remote="127.0.0.1",
-        )
-        await holder["daemon"].callbacks.handle(raw)
+        await holder["daemon"].callbacks.handle(await raw_callback(request))
         return httpx.Response(200, json={"status": "received"})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(deliver)) as hooks:
