@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,18 +11,14 @@ import trio
 
 from kied.daemon import run
 from kied.settings import FileLockSettings, Settings, SqliteStoreSettings
-from tests.pg import PgDatabases, PgServer
+from tests.pg import PgCluster, PgClusterTemplate, PgDatabases, PgServer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KIED_SHARED", REPO.parent / "shared"))
-
-
-@pytest.fixture
-def shared_dir() -> Path:
-    return SHARED
+# Files the tests read (callback samples, the Render blueprint schema), kept in the repository.
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 @pytest.fixture
@@ -120,3 +115,26 @@ def pg_databases(pg_server: PgServer) -> Iterator[PgDatabases]:
 def pg_url(pg_databases: PgDatabases) -> str:
     """The URL of a fresh, migrated PostgreSQL database of this test's own."""
     return pg_databases.new()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster_template() -> Iterator[PgClusterTemplate]:
+    """A PostgreSQL data directory made by ``initdb`` once per session, for ``pg_cluster``."""
+    template = PgClusterTemplate()
+    yield template
+    template.remove()
+
+
+@pytest.fixture
+def pg_cluster(pg_cluster_template: PgClusterTemplate) -> Iterator[PgCluster]:
+    """A running PostgreSQL cluster of this test's own, to stop or restart at will.
+
+    Never the server of ``pg_server``, which others share. Stopped (immediate) and removed
+    when the test ends.
+    """
+    cluster = PgCluster(pg_cluster_template)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.conftest import PYTHON
+from tests.conftest import FIXTURES, PYTHON
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -130,10 +130,8 @@ def test_port_in_use_is_one_clear_line(tmp_path):
     assert f"kied: cannot serve on 127.0.0.1:{port}" in err.strip().splitlines()[-1]
 
 
-def test_inspect_callback_prints_what_kied_makes_of_a_body(shared_dir, tmp_path):
-    proc = kied(
-        "inspect-callback", str(shared_dir / "fixtures" / "callbacks" / "market-success.json")
-    )
+def test_inspect_callback_prints_what_kied_makes_of_a_body(tmp_path):
+    proc = kied("inspect-callback", str(FIXTURES / "callbacks" / "market-success.json"))
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     result = json.loads(out)

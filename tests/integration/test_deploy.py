@@ -32,7 +32,7 @@ import yaml
 
 from kied._sdnotify import Notifier, run_watchdog
 from kied.settings import ENVIRONMENT_HELP, PgLockSettings, PostgresStoreSettings, load_settings
-from tests.conftest import REPO
+from tests.conftest import FIXTURES, REPO
 from tests.procs import PYTHON, free_port, kied, mode, read_url, stop, wait_until
 
 if TYPE_CHECKING:
@@ -582,9 +582,9 @@ def test_sigterm_during_a_burst_of_callbacks_loses_none(tmp_path):
 # ------------------------------------------------------------------------ Render
 
 
-def test_render_blueprint_validates_and_fits_kied(shared_dir):
+def test_render_blueprint_validates_and_fits_kied():
     doc = yaml.safe_load((REPO / "render.yaml").read_text())
-    schema = json.loads((shared_dir / "schemas" / "render-blueprint.schema.json").read_text())
+    schema = json.loads((FIXTURES / "schemas" / "render-blueprint.schema.json").read_text())
     validator_class = jsonschema.validators.validator_for(schema)
     validator_class.check_schema(schema)
     errors = sorted(validator_class(schema).iter_errors(doc), key=lambda e: e.json_path)

@@ -1,19 +1,18 @@
 """Several real `kied serve` processes on one PostgreSQL database behave as one daemon.
 
-Each test gets its own database. The instances have no public URL, so KIE (kied's
-simulator, a real process) never calls back on its own: jobs end by polling, or by the
-callbacks the tests send to the instance of their choice.
+Each test gets its own database: on the common server, or, for a test that restarts the
+server, on a PostgreSQL cluster of its own (``pg_cluster``). The instances have no public
+URL, so KIE (kied's simulator, a real process) never calls back on its own: jobs end by
+polling, or by the callbacks the tests send to the instance of their choice.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -72,6 +71,10 @@ class Fleet:
         )
         return str(r.json()["data"]["taskId"])
 
+    def close(self) -> None:
+        for proc in self.procs.values():
+            stop(proc, signal.SIGKILL if proc.poll() is None else signal.SIGTERM)
+
 
 @pytest.fixture
 def sim():
@@ -88,8 +91,17 @@ def fleet(pg_url, sim):
     try:
         yield f
     finally:
-        for proc in f.procs.values():
-            stop(proc, signal.SIGKILL if proc.poll() is None else signal.SIGTERM)
+        f.close()
+
+
+@pytest.fixture
+def own_cluster_fleet(pg_cluster, sim):
+    """A fleet on a database of ``pg_cluster``: the test may stop or restart its server."""
+    f = Fleet(db_url=pg_cluster.create_database("kied"), sim_url=sim)
+    try:
+        yield f
+    finally:
+        f.close()
 
 
 def submit(url: str, **body) -> dict:
@@ -213,45 +225,36 @@ def test_a_terminated_lock_connection_makes_the_leader_step_down(fleet, pg_serve
     assert log_ok  # stepping down is not dying
 
 
-def _restart_postgresql() -> None:
-    clusters = sorted(os.listdir("/etc/postgresql"))
-    for version in clusters:
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-
-
-@pytest.mark.skipif(
-    shutil.which("pg_ctlcluster") is None or os.geteuid() != 0,
-    reason="restarting the server needs Debian's pg_ctlcluster as root",
-)
-def test_postgresql_restarted_under_load_loses_no_job(fleet):
+def test_postgresql_restarted_under_load_loses_no_job(pg_cluster, own_cluster_fleet):
+    fleet = own_cluster_fleet
     for _ in range(2):
         fleet.start()
     leader = fleet.leader()
     accepted = [submit(leader) for _ in range(10)]
-    restart = threading.Thread(target=_restart_postgresql)
-    restart.start()
-    # Keep the fleet busy while the server goes away and comes back: submissions may be
-    # refused while it is down, but every one that was accepted must end.
-    while restart.is_alive():
-        for url in list(fleet.procs):
-            try:
-                r = httpx.post(f"{url}/v1/jobs", json={"model": "m", "input": {"p": 1}}, timeout=5)
-            except httpx.HTTPError:
-                continue
-            if r.status_code == 201:
-                accepted.append(r.json())
-            r = httpx.post(
-                f"{url}/callbacks/kie", json={"code": 200, "data": {"taskId": "unknown"}}, timeout=5
-            )
-            assert r.status_code == 200  # even while nothing can be stored
-        time.sleep(0.05)
-    restart.join()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        restarted = pool.submit(pg_cluster.restart)
+        # Keep the fleet busy while the server goes away and comes back: submissions may
+        # be refused while it is down, but every one that was accepted must end.
+        while not restarted.done():
+            for url in list(fleet.procs):
+                try:
+                    r = httpx.post(
+                        f"{url}/v1/jobs", json={"model": "m", "input": {"p": 1}}, timeout=5
+                    )
+                except httpx.HTTPError:
+                    continue
+                if r.status_code == 201:
+                    accepted.append(r.json())
+                r = httpx.post(
+                    f"{url}/callbacks/kie",
+                    json={"code": 200, "data": {"taskId": "unknown"}},
+                    timeout=5,
+                )
+                assert r.status_code == 200  # even while nothing can be stored
+            time.sleep(0.05)
+        restarted.result()
     leader = fleet.leader()
     for job in accepted:
-        assert wait_job(leader, job["id"], within_s=90)["state"] == "succeeded"
+        done = wait_job(leader, job["id"], within_s=90)
+        assert done["state"] == "succeeded", done
     assert list(fleet.modes().values()).count("ACTIVE") == 1

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -17,10 +15,9 @@ from kied.core.callbacks import (
     result_to_json,
 )
 from kied.core.families import Family
+from tests.conftest import FIXTURES
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("KIED_SHARED", REPO.parent / "shared"))
-SAMPLES = SHARED / "fixtures" / "callbacks"
+SAMPLES = FIXTURES / "callbacks"
 
 P, S, X, U = Outcome.PENDING, Outcome.SUCCESS, Outcome.FAIL, Outcome.UNKNOWN
 URL = "https://cdn.test/"
@@ -36,7 +33,7 @@ def check(result: CallbackOutcome | Unrecognised, **expected: object) -> None:
     assert got == expected
 
 
-# -- the shared samples -------------------------------------------------------------------
+# -- the samples -----------------------------------------------------------------------
 
 
 def _expected_rows() -> list[tuple[str, str, str]]:
@@ -53,7 +50,7 @@ OUTCOME_WORDS = {"success": S, "fail": X, "not-terminal": P, "unknown": U}
 
 
 def test_the_samples_are_there():
-    assert EXPECTED_ROWS, f"no samples at {SAMPLES} (set KIED_SHARED)"
+    assert EXPECTED_ROWS, f"no samples at {SAMPLES}"
     listed = {name for name, _, _ in EXPECTED_ROWS}
     assert listed == {path.name for path in SAMPLES.glob("*.json")}
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -25,10 +23,9 @@ from hypothesis import strategies as st
 
 from kied.core import _extract, callbacks
 from kied.core.callbacks import ParseLimits, parse_callback, result_to_json
+from tests.conftest import FIXTURES
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("KIED_SHARED", REPO.parent / "shared"))
-SAMPLES = sorted((SHARED / "fixtures" / "callbacks").glob("*.json"))
+SAMPLES = sorted((FIXTURES / "callbacks").glob("*.json"))
 
 MODEST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -405,7 +402,7 @@ def test_the_walk_matches_the_reference_for_every_budget(value, max_depth, max_e
 
 
 def test_the_walk_of_every_sample_matches_the_reference():
-    assert SAMPLES, f"no samples at {SHARED}"
+    assert SAMPLES, f"no samples at {FIXTURES / 'callbacks'}"
     for value in sample_values():
         needed = RefWalk(64, 20_000, 4).run(value).visited
         for max_nodes in range(needed + 2):
