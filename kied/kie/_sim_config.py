@@ -37,6 +37,7 @@ _FLAG: Final[Mapping[str, str]] = {
     "malformed_callbacks": "--malformed-callbacks",
     "malformed_kinds": "--malformed-kinds",
     "stuck": "--stuck",
+    "create_delay_s": "--create-delay",
     "status_errors": "--status-errors",
     "status_error_kinds": "--status-error-kinds",
     "hmac_key": "--hmac-key",
@@ -82,6 +83,8 @@ class SimulatorConfig:
     malformed_callbacks: float = 0.0
     malformed_kinds: tuple[MalformedKind, ...] = tuple(MalformedKind)
     stuck: float = 0.0
+    #: how long every create request waits for its answer; the task exists from the start
+    create_delay_s: float = 0.0
     status_errors: float = 0.0
     status_error_kinds: tuple[StatusErrorKind, ...] = tuple(StatusErrorKind)
     #: sign callbacks the way KIE does when webhook HMAC is switched on
@@ -115,7 +118,12 @@ class SimulatorConfig:
             value = getattr(self, name)
             if not (_finite(value) and 0.0 <= value <= 1.0):
                 _invalid(name, f"must be a fraction in [0, 1], got {value}")
-        for name in ("late_delay_s", "callback_retry_delay_s", "graceful_timeout_s"):
+        for name in (
+            "late_delay_s",
+            "create_delay_s",
+            "callback_retry_delay_s",
+            "graceful_timeout_s",
+        ):
             value = getattr(self, name)
             if not (_finite(value) and value >= 0):
                 _invalid(name, f"must be a number of seconds >= 0, got {value}")
@@ -168,7 +176,9 @@ Control endpoints:
   GET  /healthz
 
 A create request may pin its task with "X-Sim-Duration: SECONDS" and
-"X-Sim-Outcome: success|fail|stuck". Leave out callBackUrl to get no callbacks.
+"X-Sim-Outcome: success|fail|stuck", and have its answer held back with
+"X-Sim-Create-Delay: SECONDS" (overrides --create-delay). Leave out callBackUrl
+to get no callbacks.
 The listening URL is printed as one line: "kied simulate listening on URL".
 """
 
@@ -200,6 +210,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--stuck",
         metavar="FRACTION",
         help="fraction of tasks that never leave a non-terminal state (default: 0)",
+    )
+    tasks.add_argument(
+        "--create-delay",
+        metavar="SECONDS",
+        help="answer each create request this many seconds late; the task is created, and its "
+        "clock started, at once, so a short task's callback can come before the answer, and a "
+        "client that gives up meanwhile leaves the task behind (default: 0)",
     )
     tasks.add_argument(
         "--seed", help="seed for every random draw, for reproducible runs (default: random)"
@@ -329,6 +346,7 @@ def parse_simulator_args(argv: Sequence[str]) -> SimulatorConfig:
             kw[name] = parse_number(_FLAG[name], text)
     for name, attr in (
         ("late_delay_s", "late_delay"),
+        ("create_delay_s", "create_delay"),
         ("callback_timeout_s", "callback_timeout"),
         ("callback_retry_delay_s", "callback_retry_delay"),
         ("graceful_timeout_s", "graceful_timeout"),

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -214,7 +214,12 @@ class Simulator:
         authorization: str | None,
         overrides: TaskOverrides | None = None,
     ) -> Reply:
-        """Answer a family's create endpoint (``createTask``, ``generate``)."""
+        """Answer a family's create endpoint (``createTask``, ``generate``).
+
+        The task exists, and its clock runs, from this call on. A successful answer carries
+        the new id in ``Reply.task_id`` too; whoever sends the answer reports it sent with
+        :meth:`create_answered`.
+        """
         if not _authorized(authorization):
             return _UNAUTHORIZED
         try:
@@ -237,7 +242,14 @@ class Simulator:
             "".join(f", {f}" for f in sorted(task.faults)),
             extra={"action": "sim_task_created", "task_id": task.task_id},
         )
-        return Reply.envelope(200, "success", {"taskId": task.task_id})
+        answer = Reply.envelope(200, "success", {"taskId": task.task_id})
+        return replace(answer, task_id=task.task_id)
+
+    def create_answered(self, task_id: str) -> None:
+        """Record that the create answer handing out ``task_id`` was sent in full."""
+        task = self._tasks.get(task_id)
+        if task is not None:
+            task.create_answered = True
 
     def query_task(
         self, family: Family, task_id: str | None, *, authorization: str | None
@@ -315,6 +327,10 @@ class Simulator:
               ``success``, ``fail``), ``faults`` (``drop``, ``duplicate``, ``late``,
               ``malformed``, ``stuck``), ``malformed_kind``, ``callback_url``, ``duration_s``;
             - ``created_at``, ``completed_at`` (when the task reached success or fail);
+            - ``create_answered``: the HTTP answer handing out the task id was sent in full.
+              ``False`` while ``--create-delay`` holds it back, and for good if the client gave
+              up first: the task exists (and runs, and calls back) all the same. (Calling
+              :meth:`create_task` directly, without the app, never sets it.)
             - ``status_queries`` (every query for it, refused ones included),
               ``status_errors`` (the refused ones), ``last_status_query_at``;
             - ``callbacks_sent`` (POST attempts: retries and duplicates included),
@@ -322,7 +338,11 @@ class Simulator:
               ``callbacks_dropped`` (withheld by ``drop``), ``callback_first_sent_at``,
               ``callback_last_sent_at``, ``callback_first_delivered_at``.
 
-            ``totals`` counts tasks by state, and sums queries and callbacks over all tasks.
+            ``totals`` holds ``tasks`` and ``creates_answered`` (the tasks with
+            ``create_answered``; ``tasks - creates_answered`` is how many the client never
+            heard of), counts tasks by state (``pending``, ``success``, ``fail``), and sums
+            queries and callbacks over all tasks. To count the tasks one job made, group the
+            entries by ``callback_url`` (kied's carries the job id).
         """
         now_t = trio.current_time()
         for task in self._tasks.values():
@@ -331,12 +351,13 @@ class Simulator:
             chosen = list(self._tasks.values())
         else:
             chosen = [t for t in (self._tasks.get(task_id),) if t is not None]
-        totals = dict.fromkeys(("tasks", "pending", "success", "fail"), 0)
+        totals = dict.fromkeys(("tasks", "creates_answered", "pending", "success", "fail"), 0)
         totals |= dict.fromkeys(
             ("status_queries", "status_errors", "callbacks_sent", "callbacks_delivered"), 0
         )
         for task in self._tasks.values():
             totals["tasks"] += 1
+            totals["creates_answered"] += task.create_answered
             totals[task.outcome] += 1
             totals["status_queries"] += task.status_queries
             totals["status_errors"] += task.status_errors
@@ -541,6 +562,7 @@ class Simulator:
             "callback_url": task.callback_url,
             "duration_s": task.duration_s,
             "created_at": task.created_at,
+            "create_answered": task.create_answered,
             "completed_at": task.completed_at,
             "status_queries": task.status_queries,
             "status_errors": task.status_errors,

@@ -49,6 +49,9 @@ class Reply:
     body: bytes
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    #: the task a create answer hands out, so that the web layer can report the answer sent
+    #: (:meth:`Simulator.create_answered`); never on the wire
+    task_id: str | None = None
 
     @classmethod
     def envelope(cls, code: int, msg: str, data: object = None, *, http_status: int = 200) -> Reply:
@@ -309,6 +312,8 @@ class SimTask:
     callback_first_sent_at: float | None = None
     callback_last_sent_at: float | None = None
     callback_first_delivered_at: float | None = None
+    #: the create answer carrying the task id was sent in full (not cut short by the client)
+    create_answered: bool = False
     stages_reported: list[str] = field(default_factory=list)
 
     @property

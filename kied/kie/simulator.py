@@ -22,6 +22,9 @@ Besides KIE's endpoints it serves a small control surface:
 
 A create request may carry ``X-Sim-Duration: SECONDS`` and ``X-Sim-Outcome: success|fail|stuck``
 to pin one task; a task created without ``callBackUrl`` gets no callbacks and must be polled.
+``--create-delay`` (or ``X-Sim-Create-Delay: SECONDS`` on one request) holds the create answer
+back while the task, created at once, runs: its callback can come before its id, and a client
+that gives up in between has paid for a task it never heard of.
 
 Time: tasks are scheduled on Trio's clock (one timer heap, one task), and wall-clock stamps come
 from an injected ``now()``, so the whole simulator runs in-process under a mock clock.
@@ -38,6 +41,7 @@ import logging
 import math
 import signal
 import sys
+from functools import partial
 from typing import TYPE_CHECKING, Final, Literal
 
 import httpx
@@ -59,7 +63,7 @@ from kied.kie._sim_faults import MalformedKind as MalformedKind
 from kied.kie._sim_faults import StatusErrorKind as StatusErrorKind
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 __all__ = [
     "Family",
@@ -100,6 +104,19 @@ def _respond(reply: Reply) -> Response:
     )
 
 
+def _respond_then(reply: Reply, sent: Callable[[], None]) -> Response:
+    """``reply``, calling ``sent()`` once the server has taken the whole body."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield reply.body
+        # Quart asks for more only after sending the last chunk; a client gone before then
+        # cancels the request, and this line never runs.
+        sent()
+
+    headers = dict(reply.headers) | {"Content-Length": str(len(reply.body))}
+    return Response(body(), status=reply.status, content_type=reply.content_type, headers=headers)
+
+
 _OUTCOMES: Final[Mapping[str, Literal["success", "fail", "stuck"]]] = {
     "success": "success",
     "fail": "fail",
@@ -107,16 +124,24 @@ _OUTCOMES: Final[Mapping[str, Literal["success", "fail", "stuck"]]] = {
 }
 
 
+def _seconds(header: str, text: str | None) -> float | Reply | None:
+    """A header's seconds >= 0, ``None`` without the header, or the 400 answer it deserves."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        return Reply.json({"error": f"{header} must be seconds >= 0"}, http_status=400)
+    return value
+
+
 def _overrides(duration_text: str | None, outcome_text: str | None) -> TaskOverrides | Reply:
     """``X-Sim-Duration`` and ``X-Sim-Outcome``, or the 400 answer they deserve."""
-    duration: float | None = None
-    if duration_text is not None:
-        try:
-            duration = float(duration_text)
-        except ValueError:
-            duration = math.nan
-        if not (math.isfinite(duration) and duration >= 0):
-            return Reply.json({"error": "X-Sim-Duration must be seconds >= 0"}, http_status=400)
+    duration = _seconds("X-Sim-Duration", duration_text)
+    if isinstance(duration, Reply):
+        return duration
     if outcome_text is None:
         return TaskOverrides(duration_s=duration)
     outcome = _OUTCOMES.get(outcome_text)
@@ -133,9 +158,19 @@ def _create_view(sim: Simulator, family: Family) -> Callable[[], Awaitable[Respo
         overrides = _overrides(headers.get("X-Sim-Duration"), headers.get("X-Sim-Outcome"))
         if isinstance(overrides, Reply):
             return _respond(overrides)
+        delay_s = _seconds("X-Sim-Create-Delay", headers.get("X-Sim-Create-Delay"))
+        if isinstance(delay_s, Reply):
+            return _respond(delay_s)
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         auth = headers.get("Authorization")
-        return _respond(sim.create_task(family, body, authorization=auth, overrides=overrides))
+        reply = sim.create_task(family, body, authorization=auth, overrides=overrides)
+        # The task exists and its clock runs; only the answer waits, in this request's own
+        # task. A client that gives up now is cancelled out of this sleep, and the task stays.
+        await trio.sleep(sim.config.create_delay_s if delay_s is None else delay_s)
+        task_id = reply.task_id
+        if task_id is None:
+            return _respond(reply)
+        return _respond_then(reply, partial(sim.create_answered, task_id))
 
     return create
 

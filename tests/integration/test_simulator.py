@@ -890,6 +890,8 @@ async def test_stats_format() -> None:
         assert entry["completed_at"] is None
         assert entry["callback_first_sent_at"] is None
         assert stats["totals"]["tasks"] == stats["totals"]["pending"] == 1
+        assert stats["totals"]["creates_answered"] == 1
+        assert entry["create_answered"] is True
         assert (await api.get("/_sim/stats", params={"taskId": "x"})).json()["tasks"] == {}
         assert (await api.get("/healthz")).json() == {"ok": True}
         r = await api.get("/no/such/endpoint")
@@ -944,6 +946,145 @@ async def test_many_tasks_share_one_timer(autojump_clock: trio.testing.MockClock
 
 
 # ============================================================================================
+# Create delay: the task at once, its answer late
+
+
+async def post_timed(
+    api: httpx.AsyncClient,
+    path: str,
+    body: dict[str, Any],
+    answers: dict[str, tuple[float, httpx.Response]],
+    name: str,
+    **headers: str,
+) -> None:
+    r = await api.post(path, json=body, headers=headers)
+    answers[name] = (trio.current_time(), r)
+
+
+async def test_create_delay_holds_every_familys_answer_but_not_its_task(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    names = [case.name for case in FAMILY_CASES]
+    answers: dict[str, tuple[float, httpx.Response]] = {}
+    with trio.fail_after(600):
+        async with open_sim(config(create_delay_s=3.0)) as (_, api):
+            t0 = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for case in FAMILY_CASES:
+                    body = {**case.body, "callBackUrl": HOOK}
+                    nursery.start_soon(post_timed, api, case.create, body, answers, case.name)
+                await trio.sleep(1)
+                assert answers == {}
+                stats = (await api.get("/_sim/stats")).json()
+                assert stats["totals"]["tasks"] == len(FAMILY_CASES)
+                assert stats["totals"]["creates_answered"] == 0
+                held = {entry["family"]: tid for tid, entry in stats["tasks"].items()}
+                assert set(held) == set(names)
+                assert not any(e["create_answered"] for e in stats["tasks"].values())
+                # Each task can be queried before its id is out; another create, with its
+                # own delay of 0, is not held up behind them.
+                for case in FAMILY_CASES:
+                    r = await api.get(case.status, params={"taskId": held[case.name]})
+                    assert r.json()["code"] == 200
+                    assert r.json()["data"]["taskId"] == held[case.name]
+                await post_timed(
+                    api,
+                    "/api/v1/jobs/createTask",
+                    {"model": "m", "input": {}},
+                    answers,
+                    "undelayed",
+                    **{"X-Sim-Create-Delay": "0"},
+                )
+                assert answers["undelayed"][0] - t0 == 1
+            assert {name: at - t0 for name, (at, _) in answers.items()} == {
+                **dict.fromkeys(names, 3),
+                "undelayed": 1,
+            }
+            for name in names:
+                assert answers[name][1].json()["data"]["taskId"] == held[name]
+            stats = (await api.get("/_sim/stats")).json()
+            assert stats["totals"]["tasks"] == stats["totals"]["creates_answered"] == 10
+            assert all(e["create_answered"] for e in stats["tasks"].values())
+
+
+async def test_a_short_tasks_callback_comes_before_its_create_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    receiver = Receiver()
+    with trio.fail_after(600):
+        async with open_sim(config(create_delay_s=3.0), receiver) as (_, api):
+            t0 = trio.current_time()
+            task_id = await create_market(api, **{"X-Sim-Duration": "1"})
+            assert trio.current_time() - t0 == 3
+            assert [c.at - t0 for c in receiver.calls] == [1]
+            assert receiver.calls[0].json()["data"]["taskId"] == task_id
+            stats = await task_stats(api, task_id)
+            assert stats["state"] == "success"
+            assert stats["completed_at"] == pytest.approx(WALL0 + t0 + 1)
+            assert stats["callbacks_delivered"] == 1
+            assert stats["create_answered"] is True
+
+
+async def test_the_create_delay_header_overrides_the_flag(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(600):
+        async with open_sim(config(create_delay_s=10.0)) as (sim, api):
+            elapsed = []
+            for header in ({"X-Sim-Create-Delay": "0.5"}, {"X-Sim-Create-Delay": "0"}, {}):
+                t0 = trio.current_time()
+                await create_market(api, **header)
+                elapsed.append(trio.current_time() - t0)
+            assert elapsed == [0.5, 0, 10]
+            assert sim.stats()["totals"]["creates_answered"] == 3
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf", ""])
+async def test_a_bad_create_delay_header_is_a_400_and_creates_nothing(
+    autojump_clock: trio.testing.MockClock, value: str
+) -> None:
+    with trio.fail_after(600):
+        async with open_sim(config(create_delay_s=5.0)) as (sim, api):
+            t0 = trio.current_time()
+            r = await api.post(
+                "/api/v1/jobs/createTask",
+                json={"model": "m", "input": {}, "callBackUrl": HOOK},
+                headers={"X-Sim-Create-Delay": value},
+            )
+            assert trio.current_time() == t0
+            assert r.status_code == 400
+            assert r.json() == {"error": "X-Sim-Create-Delay must be seconds >= 0"}
+            assert sim.stats()["totals"]["tasks"] == 0
+
+
+async def test_a_client_that_gives_up_during_the_delay_leaves_the_task_created(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    receiver = Receiver()
+    with trio.fail_after(600):
+        async with open_sim(config(create_delay_s=30.0, duration_s=(10.0, 10.0)), receiver) as (
+            _,
+            api,
+        ):
+            t0 = trio.current_time()
+            with trio.move_on_after(5) as gave_up:
+                await create_market(api)
+            assert gave_up.cancelled_caught
+            stats = (await api.get("/_sim/stats")).json()
+            assert (stats["totals"]["tasks"], stats["totals"]["creates_answered"]) == (1, 0)
+            [(task_id, entry)] = stats["tasks"].items()
+            assert entry["callback_url"] == HOOK
+            assert entry["create_answered"] is False
+            # The task nobody heard of runs, and calls back, all the same.
+            callback = await receiver.next()
+            assert callback.at - t0 == 10
+            assert callback.json()["data"]["taskId"] == task_id
+            await trio.sleep(60)  # past the delay: the cut-short answer is never counted
+            assert (await task_stats(api, task_id))["create_answered"] is False
+            assert (await market_state(api, task_id))["state"] == "success"
+
+
+# ============================================================================================
 # Configuration and the command line
 
 
@@ -968,6 +1109,7 @@ def test_every_flag_parses() -> None:
             "--malformed-callbacks=1",
             "--malformed-kinds=empty,truncated",
             "--stuck=0",
+            "--create-delay=2.5",
             "--status-errors=0.5",
             "--status-error-kinds=http-429,envelope-455",
             "--hmac-key=s3cret",
@@ -981,6 +1123,7 @@ def test_every_flag_parses() -> None:
         ]
     )
     assert cfg.duration_s == (2.0, 4.5)
+    assert cfg.create_delay_s == 2.5
     assert cfg.malformed_kinds == (MalformedKind.EMPTY, MalformedKind.TRUNCATED)
     assert cfg.status_error_kinds == (StatusErrorKind.HTTP_429, StatusErrorKind.ENVELOPE_455)
     assert cfg.hmac_key == b"s3cret"
@@ -1002,6 +1145,8 @@ def test_every_flag_parses() -> None:
         (["--duration", "-1"], "--duration"),
         (["--duration", "soon"], "--duration"),
         (["--late-delay", "-5"], "--late-delay"),
+        (["--create-delay", "-1"], "--create-delay"),
+        (["--create-delay", "soon"], "--create-delay"),
         (["--port", "70000"], "--port"),
         (["--port", "http"], "--port"),
         (["--host", ""], "--host"),
@@ -1029,6 +1174,10 @@ def test_config_validates_on_construction() -> None:
         SimulatorConfig(duration_s=(3.0, 1.0))
     with pytest.raises(ConfigError, match="--fail-rate"):
         SimulatorConfig(fail_rate=-0.5)
+    for bad in (-0.1, math.inf, math.nan):
+        with pytest.raises(ConfigError, match="--create-delay: must be a number of seconds >= 0"):
+            SimulatorConfig(create_delay_s=bad)
+    assert SimulatorConfig().create_delay_s == 0
 
 
 # ============================================================================================
@@ -1076,6 +1225,28 @@ async def test_serve_simulator_on_a_real_socket(nursery: trio.Nursery) -> None:
             assert stats["status_queries"] == 1
             # (two clocks: trio's for the timer, the wall clock for the stamps)
             assert stats["callback_first_sent_at"] >= stats["completed_at"] - 0.01
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_create_delay_on_a_real_socket_a_timed_out_client_leaves_the_task(
+    nursery: trio.Nursery,
+) -> None:
+    cfg = SimulatorConfig(port=0, duration_s=(600.0, 600.0), seed=3, create_delay_s=0.3)
+    with trio.fail_after(10):
+        url = await nursery.start(partial(serve_simulator, cfg))
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, trust_env=False) as api:
+            with pytest.raises(httpx.ReadTimeout):
+                await api.post(
+                    "/api/v1/jobs/createTask", json={"model": "m", "input": {}}, timeout=0.05
+                )
+            await trio.sleep(0.5)  # past the delay: hypercorn cancelled the request
+            totals = (await api.get("/_sim/stats")).json()["totals"]
+            assert (totals["tasks"], totals["creates_answered"]) == (1, 0)
+            task_id = await create_market(api, hook=None)
+            stats = (await api.get("/_sim/stats")).json()
+            assert (stats["totals"]["tasks"], stats["totals"]["creates_answered"]) == (2, 1)
+            assert stats["tasks"][task_id]["create_answered"] is True
     nursery.cancel_scope.cancel()
 
 
@@ -1172,6 +1343,7 @@ def test_main_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> N
         "--malformed-callbacks",
         "--malformed-kinds",
         "--stuck",
+        "--create-delay",
         "--status-errors",
         "--status-error-kinds",
         "--hmac-key",
@@ -1184,3 +1356,4 @@ def test_main_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> N
         "--log-level",
     ):
         assert flag in text
+    assert "X-Sim-Create-Delay: SECONDS" in text
