@@ -123,9 +123,17 @@ class Daemon:
             self.notifier.notify(*lines)
 
     def stopping(self) -> None:
-        """Shutdown has begun: tell systemd, which then no longer expects watchdog pings."""
+        """Shutdown has begun: tell systemd, which then no longer expects watchdog pings.
+
+        The leader sends no new createTask from now on; those already sent get until the
+        stop's budget less the time to store their task ids and release the lock.
+        """
         self._stopping = True
         self.report_status("STOPPING=1")
+        if self._supervisor is not None:
+            settings = self.settings
+            budget = max(settings.cleanup_s, settings.shutdown_grace_s - 2 * settings.cleanup_s)
+            self._supervisor.stop_creating(trio.current_time() + budget)
 
     def job_changed(self, job: Job) -> None:
         """Every change of a job, from a callback, the API or a poller, passes here."""

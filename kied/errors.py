@@ -78,17 +78,26 @@ class UpstreamBusyError(UpstreamError):
     """
 
     def __init__(
-        self, message: str, *, code: int | None = None, retry_after_s: float | None = None
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        retry_after_s: float | None = None,
+        outcome_unknown: bool = False,
     ) -> None:
         super().__init__(message)
         #: the envelope code or HTTP status that said so; None for network trouble
         self.code = code
         #: seconds KIE asked to wait (``Retry-After``), if it did
         self.retry_after_s = retry_after_s
+        #: the request may have reached KIE and been acted on, but no answer came back
+        #: (a timeout or a connection lost after sending); False when KIE answered, or
+        #: when the request never left (no connection could be made)
+        self.outcome_unknown = outcome_unknown
 
 
 class UpstreamTimeoutError(UpstreamBusyError):
-    """KIE did not answer in time."""
+    """KIE did not answer in time (``outcome_unknown`` unless the connection was never made)."""
 
 
 class UpstreamRejectedError(UpstreamError):

@@ -88,18 +88,28 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "deadline_at": _iso(job.deadline_at),
         "ended_at": _iso(job.ended_at),
         "last_error": job.last_error,
+        "submission": {
+            "count": job.submit_count,
+            "last_sent_at": _iso(job.submit_sent_at),
+            "in_flight": job.submission_in_flight,
+            "callback_url": job.submit_callback_url,
+        },
+        "other_task_ids": list(job.other_task_ids),
         "metadata": job.metadata,
         "idempotency_key": job.idempotency_key,
     }
 
 
-def callback_url(settings: Settings, job_id: JobId) -> str | None:
-    """The ``callBackUrl`` given to KIE for a job: kied's job id and the callback token ride along."""
+def callback_url(settings: Settings, job_id: JobId, *, redacted: bool = False) -> str | None:
+    """The ``callBackUrl`` given to KIE for a job: kied's job id and the callback token ride along.
+
+    ``redacted`` puts ``***`` in place of the token (for storing and showing).
+    """
     if settings.public_url is None:
         return None
     params: dict[str, str] = {"job": job_id}
     if settings.callback_token is not None:
-        params["token"] = settings.callback_token
+        params["token"] = "***" if redacted else settings.callback_token
     return f"{settings.public_url}/callbacks/kie?{urlencode(params)}"
 
 

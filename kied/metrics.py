@@ -43,6 +43,7 @@ CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 _AUTH_LABELS: Final = ("open", "token", "hmac", "token+hmac", "rejected")
 #: How a status query or a createTask call can go, besides what KIE said of the task.
 _CALL_FAILURES: Final = ("busy", "rejected", "error")
+_LOST_SUBMISSION_RESOLUTIONS: Final = ("adopted", "recreated", "given_up")
 _MODES: Final = ("ACTIVE", "PASSIVE")
 #: The (state, ended_by) pairs a job can end with, shown at 0 from the start.
 _JOB_ENDS: Final = (
@@ -193,6 +194,31 @@ class Metrics:
         )
         for result in ("created", *_CALL_FAILURES):
             self._create_task.labels(result=result)
+        self._adoptions = Counter(
+            "kied_task_adoptions",
+            "Jobs that took their task id from a callback naming the job, before"
+            " createTask's answer was stored.",
+            registry=registry,
+        )
+        self._lost_submissions = Counter(
+            "kied_lost_submissions",
+            "createTask calls whose answer was lost (kied stopped, or KIE did not answer),"
+            " by how the leader resolved them: adopted (the task's callback named the job),"
+            " recreated (KIED_RESUBMIT=after-wait), given_up (KIED_RESUBMIT=never).",
+            ["resolution"],
+            registry=registry,
+        )
+        for resolution in _LOST_SUBMISSION_RESOLUTIONS:
+            self._lost_submissions.labels(resolution=resolution)
+        self._other_tasks = Counter(
+            "kied_other_tasks",
+            "Tasks reported for a job that follows another task, kept and never applied,"
+            " by where they came from: callback, or create (a late createTask answer).",
+            ["source"],
+            registry=registry,
+        )
+        for source in ("callback", "create"):
+            self._other_tasks.labels(source=source)
         self._lock_acquisitions = Counter(
             "kied_lock_acquisitions",
             "Times this instance took the leadership lock (became ACTIVE).",
@@ -243,6 +269,16 @@ class Metrics:
 
     def create_task(self, result: str) -> None:
         self._create_task.labels(result=result).inc()
+
+    def task_adopted(self) -> None:
+        self._adoptions.inc()
+
+    def lost_submission(self, resolution: str) -> None:
+        """A createTask whose answer was lost was resolved: adopted, recreated or given_up."""
+        self._lost_submissions.labels(resolution=resolution).inc()
+
+    def other_task(self, source: str) -> None:
+        self._other_tasks.labels(source=source).inc()
 
     def lock_acquired(self) -> None:
         self._lock_acquisitions.inc()

@@ -8,7 +8,9 @@ state cancels that job's poller at once, and the job's stored deadline is a scop
 from __future__ import annotations
 
 import logging
+import math
 import random
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -43,7 +45,7 @@ from kied.errors import (
 from kied.jobs import callback_url
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from kied.core._json import JsonObject
     from kied.kie.client import TaskStatus
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
     from kied.settings import Settings
     from kied.store import JobStore
 
-__all__ = ["KieApi", "PollerSupervisor"]
+__all__ = ["LOST_SUBMISSION", "KieApi", "PollerSupervisor"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +62,62 @@ _OUTCOMES = (EventKind.SUCCEEDED, EventKind.FAILED)
 _QUERY_SLOTS = 20
 #: pollers started in one go by a rescan
 _START_CHUNK = 500
+#: how long storing createTask's answer is retried while storage fails
+_ATTACH_BOUND_S = 10.0
+#: a createTask, once sent, gets this long to be answered and its task id stored (the
+#: client's own request timeout is 30 s); after it the sender gives up
+_SEND_BOUND_S = 30.0 + _ATTACH_BOUND_S
+#: by then a createTask's sender, on any instance, has stored its answer or given up
+_ANSWER_BOUND_S = _SEND_BOUND_S + 5.0
+#: while waiting for a lost createTask's callback, storage is read again this often
+_LOST_RECHECK_S = 30.0
+#: ``error.code`` of a job whose createTask answer was lost and whose task never called back
+LOST_SUBMISSION = "submission_lost"
+
+
+class _SupersededError(Exception):
+    """The job changed between reading it and sending createTask: read it again."""
+
+
+class _StoppingError(Exception):
+    """The daemon is stopping: no new createTask is sent."""
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _lost_report(job: Job, *, by_deadline: bool) -> Report:
+    sent_at = job.submit_sent_at
+    when = "" if sent_at is None else f" at {_iso(sent_at)}"
+    why = (
+        "no callback named the task it may have created before the deadline"
+        if by_deadline
+        else "with no public URL (KIED_PUBLIC_URL) no callback can name the task it may have created"
+    )
+    return Report(
+        event=EventKind.DEADLINE if by_deadline else EventKind.FAILED,
+        source=EndedBy.DEADLINE if by_deadline else EndedBy.SUBMIT,
+        error_code=LOST_SUBMISSION,
+        error_message=(
+            f"the answer to the createTask sent{when} was lost (kied stopped, or KIE did not"
+            f" answer); {why}; it was not created again, so as not to pay twice"
+            " (KIED_RESUBMIT=never)"
+        ),
+    )
 
 
 class KieApi(Protocol):
     """What the pollers need of KIE (the client, or a fake in tests)."""
 
     async def create_task(
-        self, family: Family, *, model: str | None, input: JsonObject, callback_url: str | None
+        self,
+        family: Family,
+        *,
+        model: str | None,
+        input: JsonObject,
+        callback_url: str | None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> TaskId: ...
 
     async def get_status(self, family: Family, task_id: TaskId) -> TaskStatus: ...
@@ -103,6 +154,13 @@ class PollerSupervisor:
         self._nursery: trio.Nursery | None = None
         self._rescan_now = trio.Event()
         self._query_slots = trio.CapacityLimiter(_QUERY_SLOTS)
+        #: createTask requests sent and not yet answered, each in its shielded scope
+        self._sending: set[trio.CancelScope] = set()
+        #: set when the daemon stops: no createTask is sent after it, none outlives it
+        self._stop_deadline: float | None = None
+        #: jobs whose createTask answer was lost, waiting for their task: since when
+        self._lost: dict[JobId, float] = {}
+        self._wakeups: dict[JobId, trio.Event] = {}
         #: status queries sent, by result, for operators
         self.status_queries: dict[str, int] = {}
 
@@ -117,12 +175,45 @@ class PollerSupervisor:
         Called synchronously by whoever changed the job (a callback, the API, a poller),
         so that a terminal callback cancels the poller before the next checkpoint.
         """
+        wake = self._wakeups.pop(job.id, None)
+        if wake is not None:
+            wake.set()
+        if job.task_id is not None:
+            self._found_lost_task(job)
         if job.state in TERMINAL_STATES:
             scope = self._scopes.get(job.id)
             if scope is not None:
                 scope.cancel(reason=f"job {job.state.value}")
         elif job.state in ACTIVE_STATES:
             self._start(job)
+
+    def stop_creating(self, deadline: float) -> None:
+        """The daemon is stopping: send no new createTask, and give up waiting for the
+        answers of those in flight at ``deadline`` (trio time)."""
+        self._stop_deadline = deadline
+        for scope in self._sending:
+            scope.deadline = min(scope.deadline, deadline)
+
+    def _found_lost_task(self, job: Job) -> None:
+        # A job whose createTask answer was lost has its task: the task's callback named
+        # it, or the previous leader stored the answer after all.
+        waiting_since = self._lost.pop(job.id, None)
+        if waiting_since is None:
+            return
+        self._metrics.lost_submission("adopted")
+        logger.info(
+            "[GEN] job %s: found its task %s %.1f s after taking over its lost createTask",
+            job.id,
+            job.task_id,
+            self._now() - waiting_since,
+            extra={"action": "task_adopted", "job_id": job.id, "task_id": job.task_id},
+        )
+
+    def _wake_event(self, job_id: JobId) -> trio.Event:
+        event = self._wakeups.get(job_id)
+        if event is None:
+            event = self._wakeups[job_id] = trio.Event()
+        return event
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start a poller for every unfinished job, then keep them going until cancelled.
@@ -183,7 +274,10 @@ class PollerSupervisor:
                 scope.deadline = trio.current_time() + max(0.0, job.deadline_at - self._now())
                 await self._poll_until_terminal(job)
             if scope.cancelled_caught and trio.current_time() >= scope.deadline:
-                await self._finish(job, Report(event=EventKind.DEADLINE, source=EndedBy.DEADLINE))
+                report = Report(event=EventKind.DEADLINE, source=EndedBy.DEADLINE)
+                if job.id in self._lost:
+                    report = _lost_report(job, by_deadline=True)
+                await self._finish(job, report)
         except Exception as exc:
             # A poller's failure is a fact about its job, never the daemon's end; the
             # next rescan starts a new poller.
@@ -194,6 +288,7 @@ class PollerSupervisor:
                 except StoreError:
                     pass
         finally:
+            self._lost.pop(job.id, None)
             if self._scopes.get(job.id) is scope:
                 del self._scopes[job.id]
             logger.debug("[GEN] poller for job %s stopped", job.id)
@@ -271,7 +366,14 @@ class PollerSupervisor:
             )
 
     async def _submit(self, job: Job, family: Family) -> Job | None:
-        """Create the KIE task for a stored job; the job with its task id, or None if it ended."""
+        """Create the KIE task for a stored job; the job with its task id, or None if it ended.
+
+        One createTask at a time per job, across instances: it is recorded in storage (a
+        compare-and-set) before it is sent, and once sent it runs to its answer even while
+        this instance stops, so that its task id is stored. A createTask whose answer was
+        lost (a previous leader stopped, or KIE did not answer) is resolved by
+        :meth:`_resolve_lost` and never sent again without the setting saying so.
+        """
         request = job.request or {}
         payload = request.get("input")
         if not isinstance(payload, dict):
@@ -285,7 +387,6 @@ class PollerSupervisor:
                 ),
             )
             return None
-        url = callback_url(self._settings, job.id)
         failures = 0
         while True:
             current = await self._store.get_job(job.id)
@@ -293,24 +394,74 @@ class PollerSupervisor:
                 return None
             if current.task_id is not None:  # a callback named the task first
                 return current
+            if current.submission_in_flight:
+                resolved = await self._resolve_lost(current)
+                if resolved is None or resolved.task_id is not None:
+                    return resolved
+                if resolved.submit_count != current.submit_count:
+                    continue  # another leader sent one meanwhile: look at that one
+                current = resolved  # KIED_RESUBMIT=after-wait: create it again
+            sent = await self._send_create(current, family, payload, failures=failures)
+            if not isinstance(sent, float):
+                return sent
+            if sent > 0:
+                failures += 1
+                await trio.sleep(sent)
+
+    async def _send_create(
+        self, job: Job, family: Family, payload: JsonObject, *, failures: int
+    ) -> Job | float | None:
+        """Send one createTask for ``job``; the job as it stands after the answer (None if it
+        ended), or how long to wait before the next try (0: read the job again now)."""
+        count = job.submit_count
+        url = callback_url(self._settings, job.id)
+        with trio.CancelScope() as sending:
+
+            async def before_send() -> None:
+                # The rate limiter has let the request through: record it, then send it.
+                if self._stop_deadline is not None:
+                    raise _StoppingError
+                marked = await self._store.begin_submission(
+                    job.id,
+                    count=count,
+                    callback_url=callback_url(self._settings, job.id, redacted=True),
+                    now=self._now(),
+                )
+                if marked is None:
+                    raise _SupersededError  # the job changed, or another leader sent one
+                # From here the request runs to its answer: abandoning it once sent is what
+                # leaves KIE with a task nobody follows. A stop bounds it (stop_creating).
+                sending.shield = True
+                sending.deadline = min(sending.deadline, trio.current_time() + _SEND_BOUND_S)
+                self._sending.add(sending)
+
             try:
                 task_id = await self._kie.create_task(
-                    family, model=job.model, input=payload, callback_url=url
+                    family,
+                    model=job.model,
+                    input=payload,
+                    callback_url=url,
+                    before_send=before_send,
                 )
+            except (_SupersededError, _StoppingError):
+                return 0.0 if self._stop_deadline is None else None
             except UpstreamBusyError as exc:
-                # KIE dropped the request (429, 455, 5xx) or did not answer: try again.
                 self._metrics.create_task("busy")
-                failures += 1
-                await self._note(job.id, f"createTask failed: {exc}")
-                await trio.sleep(
-                    backoff_delay(
-                        failures,
-                        self._policy,
-                        jitter=self._rng.random(),
-                        retry_after_s=exc.retry_after_s,
+                if exc.outcome_unknown:
+                    # KIE may have created the task: this is a lost answer now.
+                    await self._note(
+                        job.id, f"createTask got no answer (KIE may have created the task): {exc}"
                     )
+                    return 0.0
+                # KIE answered that it did not take the request (429, 455, 5xx): try again.
+                await self._note(job.id, f"createTask failed: {exc}")
+                await self._store.end_submission(job.id, count=count + 1, now=self._now())
+                return backoff_delay(
+                    failures + 1,
+                    self._policy,
+                    jitter=self._rng.random(),
+                    retry_after_s=exc.retry_after_s,
                 )
-                continue
             except UpstreamError as exc:
                 # Refused, or accepted without a task id to follow: creating it again
                 # could start a second generation, so the job ends here.
@@ -326,35 +477,159 @@ class PollerSupervisor:
                 logger.error("[GEN] job %s: KIE refused the task: %s", job.id, exc)
                 await self._finish(job, report)
                 return None
-            self._metrics.create_task("created")
-            attached_at = self._now()
-            try:
-                attached = await self._store.attach_task(job.id, task_id, now=attached_at)
-            except ConflictError:
-                attached = await self._store.get_job(job.id)
-            else:
-                if (
-                    attached is not None
-                    and attached.state in TERMINAL_STATES
-                    and attached.ended_by is EndedBy.CALLBACK
-                    and attached.ended_at == attached_at
-                ):
-                    # The attach applied a callback that had matched no job, at the
-                    # attach's own time: this write ended the job. A job a callback ended
-                    # first (here or at another instance) carries that callback's time,
-                    # and was counted where it was written.
-                    self._metrics.job_ended(attached)
+            finally:
+                self._sending.discard(sending)
+            return await self._store_task(job, task_id)
+        # The bound passed before KIE answered (or before its answer could be stored):
+        # the submission stays in flight, and is resolved as a lost one.
+        logger.warning(
+            "[GEN] job %s: gave up waiting for createTask's answer; its task's callback may"
+            " still name the job",
+            job.id,
+        )
+        return 0.0
+
+    async def _store_task(self, job: Job, task_id: TaskId) -> Job | None:
+        """Store the task id createTask answered; retried while storage fails, bounded."""
+        attached: Job | None = None
+        with trio.move_on_after(_ATTACH_BOUND_S):
+            delay = 0.1
+            while True:
+                try:
+                    attachment = await self._store.attach_task(job.id, task_id, now=self._now())
+                except ConflictError:
+                    attached = await self._store.get_job(job.id)
+                except StoreError as exc:
+                    logger.warning(
+                        "[GEN] job %s: cannot store task %s yet: %s", job.id, task_id, exc
+                    )
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                else:
+                    if attachment is not None:
+                        attached = attachment.job
+                        if attachment.ended:
+                            # An outcome that came first, in a callback no job matched
+                            # then, was applied by this write: it ended the job here.
+                            self._metrics.job_ended(attached)
+                break
+        self._metrics.create_task("created")
+        if attached is None:
+            logger.error(
+                "[GEN] job %s: KIE created task %s but it could not be stored; its callback"
+                " will name the job",
+                job.id,
+                task_id,
+            )
+            return None
+        if attached.task_id != task_id:
+            # A callback named the job's task before createTask answered with this one.
+            self._metrics.other_task("create")
+            logger.warning(
+                "[GEN] job %s: createTask answered task %s after the job took task %s;"
+                " %s is kept in other_task_ids and not followed",
+                job.id,
+                task_id,
+                attached.task_id,
+                task_id,
+                extra={"action": "other_task", "job_id": job.id, "task_id": task_id},
+            )
+        else:
             logger.info(
                 "[GEN] job %s -> KIE task %s",
                 job.id,
                 task_id,
                 extra={"action": "task_created", "job_id": job.id},
             )
-            if attached is None or attached.state not in ACTIVE_STATES:
-                if attached is not None:
-                    self._on_change(attached)
+        if attached.state not in ACTIVE_STATES:
+            self._on_change(attached)
+            return None
+        return attached
+
+    async def _resolve_lost(self, job: Job) -> Job | None:
+        """Resolve a createTask whose answer was lost; never send it again unless told to.
+
+        The task's callback names the job, so it adopts the task whenever it comes. With
+        no public URL no callback can come. Otherwise this waits for it: until the job's
+        deadline (``KIED_RESUBMIT=never``, the poller's own scope ends the wait), or
+        ``resubmit_wait_s`` after the lost request was sent (``after-wait``).
+
+        Returns:
+            The job with its task id (adopted), the job to create again (``after-wait``),
+            or None when the job ended (given up under ``never``, or ended elsewhere).
+        """
+        sent_at = job.submit_sent_at
+        assert sent_at is not None
+        settings = self._settings
+        # Its sender (a leader that lost the lock, or is stopping) may still store the
+        # answer until then.
+        answer_by = sent_at + _ANSWER_BOUND_S
+        if settings.public_url is None:
+            wait_until = answer_by  # then nothing can name the task
+        elif settings.resubmit == "after-wait":
+            wait_until = max(answer_by, sent_at + settings.resubmit_wait_s)
+        else:
+            wait_until = math.inf
+        waited_from = self._now()
+        self._lost[job.id] = waited_from
+        if wait_until > waited_from:
+            bound = (
+                "the job's deadline"
+                if math.isinf(wait_until)
+                else f"{wait_until - waited_from:.0f} s"
+            )
+            await self._note(
+                job.id,
+                f"createTask sent at {_iso(sent_at)} got no answer; waiting up to {bound} for"
+                " the callback of the task it may have created",
+            )
+        try:
+            resolved = await self._await_task(job, wait_until)
+        finally:
+            self._wakeups.pop(job.id, None)
+        if resolved is not None:
+            current = resolved[0]
+            if current is not None and current.task_id is not None:
+                self._found_lost_task(current)
+            self._lost.pop(job.id, None)
+            if current is None or current.state not in ACTIVE_STATES:
                 return None
-            return attached
+            return current
+        # In _lost only while waiting: a deadline that cancels the wait finds it there.
+        self._lost.pop(job.id, None)
+        if settings.resubmit == "after-wait":
+            self._metrics.lost_submission("recreated")
+            logger.warning(
+                "[GEN] job %s: no callback named the task of the createTask sent at %s;"
+                " creating it again (KIED_RESUBMIT=after-wait): KIE may now run two tasks",
+                job.id,
+                _iso(sent_at),
+                extra={"action": "task_recreated", "job_id": job.id},
+            )
+            return job
+        await self._finish(job, _lost_report(job, by_deadline=False))
+        return None
+
+    async def _await_task(self, job: Job, wait_until: float) -> tuple[Job | None] | None:
+        """Wait until ``wait_until`` (wall clock) for a job with a lost createTask to change.
+
+        Returns ``(job,)`` as it stands once it has a task id, ended, or another submission
+        began (``(None,)`` if it is gone); ``None`` when the wait ran out.
+        """
+        while (remaining := wait_until - self._now()) > 0:
+            wake = self._wake_event(job.id)
+            with trio.move_on_after(min(remaining, _LOST_RECHECK_S)):
+                await wake.wait()
+            current = await self._store.get_job(job.id)
+            if (
+                current is None
+                or current.task_id is not None
+                or current.state not in ACTIVE_STATES
+                or current.submit_count != job.submit_count
+            ):
+                return (current,)
+        return None
 
     async def _finish(self, job: Job, report: Report) -> None:
         # The terminal write must land even while the scope is being cancelled.
@@ -363,6 +638,8 @@ class PollerSupervisor:
             changed = await self._store.apply(job.id, report, now=self._now())
         if changed is None:
             return
+        if report.error_code == LOST_SUBMISSION:
+            self._metrics.lost_submission("given_up")
         self._metrics.job_ended(changed)
         logger.info(
             "[GEN] job %s -> %s (by %s)",

@@ -161,6 +161,25 @@ class CallbackService:
                 "inbox_id": record.inbox_id,
             },
         )
+        if record.adopted and record.job is not None:
+            self._metrics.task_adopted()
+            logger.info(
+                "[GEN] job %s took task %s from its callback (createTask's answer not stored yet)",
+                record.job.id,
+                task_id,
+                extra={"action": "task_adopted", "job_id": record.job.id, "task_id": task_id},
+            )
+        elif record.effect is CallbackEffect.OTHER_TASK and record.job is not None:
+            self._metrics.other_task("callback")
+            logger.warning(
+                "[KIE_CALLBACK] inbox #%d names job %s but task %s, not the job's task %s:"
+                " kept, not applied",
+                record.inbox_id,
+                record.job.id,
+                task_id or "-",
+                record.job.task_id or "-",
+                extra={"action": "other_task", "job_id": record.job.id, "task_id": task_id},
+            )
         if entry.problem is not None:
             logger.warning(
                 "[KIE_CALLBACK] inbox #%d: %s (%d bytes)",

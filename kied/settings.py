@@ -25,6 +25,7 @@ __all__ = [
     "NoLockSettings",
     "PgLockSettings",
     "PostgresStoreSettings",
+    "ResubmitPolicy",
     "Settings",
     "SqliteStoreSettings",
     "load_settings",
@@ -36,6 +37,10 @@ MIB = 1024 * 1024
 
 #: ``text``: plain lines; ``json``: one JSON object per line, for log shippers
 LogFormat = Literal["text", "json"]
+#: What a leader does with a createTask whose answer was lost (the previous leader stopped,
+#: or KIE did not answer): ``never`` create the task again (wait for the orphan's callback
+#: until the job's deadline), or create it again ``after-wait`` (``resubmit_wait_s``).
+ResubmitPolicy = Literal["never", "after-wait"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +93,11 @@ class Settings:
     public_url: str | None = None
     api_token: str | None = None
     job_timeout_s: float = 900 * SECONDS
+    #: what to do with a createTask whose answer was lost; see :data:`ResubmitPolicy`
+    resubmit: ResubmitPolicy = "never"
+    #: with ``after-wait``: how long after the lost createTask was sent kied waits for its
+    #: task's callback (which names the job) before it creates the task again
+    resubmit_wait_s: float = 300 * SECONDS
     max_callback_bytes: int = 1 * MIB
     oversized_keep_bytes: int = 64 * 1024
     #: hypercorn's bound for in-flight requests once shutdown begins
@@ -124,6 +134,11 @@ environment (flags win over the environment):
   RENDER_EXTERNAL_URL  used when KIED_PUBLIC_URL is not set
   KIED_API_TOKEN       bearer token the /v1 API requires when set
   KIED_JOB_TIMEOUT     seconds a job may take before it is timed_out; default 900
+  KIED_RESUBMIT        never (default) or after-wait: what a leader does with a createTask
+                       whose answer was lost (kied stopped, or KIE did not answer). never:
+                       wait for that task's callback until the job's deadline, never pay
+                       twice; after-wait: create the task again after KIED_RESUBMIT_WAIT
+  KIED_RESUBMIT_WAIT   seconds after-wait waits for the lost task's callback; default 300
   KIED_LOG_LEVEL       DEBUG, INFO (default), WARNING, ERROR
   KIED_LOG_FORMAT      text (default) or json: one JSON object per line
 set by systemd:
@@ -203,6 +218,17 @@ def load_settings(
     timeout_src = pick(flags.job_timeout, "KIED_JOB_TIMEOUT")
     job_timeout_s = 900.0 if timeout_src is None else _positive_seconds(*timeout_src)
 
+    resubmit_src = pick(None, "KIED_RESUBMIT")
+    resubmit: ResubmitPolicy = "never"
+    if resubmit_src is not None:
+        if resubmit_src[1].lower() not in ("never", "after-wait"):
+            raise ConfigError(
+                resubmit_src[0], f"must be never or after-wait, not {resubmit_src[1]!r}"
+            )
+        resubmit = "never" if resubmit_src[1].lower() == "never" else "after-wait"
+    wait_src = pick(None, "KIED_RESUBMIT_WAIT")
+    resubmit_wait_s = 300.0 if wait_src is None else _positive_seconds(*wait_src)
+
     level_src = pick(flags.log_level, "KIED_LOG_LEVEL")
     log_level = "INFO"
     if level_src is not None:
@@ -239,6 +265,8 @@ def load_settings(
         public_url=_http_url(*public_src) if public_src else None,
         api_token=_secret(environ, "KIED_API_TOKEN"),
         job_timeout_s=job_timeout_s,
+        resubmit=resubmit,
+        resubmit_wait_s=resubmit_wait_s,
         log_level=log_level,
         log_format=log_format,
         notify_socket=notify_socket,

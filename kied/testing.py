@@ -33,13 +33,14 @@ from kied.core.jobs import (
 from kied.errors import ConflictError, StoreUnavailableError
 from kied.service import RawCallback
 from kied.store._base import (
+    Attached,
     CallbackEffect,
     CallbackRecord,
     InboxEntry,
     JobStore,
     StoredCallback,
 )
-from kied.store._common import check_limit
+from kied.store._common import MAX_OTHER_TASKS, check_limit, match_callback
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -233,13 +234,15 @@ class MemoryStore(JobStore):
         )
         return [_detached(j) for _, j in jobs if j.state in ACTIVE_STATES]
 
-    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
+    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Attached | None:
         await self._enter()
         job = self._jobs.get(job_id)
         if job is None:
             return None
         if job.task_id is not None and job.task_id != task_id:
-            raise ConflictError(f"job {job_id} already tracks task {job.task_id}")
+            # createTask answered after the job adopted another task: kept, not applied
+            self._keep_other_task(job, task_id, now)
+            return Attached(job=_detached(self._jobs[job_id]), ended=False)
         newly_attached = job.task_id is None
         if newly_attached:
             other = self._by_task.get(task_id)
@@ -249,7 +252,45 @@ class MemoryStore(JobStore):
         self._apply(job_id, Report(event=EventKind.ACCEPTED, source=EndedBy.SUBMIT), now)
         if newly_attached:
             self._apply_waiting_callback(job_id, task_id, now)
-        return _detached(self._jobs[job_id])
+        after = _detached(self._jobs[job_id])
+        return Attached(job=after, ended=after.terminal and not job.terminal)
+
+    async def begin_submission(
+        self, job_id: JobId, *, count: int, callback_url: str | None, now: float
+    ) -> Job | None:
+        await self._enter()
+        job = self._jobs.get(job_id)
+        if (
+            job is None
+            or job.state is not JobState.SUBMITTING
+            or job.task_id is not None
+            or job.submit_count != count
+        ):
+            return None
+        return self._set(
+            replace(
+                job,
+                submit_sent_at=now,
+                submit_count=count + 1,
+                submit_callback_url=callback_url,
+                updated_at=now,
+            )
+        )
+
+    async def end_submission(self, job_id: JobId, *, count: int, now: float) -> None:
+        await self._enter()
+        job = self._jobs.get(job_id)
+        if job is not None and job.task_id is None and job.submit_count == count:
+            self._set(replace(job, submit_sent_at=None, updated_at=now))
+
+    def _keep_other_task(self, job: Job, task_id: TaskId | None, now: float) -> None:
+        if (
+            task_id is not None
+            and task_id != job.task_id
+            and task_id not in job.other_task_ids
+            and len(job.other_task_ids) < MAX_OTHER_TASKS
+        ):
+            self._set(replace(job, other_task_ids=(*job.other_task_ids, task_id), updated_at=now))
 
     async def apply(self, job_id: JobId, report: Report, *, now: float) -> Job | None:
         await self._enter()
@@ -265,7 +306,7 @@ class MemoryStore(JobStore):
         await self._enter()
         if report is not None:  # first, so that a result JSON cannot hold changes nothing
             report = replace(report, result=_json_copy(report.result))
-        effect, job = self._resolve_callback(entry, report)
+        effect, job, adopted = self._resolve_callback(entry, report)
         row = _InboxRow(
             id=len(self._inbox) + 1,
             entry=entry,
@@ -274,27 +315,38 @@ class MemoryStore(JobStore):
             matched_job_id=None if job is None else job.id,
         )
         self._inbox.append(row)
-        return CallbackRecord(inbox_id=row.id, effect=effect, job=job)
+        return CallbackRecord(inbox_id=row.id, effect=effect, job=job, adopted=adopted)
 
     def _resolve_callback(
         self, entry: InboxEntry, report: Report | None
-    ) -> tuple[CallbackEffect, Job | None]:
+    ) -> tuple[CallbackEffect, Job | None, bool]:
         if not entry.authenticated:
-            return CallbackEffect.REJECTED, None
-        job = self._find(entry.job_id)
-        if job is None and entry.task_id is not None:
-            job = self._find(self._by_task.get(entry.task_id))
-        if report is None:
-            return CallbackEffect.NOT_APPLICABLE, None if job is None else _detached(job)
+            return CallbackEffect.REJECTED, None, False
+        job = None if entry.task_id is None else self._find(self._by_task.get(entry.task_id))
         if job is None:
-            return CallbackEffect.NO_JOB, None
-        if job.task_id is None and entry.task_id is not None and entry.task_id not in self._by_task:
-            job = replace(job, task_id=entry.task_id, updated_at=entry.received_at)
-            self._set(job)
-        changed = self._apply(job.id, report, entry.received_at)
+            job = self._find(entry.job_id)
+        if report is None:
+            return CallbackEffect.NOT_APPLICABLE, None if job is None else _detached(job), False
+        if job is None:
+            return CallbackEffect.NO_JOB, None, False
+        now = entry.received_at
+        refused = match_callback(job, entry.task_id)
+        adopted = False
+        if refused is None and job.task_id is None:
+            assert entry.task_id is not None  # match_callback refuses a callback without one
+            if entry.task_id in self._by_task:  # another job follows that task
+                refused = CallbackEffect.OTHER_TASK
+            else:
+                job = replace(job, task_id=entry.task_id, updated_at=now)
+                self._set(job)
+                adopted = True
+        if refused is not None:
+            self._keep_other_task(job, entry.task_id, now)
+            return refused, _detached(self._jobs[job.id]), False
+        changed = self._apply(job.id, report, now)
         if changed is not None:
-            return CallbackEffect.CHANGED, changed
-        return CallbackEffect.NO_OP, _detached(self._jobs[job.id])
+            return CallbackEffect.CHANGED, changed, adopted
+        return CallbackEffect.NO_OP, _detached(self._jobs[job.id]), adopted
 
     async def list_callbacks(
         self, *, task_id: TaskId | None = None, limit: int = 100

@@ -171,10 +171,25 @@ class Job:
     ended_at: float | None = None
     late: bool = False
     last_error: str | None = None
+    #: when kied last sent createTask for this job (None: never, or KIE said it did not
+    #: create the task); with no ``task_id`` yet, that request's answer is outstanding
+    submit_sent_at: float | None = None
+    #: createTask requests sent for this job
+    submit_count: int = 0
+    #: the callback URL the last createTask carried (its secrets redacted)
+    submit_callback_url: str | None = None
+    #: tasks KIE reported for this job that it does not follow (a createTask answer or a
+    #: callback that lost the race to another task): kept, never applied
+    other_task_ids: tuple[str, ...] = ()
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    @property
+    def submission_in_flight(self) -> bool:
+        """A createTask was sent and neither its answer nor its task is known yet."""
+        return self.task_id is None and self.submit_sent_at is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

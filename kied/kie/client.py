@@ -49,7 +49,14 @@ from kied.errors import UpstreamError, UpstreamRejectedError, UpstreamTimeoutErr
 from kied.kie._ratelimit import RateLimiter
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+    from collections.abc import (
+        AsyncGenerator,
+        AsyncIterator,
+        Awaitable,
+        Callable,
+        Iterator,
+        Mapping,
+    )
 
     from kied.core._json import JsonObject, JsonValue
 
@@ -191,6 +198,7 @@ class KieClient:
         model: str | None,
         input: JsonObject,
         callback_url: str | None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> TaskId:
         """Create a KIE task (POST the family's create endpoint).
 
@@ -202,6 +210,9 @@ class KieClient:
             input: the generation request.
             callback_url: where KIE should POST the outcome; None asks for no callback. It
                 always replaces any ``callBackUrl`` in ``input``.
+            before_send: awaited once the rate limiter let the request through, just
+                before it is sent (to record that it is in flight); if it raises, nothing
+                is sent and the exception propagates.
 
         Returns:
             The new task's id (``data.taskId``).
@@ -210,8 +221,9 @@ class KieClient:
             UpstreamRejectedError: KIE refused the task (bad input, key, credits, ...);
                 sending it again will not help.
             UpstreamBusyError: KIE could not take it now (``retry_after_s`` if KIE said
-                how long to wait). ``UpstreamTimeoutError`` is one: then KIE may or may not
-                have created the task.
+                how long to wait). When ``outcome_unknown`` is set (no answer came: a
+                timeout, or the connection broke after sending) KIE may have created the
+                task.
             UpstreamError: KIE answered 200 without a task id.
 
         Cancellation:
@@ -227,6 +239,8 @@ class KieClient:
         body = _create_body(family, model=model, input=input, callback_url=callback_url)
         what = f"createTask ({family.value})"
         await self._create_limiter.acquire()
+        if before_send is not None:
+            await before_send()
         answer = await self._exchange("POST", spec.create_path, what, json=body)
         data = _data(answer, what, status_query=False)
         task_id = None
@@ -283,7 +297,7 @@ class KieClient:
                     body = await _read_body(response, what)
         except trio.TooSlowError as exc:
             raise UpstreamTimeoutError(
-                f"{what}: KIE did not answer within {self._timeout_s:g} s"
+                f"{what}: KIE did not answer within {self._timeout_s:g} s", outcome_unknown=True
             ) from exc
         answer = _Answer(
             http_status=response.status_code,
@@ -360,15 +374,24 @@ def _create_body(
 
 @contextmanager
 def _map_http_errors(what: str) -> Iterator[None]:
-    """httpx's failures as kied's: a timeout is a timeout, the rest is network trouble."""
+    """httpx's failures as kied's: a timeout is a timeout, the rest is network trouble.
+
+    Only a failure to connect proves the request never reached KIE; after that, KIE may
+    have acted on it (``outcome_unknown``).
+    """
     try:
         yield
     except httpx.TimeoutException as exc:
+        unsent = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
         raise UpstreamTimeoutError(
-            f"{what}: KIE did not answer in time ({type(exc).__name__})"
+            f"{what}: KIE did not answer in time ({type(exc).__name__})",
+            outcome_unknown=not unsent,
         ) from exc
     except httpx.HTTPError as exc:
-        raise UpstreamBusyError(f"{what}: cannot reach KIE: {type(exc).__name__}: {exc}") from exc
+        raise UpstreamBusyError(
+            f"{what}: cannot reach KIE: {type(exc).__name__}: {exc}",
+            outcome_unknown=not isinstance(exc, httpx.ConnectError),
+        ) from exc
 
 
 async def _read_body(response: httpx.Response, what: str) -> bytes:

@@ -9,6 +9,7 @@ import trio
 
 from kied.errors import ConfigError
 from kied.settings import PostgresStoreSettings, SqliteStoreSettings
+from kied.store._base import Attached as Attached
 from kied.store._base import CallbackEffect as CallbackEffect
 from kied.store._base import CallbackRecord as CallbackRecord
 from kied.store._base import InboxEntry as InboxEntry
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 __all__ = [
+    "Attached",
     "CallbackEffect",
     "CallbackRecord",
     "InboxEntry",

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from kied.core.jobs import Job, JobId, NewJob, Report, TaskId
 
 __all__ = [
+    "Attached",
     "CallbackEffect",
     "CallbackRecord",
     "InboxEntry",
@@ -45,6 +46,9 @@ class CallbackEffect(StrEnum):
     NO_JOB = "no job"  # no job matches (yet): kept for when one is created with that task id
     REJECTED = "rejected"  # not authenticated: changes nothing
     NOT_APPLICABLE = "not applicable"  # nothing to apply (unknown outcome)
+    # The job follows another task, or the callback names none: a job ends only from its
+    # own task. The task id is kept in the job's ``other_task_ids``.
+    OTHER_TASK = "other task"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +58,18 @@ class CallbackRecord:
     inbox_id: int
     effect: CallbackEffect
     job: Job | None  # the job the callback names, as it stands after the callback
+    #: the callback gave a job still waiting for createTask's answer its task id
+    adopted: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attached:
+    """What recording a task id did."""
+
+    job: Job  # the job as it stands after the write
+    #: this write ended the job: an outcome that came first, in a callback no job matched
+    #: then, was applied
+    ended: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,12 +117,37 @@ class JobStore(Protocol):
         """Every job in ``submitting`` or ``pending``, oldest deadline first."""
         ...
 
-    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
+    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Attached | None:
         """Record KIE's task id for a job and move it to ``pending`` (event ``accepted``).
 
-        Returns the job after the write, or ``None`` when no such job exists. An inbox
+        Returns what the write did, or ``None`` when no such job exists. An inbox
         callback for that task id that arrived first is applied, as in :meth:`create_job`.
+        A job that already follows another task keeps it: ``task_id`` is added to its
+        ``other_task_ids`` and the job is returned otherwise unchanged (the caller sees
+        ``job.task_id != task_id``).
+
+        Raises:
+            ConflictError: another job follows ``task_id``.
         """
+        ...
+
+    async def begin_submission(
+        self, job_id: JobId, *, count: int, callback_url: str | None, now: float
+    ) -> Job | None:
+        """Record that createTask is about to be sent for a job; commit before sending it.
+
+        A compare-and-set on ``count`` (the job's ``submit_count`` as the caller read it):
+        it succeeds only while the job is ``submitting`` with no task id and nobody else
+        began a submission since, so two leaders never both send one.
+
+        Returns:
+            The job with ``submit_sent_at = now`` and ``submit_count = count + 1``, or
+            ``None`` when the compare-and-set did not match (send nothing).
+        """
+        ...
+
+    async def end_submission(self, job_id: JobId, *, count: int, now: float) -> None:
+        """KIE answered submission ``count`` without creating a task: it is no longer in flight."""
         ...
 
     async def apply(self, job_id: JobId, report: Report, *, now: float) -> Job | None:
@@ -124,8 +165,11 @@ class JobStore(Protocol):
     async def record_callback(self, entry: InboxEntry, report: Report | None) -> CallbackRecord:
         """Store one callback and, when it is authenticated, apply ``report`` to its job.
 
-        The job is found by ``entry.job_id`` first, then by ``entry.task_id``. The inbox
-        row and the job's change commit together.
+        The job is found by ``entry.task_id`` first, then by ``entry.job_id``. It changes
+        only when the callback's task is the job's own, or when the job has no task yet
+        (it adopts the callback's); otherwise the effect is ``OTHER_TASK`` and the task id
+        goes to the job's ``other_task_ids``. The inbox row and the job's change commit
+        together.
         """
         ...
 

@@ -27,13 +27,16 @@ if TYPE_CHECKING:
 __all__ = [
     "CALLBACK_COLUMNS",
     "JOB_COLUMNS",
+    "MAX_OTHER_TASKS",
     "NO_REPORT",
     "WAITING_CALLBACK_COLUMNS",
     "apply_statements",
     "check_limit",
     "entry_values",
     "job_from_row",
+    "match_callback",
     "new_job_values",
+    "other_tasks_value",
     "report_values",
     "stored_callback_from_row",
     "waiting_report",
@@ -43,7 +46,8 @@ __all__ = [
 JOB_COLUMNS: Final[LiteralString] = (
     "id, family, model, task_id, state, request, metadata, idempotency_key, created_at,"
     " updated_at, deadline_at, kie_state, result_urls, result, error_code, error_message,"
-    " ended_by, ended_at, late, last_error"
+    " ended_by, ended_at, late, last_error, submit_sent_at, submit_count, submit_callback_url,"
+    " other_task_ids"
 )
 CALLBACK_COLUMNS: Final[LiteralString] = (
     "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
@@ -61,6 +65,35 @@ def _dump_json(value: JsonValue) -> str | None:
 
 def _load_json(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+#: Most task ids kept in a job's ``other_task_ids``: enough to show what happened, and
+#: bounded whatever a sender with the callback secret sends.
+MAX_OTHER_TASKS: Final = 20
+
+
+def match_callback(job: Job, task_id: TaskId | None) -> CallbackEffect | None:
+    """Whether an authenticated callback naming ``task_id`` may change ``job``.
+
+    ``None``: it may (the job's own task, or a job still waiting for its first task,
+    which adopts this one). ``OTHER_TASK``: it may not: a job ends only from its own task,
+    and a callback that names no task cannot show it is that.
+    """
+    if task_id is None or (job.task_id is not None and job.task_id != task_id):
+        return CallbackEffect.OTHER_TASK
+    return None
+
+
+def other_tasks_value(job: Job, task_id: TaskId | None) -> str | None:
+    """``job``'s ``other_task_ids`` column with ``task_id`` added; None when unchanged."""
+    if (
+        task_id is None
+        or task_id == job.task_id
+        or task_id in job.other_task_ids
+        or len(job.other_task_ids) >= MAX_OTHER_TASKS
+    ):
+        return None
+    return json.dumps([*job.other_task_ids, task_id], ensure_ascii=False)
 
 
 def check_limit(limit: int) -> None:
@@ -156,6 +189,10 @@ def job_from_row(row: Iterable[Any]) -> Job:
         ended_at,
         late,
         last_error,
+        submit_sent_at,
+        submit_count,
+        submit_callback_url,
+        other_task_ids,
     ) = row
     return Job(
         id=JobId(job_id),
@@ -178,6 +215,10 @@ def job_from_row(row: Iterable[Any]) -> Job:
         ended_at=ended_at,
         late=bool(late),
         last_error=last_error,
+        submit_sent_at=submit_sent_at,
+        submit_count=submit_count,
+        submit_callback_url=submit_callback_url,
+        other_task_ids=tuple(json.loads(other_task_ids)),
     )
 
 

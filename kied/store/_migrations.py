@@ -81,8 +81,21 @@ CREATE INDEX callback_inbox_task_id ON callback_inbox (task_id);
 CREATE INDEX callback_inbox_matched_job_id ON callback_inbox (matched_job_id);
 """
 
+# A createTask in flight is recorded before it is sent, so that a leader that takes over
+# knows a task may exist that no answer named; tasks reported for a job that it does not
+# follow are kept beside it.
+_SQLITE_0002: Final[LiteralString] = """
+ALTER TABLE jobs ADD COLUMN submit_sent_at REAL;
+
+ALTER TABLE jobs ADD COLUMN submit_count INTEGER NOT NULL DEFAULT 0;
+
+ALTER TABLE jobs ADD COLUMN submit_callback_url TEXT;
+
+ALTER TABLE jobs ADD COLUMN other_task_ids TEXT NOT NULL DEFAULT '[]';
+"""
+
 #: SQLite migrations, oldest first.
-SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_SQLITE_0001,)
+SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_SQLITE_0001, _SQLITE_0002)
 
 # The same tables as SQLite's. JSON is kept as the text Python wrote, as in SQLite: jsonb
 # would refuse values Python's json reads and writes (NaN, "\u0000") and change others
@@ -175,8 +188,18 @@ CREATE TRIGGER jobs_announce_update AFTER UPDATE ON jobs
     EXECUTE FUNCTION kied_announce_job();
 """
 
+_POSTGRES_0002: Final[LiteralString] = """
+ALTER TABLE jobs ADD COLUMN submit_sent_at double precision;
+
+ALTER TABLE jobs ADD COLUMN submit_count integer NOT NULL DEFAULT 0;
+
+ALTER TABLE jobs ADD COLUMN submit_callback_url text;
+
+ALTER TABLE jobs ADD COLUMN other_task_ids text NOT NULL DEFAULT '[]';
+"""
+
 #: PostgreSQL migrations, oldest first.
-POSTGRES_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_POSTGRES_0001,)
+POSTGRES_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_POSTGRES_0001, _POSTGRES_0002)
 
 #: Migrations by dialect name.
 MIGRATIONS: Final[Mapping[str, tuple[LiteralString, ...]]] = {

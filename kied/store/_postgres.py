@@ -37,6 +37,7 @@ from kied.core.jobs import (
 )
 from kied.errors import ConflictError, StoreError, StoreUnavailableError
 from kied.store._base import (
+    Attached,
     CallbackEffect,
     CallbackRecord,
     InboxEntry,
@@ -52,7 +53,9 @@ from kied.store._common import (
     check_limit,
     entry_values,
     job_from_row,
+    match_callback,
     new_job_values,
+    other_tasks_value,
     report_values,
     stored_callback_from_row,
     waiting_report,
@@ -177,6 +180,20 @@ _SET_TASK: Final[LiteralString] = (
 )
 _NOTE_ERROR: Final[LiteralString] = (
     "UPDATE jobs SET last_error = %(message)s, updated_at = %(now)s WHERE id = %(id)s"
+)
+_SET_OTHER_TASKS: Final[LiteralString] = (
+    "UPDATE jobs SET other_task_ids = %(other_task_ids)s, updated_at = %(now)s WHERE id = %(id)s"
+)
+_BEGIN_SUBMISSION: Final[LiteralString] = (
+    "UPDATE jobs SET submit_sent_at = %(now)s, submit_count = submit_count + 1,"
+    " submit_callback_url = %(callback_url)s, updated_at = %(now)s"
+    " WHERE id = %(id)s AND state = 'submitting' AND task_id IS NULL"
+    " AND submit_count = %(count)s"
+    " RETURNING " + JOB_COLUMNS
+)
+_END_SUBMISSION: Final[LiteralString] = (
+    "UPDATE jobs SET submit_sent_at = NULL, updated_at = %(now)s"
+    " WHERE id = %(id)s AND task_id IS NULL AND submit_count = %(count)s"
 )
 
 # The compare-and-set: the row changes only from a state the event applies to
@@ -504,14 +521,19 @@ def _create_job(conn: _Connection, params: Mapping[str, Any]) -> tuple[Job, bool
     return job, True
 
 
-def _attach_task(conn: _Connection, job_id: JobId, task_id: TaskId, now: float) -> Job | None:
+def _attach_task(conn: _Connection, job_id: JobId, task_id: TaskId, now: float) -> Attached | None:
     _lock_tasks(conn, [task_id])
     row = conn.execute(_SELECT_JOB_FOR_UPDATE, {"id": job_id}).fetchone()
     if row is None:
         return None
     job = job_from_row(row)
     if job.task_id is not None and job.task_id != task_id:
-        raise ConflictError(f"job {job_id} already tracks task {job.task_id}")
+        # createTask answered after the job adopted another task: kept, not applied
+        _keep_other_task(conn, job, task_id, now)
+        return Attached(
+            job=job_from_row(_one(conn.execute(_SELECT_JOB, {"id": job_id}).fetchone())),
+            ended=False,
+        )
     newly_attached = job.task_id is None
     if newly_attached:
         other = _select_job_by_task(conn, task_id)
@@ -521,45 +543,64 @@ def _attach_task(conn: _Connection, job_id: JobId, task_id: TaskId, now: float) 
     _apply(conn, job_id, _ACCEPTED, now)
     if newly_attached:
         _apply_waiting_callback(conn, job_id, task_id, now)
-    return _select_job(conn, job_id)
+    after = job_from_row(_one(conn.execute(_SELECT_JOB, {"id": job_id}).fetchone()))
+    return Attached(job=after, ended=after.terminal and not job.terminal)
+
+
+def _keep_other_task(conn: _Connection, job: Job, task_id: TaskId | None, now: float) -> None:
+    value = other_tasks_value(job, task_id)
+    if value is not None:
+        conn.execute(_SET_OTHER_TASKS, {"id": job.id, "other_task_ids": value, "now": now})
 
 
 def _resolve_callback(
     conn: _Connection, entry: InboxEntry, report: Mapping[str, Any] | None
-) -> tuple[CallbackEffect, Job | None]:
+) -> tuple[CallbackEffect, Job | None, bool]:
     # The caller holds the lock on entry.task_id.
     if not entry.authenticated:
-        return CallbackEffect.REJECTED, None
+        return CallbackEffect.REJECTED, None, False
     # A callback that may change its job locks the row as it reads it: until commit, the
-    # job is what this transaction makes of it, so a no-op needs no second look.
+    # job is what this transaction makes of it.
     locking = report is not None
+    # The job that follows the callback's task first: the task id is what KIE vouches
+    # for. The job id in the URL finds a job still waiting for its first task.
     job = None
-    if entry.job_id is not None:
-        sql = _SELECT_JOB_FOR_UPDATE if locking else _SELECT_JOB
-        row = conn.execute(sql, {"id": entry.job_id}).fetchone()
-        job = None if row is None else job_from_row(row)
-    if job is None and entry.task_id is not None:
+    if entry.task_id is not None:
         sql = _SELECT_JOB_BY_TASK_FOR_UPDATE if locking else _SELECT_JOB_BY_TASK
         row = conn.execute(sql, {"task_id": entry.task_id}).fetchone()
         job = None if row is None else job_from_row(row)
+    if job is None and entry.job_id is not None:
+        sql = _SELECT_JOB_FOR_UPDATE if locking else _SELECT_JOB
+        row = conn.execute(sql, {"id": entry.job_id}).fetchone()
+        job = None if row is None else job_from_row(row)
     if report is None:
-        return CallbackEffect.NOT_APPLICABLE, job
+        return CallbackEffect.NOT_APPLICABLE, job, False
     if job is None:
-        return CallbackEffect.NO_JOB, None
-    if job.task_id is None and entry.task_id is not None:
-        params = {"id": job.id, "task_id": entry.task_id, "now": entry.received_at}
+        return CallbackEffect.NO_JOB, None, False
+    now = entry.received_at
+    refused = match_callback(job, entry.task_id)
+    adopted = False
+    if refused is None and job.task_id is None:
+        params = {"id": job.id, "task_id": entry.task_id, "now": now}
         row = conn.execute(_SET_TASK, params).fetchone()
-        job = job if row is None else job_from_row(row)
-    changed = _apply(conn, job.id, report, entry.received_at)
+        adopted = row is not None
+        if row is None:  # another job follows that task
+            refused = CallbackEffect.OTHER_TASK
+        else:
+            job = job_from_row(row)
+    if refused is not None:
+        _keep_other_task(conn, job, entry.task_id, now)
+        return refused, _select_job(conn, job.id), False
+    changed = _apply(conn, job.id, report, now)
     if changed is not None:
-        return CallbackEffect.CHANGED, changed
-    return CallbackEffect.NO_OP, job
+        return CallbackEffect.CHANGED, changed, adopted
+    return CallbackEffect.NO_OP, job, adopted
 
 
 def _record_callback(
     conn: _Connection, entry: InboxEntry, report: Mapping[str, Any] | None
 ) -> CallbackRecord:
-    effect, job = _resolve_callback(conn, entry, report)
+    effect, job, adopted = _resolve_callback(conn, entry, report)
     row = conn.execute(
         _INSERT_CALLBACK,
         {
@@ -570,7 +611,7 @@ def _record_callback(
         },
     ).fetchone()
     (inbox_id,) = _one(row)
-    return CallbackRecord(inbox_id=inbox_id, effect=effect, job=job)
+    return CallbackRecord(inbox_id=inbox_id, effect=effect, job=job, adopted=adopted)
 
 
 def _callback_tasks(batch: Iterable[tuple[InboxEntry, object]]) -> list[TaskId | None]:
@@ -799,18 +840,28 @@ class PostgresStore(CallbackQueue[_QueuedCallback], JobStore):
         rows = await self._read(partial(_fetch_all, _UNFINISHED_JOBS, {"states": _ACTIVE}))
         return [job_from_row(r) for r in rows]
 
-    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
+    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Attached | None:
         """Record ``task_id`` and apply ``accepted``; see :meth:`JobStore.attach_task`.
 
         The task id is recorded whatever the job's state; only the state change is a
         compare-and-set. Repeating the call is harmless.
 
         Raises:
-            ConflictError: the job already tracks another task, or another job tracks
-                this one.
+            ConflictError: another job tracks this task.
             StoreUnavailableError: the database failed.
         """
         return await self._write(partial(_attach_task, job_id=job_id, task_id=task_id, now=now))
+
+    async def begin_submission(
+        self, job_id: JobId, *, count: int, callback_url: str | None, now: float
+    ) -> Job | None:
+        params = {"id": job_id, "count": count, "callback_url": callback_url, "now": now}
+        rows = await self._write(partial(_fetch_all, _BEGIN_SUBMISSION, params))
+        return job_from_row(rows[0]) if rows else None
+
+    async def end_submission(self, job_id: JobId, *, count: int, now: float) -> None:
+        params = {"id": job_id, "count": count, "now": now}
+        await self._write(partial(_execute, _END_SUBMISSION, params))
 
     async def apply(self, job_id: JobId, report: Report, *, now: float) -> Job | None:
         params = _report_params(report)

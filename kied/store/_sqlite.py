@@ -24,6 +24,7 @@ from kied.core.jobs import (
 )
 from kied.errors import ConflictError, StoreUnavailableError
 from kied.store._base import (
+    Attached,
     CallbackEffect,
     CallbackRecord,
     InboxEntry,
@@ -39,7 +40,9 @@ from kied.store._common import (
     check_limit,
     entry_values,
     job_from_row,
+    match_callback,
     new_job_values,
+    other_tasks_value,
     report_values,
     stored_callback_from_row,
     waiting_report,
@@ -121,6 +124,19 @@ _SET_TASK: Final[LiteralString] = (
 )
 _NOTE_ERROR: Final[LiteralString] = (
     "UPDATE jobs SET last_error = :message, updated_at = :now WHERE id = :id"
+)
+_SET_OTHER_TASKS: Final[LiteralString] = (
+    "UPDATE jobs SET other_task_ids = :other_task_ids, updated_at = :now WHERE id = :id"
+)
+_BEGIN_SUBMISSION: Final[LiteralString] = (
+    "UPDATE jobs SET submit_sent_at = :now, submit_count = submit_count + 1,"
+    " submit_callback_url = :callback_url, updated_at = :now"
+    " WHERE id = :id AND state = 'submitting' AND task_id IS NULL AND submit_count = :count"
+    " RETURNING " + JOB_COLUMNS
+)
+_END_SUBMISSION: Final[LiteralString] = (
+    "UPDATE jobs SET submit_sent_at = NULL, updated_at = :now"
+    " WHERE id = :id AND task_id IS NULL AND submit_count = :count"
 )
 
 # The compare-and-set: the row changes only from a state the event applies to
@@ -322,7 +338,7 @@ def _apply_waiting_callback(
 def _record_callback(
     conn: sqlite3.Connection, entry: InboxEntry, report: Report | None
 ) -> CallbackRecord:
-    effect, job = _resolve_callback(conn, entry, report)
+    effect, job, adopted = _resolve_callback(conn, entry, report)
     cursor = conn.execute(
         _INSERT_CALLBACK,
         {
@@ -334,30 +350,48 @@ def _record_callback(
     )
     inbox_id = cursor.lastrowid
     assert inbox_id is not None  # an INSERT into a rowid table
-    return CallbackRecord(inbox_id=inbox_id, effect=effect, job=job)
+    return CallbackRecord(inbox_id=inbox_id, effect=effect, job=job, adopted=adopted)
+
+
+def _keep_other_task(
+    conn: sqlite3.Connection, job: Job, task_id: TaskId | None, now: float
+) -> None:
+    value = other_tasks_value(job, task_id)
+    if value is not None:
+        conn.execute(_SET_OTHER_TASKS, {"id": job.id, "other_task_ids": value, "now": now})
 
 
 def _resolve_callback(
     conn: sqlite3.Connection, entry: InboxEntry, report: Report | None
-) -> tuple[CallbackEffect, Job | None]:
+) -> tuple[CallbackEffect, Job | None, bool]:
     if not entry.authenticated:
-        return CallbackEffect.REJECTED, None
+        return CallbackEffect.REJECTED, None, False
+    # The job that follows the callback's task first: the task id is what KIE vouches
+    # for. The job id in the URL finds a job still waiting for its first task.
     job = None
-    if entry.job_id is not None:
-        job = _select_job(conn, entry.job_id)
-    if job is None and entry.task_id is not None:
+    if entry.task_id is not None:
         job = _select_job_by_task(conn, entry.task_id)
+    if job is None and entry.job_id is not None:
+        job = _select_job(conn, entry.job_id)
     if report is None:
-        return CallbackEffect.NOT_APPLICABLE, job
+        return CallbackEffect.NOT_APPLICABLE, job, False
     if job is None:
-        return CallbackEffect.NO_JOB, None
-    if job.task_id is None and entry.task_id is not None:
-        conn.execute(_SET_TASK, {"id": job.id, "task_id": entry.task_id, "now": entry.received_at})
-    changed = _apply(conn, job.id, report, entry.received_at)
+        return CallbackEffect.NO_JOB, None, False
+    now = entry.received_at
+    refused = match_callback(job, entry.task_id)
+    adopted = False
+    if refused is None and job.task_id is None:
+        params = {"id": job.id, "task_id": entry.task_id, "now": now}
+        adopted = conn.execute(_SET_TASK, params).rowcount == 1
+        if not adopted:  # another job follows that task
+            refused = CallbackEffect.OTHER_TASK
+    if refused is not None:
+        _keep_other_task(conn, job, entry.task_id, now)
+        return refused, _select_job(conn, job.id), False
+    changed = _apply(conn, job.id, report, now)
     if changed is not None:
-        return CallbackEffect.CHANGED, changed
-    after = _select_job(conn, job.id)
-    return CallbackEffect.NO_OP, after
+        return CallbackEffect.CHANGED, changed, adopted
+    return CallbackEffect.NO_OP, _select_job(conn, job.id), adopted
 
 
 def _record_callbacks(
@@ -506,25 +540,28 @@ class SqliteStore(CallbackQueue[_QueuedCallback], JobStore):
             lambda conn: [job_from_row(r) for r in conn.execute(_UNFINISHED_JOBS, params)]
         )
 
-    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Job | None:
+    async def attach_task(self, job_id: JobId, task_id: TaskId, *, now: float) -> Attached | None:
         """Record ``task_id`` and apply ``accepted``; see :meth:`JobStore.attach_task`.
 
         The task id is recorded whatever the job's state; only the state change is a
         compare-and-set. Repeating the call is harmless.
 
         Raises:
-            ConflictError: the job already tracks another task, or another job tracks
-                this one.
+            ConflictError: another job tracks this task.
             StoreUnavailableError: the database failed.
         """
 
-        def attach(conn: sqlite3.Connection) -> Job | None:
+        def attach(conn: sqlite3.Connection) -> Attached | None:
             with _write_transaction(conn):
                 job = _select_job(conn, job_id)
                 if job is None:
                     return None
                 if job.task_id is not None and job.task_id != task_id:
-                    raise ConflictError(f"job {job_id} already tracks task {job.task_id}")
+                    # createTask answered after the job adopted another task: kept, not applied
+                    _keep_other_task(conn, job, task_id, now)
+                    after = _select_job(conn, job_id)
+                    assert after is not None  # read above, in this transaction
+                    return Attached(job=after, ended=False)
                 newly_attached = job.task_id is None
                 if newly_attached:
                     other = _select_job_by_task(conn, task_id)
@@ -534,9 +571,30 @@ class SqliteStore(CallbackQueue[_QueuedCallback], JobStore):
                 _apply(conn, job_id, Report(event=EventKind.ACCEPTED, source=EndedBy.SUBMIT), now)
                 if newly_attached:
                     _apply_waiting_callback(conn, job_id, task_id, now)
-                return _select_job(conn, job_id)
+                after = _select_job(conn, job_id)
+                assert after is not None
+                return Attached(job=after, ended=after.terminal and not job.terminal)
 
         return await self._run(attach)
+
+    async def begin_submission(
+        self, job_id: JobId, *, count: int, callback_url: str | None, now: float
+    ) -> Job | None:
+        params = {"id": job_id, "count": count, "callback_url": callback_url, "now": now}
+
+        def begin(conn: sqlite3.Connection) -> Job | None:
+            with _write_transaction(conn):
+                rows = conn.execute(_BEGIN_SUBMISSION, params).fetchall()
+                return job_from_row(rows[0]) if rows else None
+
+        return await self._run(begin)
+
+    async def end_submission(self, job_id: JobId, *, count: int, now: float) -> None:
+        def end(conn: sqlite3.Connection) -> None:
+            with _write_transaction(conn):
+                conn.execute(_END_SUBMISSION, {"id": job_id, "count": count, "now": now})
+
+        await self._run(end)
 
     async def apply(self, job_id: JobId, report: Report, *, now: float) -> Job | None:
         def apply(conn: sqlite3.Connection) -> Job | None:

@@ -158,6 +158,7 @@ async def test_callbacks_and_job_ends_are_counted_exactly(settings, start_daemon
             "no job": 1,
             "rejected": 4,
             "not applicable": 2,
+            "other task": 0,
         }
         assert _nonzero(effects) == _tally(2)
         assert m.value("kied_callbacks_unstored_total") == 0

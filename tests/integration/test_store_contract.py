@@ -397,13 +397,15 @@ async def test_concurrent_applies_have_exactly_one_winner(store: JobStore) -> No
 
 async def test_attach_task_moves_submitting_to_pending(store: JobStore) -> None:
     job = await _job_in(store, S.SUBMITTING)
-    attached = await store.attach_task(job.id, TaskId("t-1"), now=1_005.0)
-    assert attached is not None
+    attachment = await store.attach_task(job.id, TaskId("t-1"), now=1_005.0)
+    assert attachment is not None
+    attached = attachment.job
     assert (attached.state, attached.task_id, attached.updated_at) == (S.PENDING, "t-1", 1_005.0)
+    assert not attachment.ended
     assert await store.get_job_by_task(TaskId("t-1")) == attached
     again = await store.attach_task(job.id, TaskId("t-1"), now=1_006.0)
     assert again is not None
-    assert (again.state, again.task_id) == (S.PENDING, "t-1")
+    assert (again.job.state, again.job.task_id, again.ended) == (S.PENDING, "t-1", False)
 
 
 async def test_attach_task_to_unknown_job(store: JobStore) -> None:
@@ -415,7 +417,11 @@ async def test_attach_task_records_the_task_of_an_ended_job(store: JobStore) -> 
     job = await _job_in(store, S.CANCELLED)
     attached = await store.attach_task(job.id, TaskId("t-late"), now=1_100.0)
     assert attached is not None
-    assert (attached.state, attached.task_id) == (S.CANCELLED, "t-late")
+    assert (attached.job.state, attached.job.task_id, attached.ended) == (
+        S.CANCELLED,
+        "t-late",
+        False,
+    )
 
 
 async def test_attach_task_conflicts(store: JobStore) -> None:
@@ -423,14 +429,34 @@ async def test_attach_task_conflicts(store: JobStore) -> None:
     two = await _job_in(store, S.SUBMITTING)
     assert await store.attach_task(one.id, TaskId("t-1"), now=1_001.0) is not None
     with pytest.raises(ConflictError):
-        await store.attach_task(one.id, TaskId("t-other"), now=1_002.0)
-    with pytest.raises(ConflictError):
         await store.attach_task(two.id, TaskId("t-1"), now=1_002.0)
     after_one = await store.get_job(one.id)
     after_two = await store.get_job(two.id)
     assert after_one is not None
     assert after_two is not None
     assert (after_one.task_id, after_two.task_id, after_two.state) == ("t-1", None, S.SUBMITTING)
+
+
+async def test_a_late_create_answer_is_kept_beside_the_task_the_job_follows(
+    store: JobStore,
+) -> None:
+    job = await _job_in(store, S.SUBMITTING)
+    assert await store.attach_task(job.id, TaskId("t-1"), now=1_001.0) is not None
+    late = await store.attach_task(job.id, TaskId("t-late"), now=1_002.0)
+    assert late is not None
+    assert (late.job.task_id, late.job.state, late.job.other_task_ids, late.ended) == (
+        "t-1",
+        S.PENDING,
+        ("t-late",),
+        False,
+    )
+    again = await store.attach_task(job.id, TaskId("t-late"), now=1_003.0)
+    assert again is not None
+    assert again.job.other_task_ids == ("t-late",)
+    # the late task is no one's: a job may still be created to track it
+    tracked, created = await store.create_job(make_new_job(task_id="t-late"))
+    assert created
+    assert tracked.task_id == "t-late"
 
 
 async def test_note_error(store: JobStore) -> None:
@@ -542,26 +568,160 @@ async def test_callback_without_outcome_is_not_applicable(store: JobStore) -> No
     assert (orphan.effect, orphan.job) == (CallbackEffect.NOT_APPLICABLE, None)
 
 
-async def test_callback_finds_its_job_by_job_id_before_task_id(store: JobStore) -> None:
+async def test_a_callback_changes_only_the_job_that_follows_its_task(store: JobStore) -> None:
     one = await _job_in(store, S.PENDING, task_id="t-1")
     two = await _job_in(store, S.PENDING, task_id="t-2")
     report = _report(E.FAILED, source=EndedBy.CALLBACK)
+    # The URL names job one, the body task t-2: t-2 is what KIE vouches for.
     record = await store.record_callback(make_inbox_entry(task_id="t-2", job_id=one.id), report)
-    assert record.job is not None
-    assert (record.effect, record.job.id, record.job.state) == (
-        CallbackEffect.CHANGED,
-        one.id,
-        S.FAILED,
-    )
-    assert await store.get_job(two.id) == two
-    # An unknown job id falls back to the task id.
-    record = await store.record_callback(make_inbox_entry(task_id="t-2", job_id="nope"), report)
     assert record.job is not None
     assert (record.effect, record.job.id, record.job.state) == (
         CallbackEffect.CHANGED,
         two.id,
         S.FAILED,
     )
+    assert await store.get_job(one.id) == one
+    # An unknown job id: the task id finds the job.
+    record = await store.record_callback(make_inbox_entry(task_id="t-1", job_id="nope"), report)
+    assert record.job is not None
+    assert (record.effect, record.job.id, record.job.state) == (
+        CallbackEffect.CHANGED,
+        one.id,
+        S.FAILED,
+    )
+
+
+async def test_a_callback_from_another_task_never_changes_the_job(store: JobStore) -> None:
+    job = await _job_in(store, S.PENDING, task_id="t-mine")
+    success = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    # The orphan of a createTask whose answer was lost names the job in its URL.
+    entry = make_inbox_entry(task_id="t-orphan", job_id=job.id, received_at=1_100.0)
+    record = await store.record_callback(entry, success)
+    assert record.job is not None
+    assert (record.effect, record.adopted, record.job.state, record.job.result_urls) == (
+        CallbackEffect.OTHER_TASK,
+        False,
+        S.PENDING,
+        (),
+    )
+    assert record.job.other_task_ids == ("t-orphan",)
+    # A callback that names no task cannot show it is the job's.
+    entry = make_inbox_entry(task_id=None, job_id=job.id, received_at=1_200.0)
+    record = await store.record_callback(entry, success)
+    assert record.effect is CallbackEffect.OTHER_TASK
+    after = await store.get_job(job.id)
+    assert after is not None
+    assert (after.state, after.task_id, after.other_task_ids) == (
+        S.PENDING,
+        "t-mine",
+        ("t-orphan",),
+    )
+    rows = await store.list_callbacks(limit=2)
+    assert [(r.effect, r.matched_job_id) for r in rows] == [
+        (CallbackEffect.OTHER_TASK, job.id),
+        (CallbackEffect.OTHER_TASK, job.id),
+    ]
+    # The job's own task still ends it.
+    entry = make_inbox_entry(task_id="t-mine", job_id=job.id, received_at=1_300.0)
+    record = await store.record_callback(entry, success)
+    assert (record.effect, record.job.state if record.job else None) == (
+        CallbackEffect.CHANGED,
+        S.SUCCEEDED,
+    )
+
+
+async def test_a_job_waiting_for_createtask_adopts_the_task_its_callback_names(
+    store: JobStore,
+) -> None:
+    job = await _job_in(store, S.SUBMITTING)
+    success = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    entry = make_inbox_entry(task_id="t-a", job_id=job.id, received_at=1_100.0)
+    record = await store.record_callback(entry, success)
+    assert record.job is not None
+    assert (record.effect, record.adopted, record.job.task_id, record.job.state) == (
+        CallbackEffect.CHANGED,
+        True,
+        "t-a",
+        S.SUCCEEDED,
+    )
+    # A second task's callback for the same job (it was created twice) changes nothing.
+    entry = make_inbox_entry(task_id="t-b", job_id=job.id, outcome="fail", received_at=1_200.0)
+    record = await store.record_callback(entry, _report(E.FAILED, source=EndedBy.CALLBACK))
+    assert record.job is not None
+    assert (record.effect, record.job.state, record.job.other_task_ids) == (
+        CallbackEffect.OTHER_TASK,
+        S.SUCCEEDED,
+        ("t-b",),
+    )
+    # createTask answering the second task afterwards leaves the job on its one task.
+    late = await store.attach_task(job.id, TaskId("t-b"), now=1_300.0)
+    assert late is not None
+    assert (late.job.task_id, late.job.state, late.job.result_urls, late.ended) == (
+        "t-a",
+        S.SUCCEEDED,
+        success.result_urls,
+        False,
+    )
+
+
+async def test_a_job_cannot_adopt_a_task_another_job_follows(store: JobStore) -> None:
+    waiting = await _job_in(store, S.SUBMITTING)
+    other = await _job_in(store, S.PENDING, task_id="t-taken")
+    entry = make_inbox_entry(task_id="t-new", job_id=waiting.id)
+    # sanity: a fresh task is adopted ...
+    fresh = await store.record_callback(entry, _report(E.PROGRESS, source=EndedBy.CALLBACK))
+    assert fresh.adopted
+    second = await _job_in(store, S.SUBMITTING)
+    entry = make_inbox_entry(task_id="t-taken", job_id=second.id)
+    record = await store.record_callback(entry, _report(E.FAILED, source=EndedBy.CALLBACK))
+    # ... but t-taken is other's: the callback is other's (found by its task first)
+    assert record.job is not None
+    assert (record.effect, record.job.id, record.job.state) == (
+        CallbackEffect.CHANGED,
+        other.id,
+        S.FAILED,
+    )
+    after = await store.get_job(second.id)
+    assert after is not None
+    assert (after.task_id, after.state) == (None, S.SUBMITTING)
+
+
+async def test_one_submission_at_a_time(store: JobStore) -> None:
+    job = await _job_in(store, S.SUBMITTING)
+    assert (job.submit_count, job.submit_sent_at, job.submission_in_flight) == (0, None, False)
+    url = "https://kied.test/callbacks/kie?job=x&token=%2A%2A%2A"
+    first = await store.begin_submission(job.id, count=0, callback_url=url, now=1_010.0)
+    assert first is not None
+    assert (first.submit_count, first.submit_sent_at, first.submit_callback_url) == (
+        1,
+        1_010.0,
+        url,
+    )
+    assert first.submission_in_flight
+    # A second leader that read the job before the first began loses the compare-and-set.
+    assert await store.begin_submission(job.id, count=0, callback_url=url, now=1_011.0) is None
+    # KIE answered "busy": not in flight any more, and the next one may begin.
+    await store.end_submission(job.id, count=1, now=1_012.0)
+    ended = await store.get_job(job.id)
+    assert ended is not None
+    assert (ended.submit_count, ended.submit_sent_at, ended.submission_in_flight) == (
+        1,
+        None,
+        False,
+    )
+    assert await store.begin_submission(job.id, count=1, callback_url=url, now=1_013.0) is not None
+    # A stale end (of submission 1) does not clear submission 2.
+    await store.end_submission(job.id, count=1, now=1_014.0)
+    again = await store.get_job(job.id)
+    assert again is not None
+    assert (again.submit_count, again.submission_in_flight) == (2, True)
+    attached = await store.attach_task(job.id, TaskId("t-1"), now=1_015.0)
+    assert attached is not None
+    assert (attached.job.submission_in_flight, attached.job.submit_count) == (False, 2)
+    # Nothing is sent for a job that has its task, or has ended.
+    assert await store.begin_submission(job.id, count=2, callback_url=url, now=1_016.0) is None
+    cancelled = await _job_in(store, S.CANCELLED)
+    assert await store.begin_submission(cancelled.id, count=0, callback_url=url, now=1.0) is None
 
 
 async def test_callback_attaches_the_task_id_to_its_job(store: JobStore) -> None:
@@ -609,8 +769,10 @@ async def test_callback_before_its_task_is_attached_is_applied(store: JobStore) 
         make_inbox_entry(task_id="t-early", outcome="fail", received_at=1_050.0), report
     )
     assert early.effect is CallbackEffect.NO_JOB
-    attached = await store.attach_task(job.id, TaskId("t-early"), now=1_060.0)
-    assert attached is not None
+    attachment = await store.attach_task(job.id, TaskId("t-early"), now=1_060.0)
+    assert attachment is not None
+    assert attachment.ended
+    attached = attachment.job
     assert (attached.state, attached.task_id, attached.ended_by) == (
         S.FAILED,
         "t-early",

@@ -165,6 +165,8 @@ def test_lock_that_cannot_work_stops_the_start(environ, argv, setting, says):
         ({"KIE_BASE_URL": "api.kie.ai"}, [], "KIE_BASE_URL"),
         ({"KIED_PUBLIC_URL": "ftp://x"}, [], "KIED_PUBLIC_URL"),
         ({"KIED_LOG_LEVEL": "LOUD"}, [], "KIED_LOG_LEVEL"),
+        ({"KIED_RESUBMIT": "always"}, [], "KIED_RESUBMIT"),
+        ({"KIED_RESUBMIT_WAIT": "-5"}, [], "KIED_RESUBMIT_WAIT"),
         ({}, ["--bogus"], "command line"),
     ],
 )
@@ -174,6 +176,13 @@ def test_bad_values_name_the_setting(environ, argv, setting):
     assert info.value.setting == setting
     assert str(info.value).startswith(f"{setting}: ")
     assert "\n" not in str(info.value)
+
+
+def test_a_lost_createtask_is_never_sent_again_unless_asked():
+    default = load_settings({})
+    assert (default.resubmit, default.resubmit_wait_s) == ("never", 300.0)
+    chosen = load_settings({"KIED_RESUBMIT": "After-Wait", "KIED_RESUBMIT_WAIT": "90"})
+    assert (chosen.resubmit, chosen.resubmit_wait_s) == ("after-wait", 90.0)
 
 
 def test_outside_systemd_there_is_no_notify_watchdog_or_passed_socket():
