@@ -25,10 +25,11 @@ from hypercorn.trio import serve
 
 from kied import __version__
 from kied._sdnotify import Notifier, run_watchdog
-from kied.core.jobs import TERMINAL_STATES, EndedBy, Job, JobId
+from kied.changes import JobChanges
+from kied.core.jobs import JobId
 from kied.core.schedule import CallbackHealth
 from kied.errors import LeadershipLostError, StoreError, StoreUnavailableError
-from kied.jobs import JobsService, JobWatchers
+from kied.jobs import JobsService
 from kied.leadership import Leader, open_leadership
 from kied.metrics import Metrics
 from kied.service import CallbackService
@@ -82,27 +83,20 @@ class Daemon:
         self._started_at = trio.current_time()
         self._supervisor: PollerSupervisor | None = None
         self.health_of_callbacks = CallbackHealth()
-        self.watchers = JobWatchers()
         self.metrics = Metrics(
             mode=lambda: self.mode.value,
             pollers=lambda: 0 if self._supervisor is None else self._supervisor.polling,
         )
+        self.changes = JobChanges(metrics=self.metrics, health=self.health_of_callbacks, now=now)
         self.callbacks = CallbackService(
             settings,
             store=self.store,
             now=now,
             metrics=self.metrics,
-            on_change=self.job_changed,
+            changes=self.changes,
             on_callback=self._callback_seen,
         )
-        self.jobs = JobsService(
-            settings,
-            store=self.store,
-            now=now,
-            watchers=self.watchers,
-            on_change=self.job_changed,
-            metrics=self.metrics,
-        )
+        self.jobs = JobsService(settings, store=self.store, now=now, changes=self.changes)
         self.notifier = Notifier(settings.notify_socket)
         self._status_sent: str | None = None
         self._stopping = False
@@ -134,16 +128,6 @@ class Daemon:
             settings = self.settings
             budget = max(settings.cleanup_s, settings.shutdown_grace_s - 2 * settings.cleanup_s)
             self._supervisor.stop_creating(trio.current_time() + budget)
-
-    def job_changed(self, job: Job) -> None:
-        """Every change of a job, from a callback, the API or a poller, passes here."""
-        self.watchers.notify(job.id)
-        if job.state in TERMINAL_STATES and job.ended_by is EndedBy.CALLBACK and job.ended_at:
-            self.health_of_callbacks.job_finished(
-                job.family, job.model, job.ended_at - job.created_at, by="callback"
-            )
-        if self._supervisor is not None:
-            self._supervisor.job_changed(job)
 
     def _callback_seen(self, authenticated: bool) -> None:
         if authenticated:
@@ -275,14 +259,16 @@ class Daemon:
                 settings=self.settings,
                 now=self.now,
                 health=self.health_of_callbacks,
-                on_change=self.job_changed,
+                changes=self.changes,
                 metrics=self.metrics,
             )
             self._supervisor = supervisor
+            self.changes.listener = supervisor
             try:
                 await supervisor.run()
             finally:
                 self._supervisor = None
+                self.changes.listener = None
 
     async def run_job_listener(
         self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -312,7 +298,7 @@ class Daemon:
                 logger.warning("[GEN] cannot read job %s after a change elsewhere: %s", job_id, exc)
                 continue
             if job is not None:
-                self.job_changed(job)
+                self.changes.seen(job)
 
     async def _wait_store_forever(self) -> JobStore:
         while self._store is None:

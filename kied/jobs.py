@@ -12,7 +12,6 @@ import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -30,16 +29,18 @@ from kied.core.jobs import (
     Report,
     TaskId,
 )
+from kied.core.views import job_view
 
 if TYPE_CHECKING:
+    import builtins
     from collections.abc import Awaitable
 
+    from kied.changes import JobChanges
     from kied.core._json import JsonObject
-    from kied.metrics import Metrics
     from kied.settings import Settings
-    from kied.store import JobStore
+    from kied.store import Event, JobStore, StoredCallback
 
-__all__ = ["BadRequestError", "JobWatchers", "JobsService", "callback_url", "job_to_json"]
+__all__ = ["BadRequestError", "JobsService", "callback_url", "job_to_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ MAX_WAIT_S = 300.0
 #: While waiting, storage is re-read this often, in case the change came from elsewhere.
 _WAIT_RECHECK_S = 1.0
 _MAX_KEY = 200
+_MAX_METADATA_FILTERS = 10
 _MAX_TIMEOUT_S = 30 * 24 * 3600.0
 
 
@@ -60,44 +62,9 @@ class BadRequestError(Exception):
         self.detail = detail
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def job_to_json(job: Job) -> dict[str, Any]:
-    """The API's view of a job."""
-    error = None
-    if job.error_code is not None or job.error_message is not None:
-        error = {"code": job.error_code, "message": job.error_message}
-    return {
-        "id": job.id,
-        "state": job.state.value,
-        "terminal": job.state in TERMINAL_STATES,
-        "family": job.family,
-        "model": job.model,
-        "task_id": job.task_id,
-        "kie_state": job.kie_state,
-        "result_urls": list(job.result_urls),
-        "error": error,
-        "ended_by": job.ended_by.value if job.ended_by is not None else None,
-        "late": job.late,
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "deadline_at": _iso(job.deadline_at),
-        "ended_at": _iso(job.ended_at),
-        "last_error": job.last_error,
-        "submission": {
-            "count": job.submit_count,
-            "last_sent_at": _iso(job.submit_sent_at),
-            "in_flight": job.submission_in_flight,
-            "callback_url": job.submit_callback_url,
-        },
-        "other_task_ids": list(job.other_task_ids),
-        "metadata": job.metadata,
-        "idempotency_key": job.idempotency_key,
-    }
+    """The API's view of a job (:func:`kied.core.views.job_view`)."""
+    return job_view(job)
 
 
 def callback_url(settings: Settings, job_id: JobId, *, redacted: bool = False) -> str | None:
@@ -111,24 +78,6 @@ def callback_url(settings: Settings, job_id: JobId, *, redacted: bool = False) -
     if settings.callback_token is not None:
         params["token"] = "***" if redacted else settings.callback_token
     return f"{settings.public_url}/callbacks/kie?{urlencode(params)}"
-
-
-class JobWatchers:
-    """In-process wake-ups for everyone waiting on a job's change."""
-
-    def __init__(self) -> None:
-        self._events: dict[JobId, trio.Event] = {}
-
-    def notify(self, job_id: JobId) -> None:
-        event = self._events.pop(job_id, None)
-        if event is not None:
-            event.set()
-
-    def event(self, job_id: JobId) -> trio.Event:
-        event = self._events.get(job_id)
-        if event is None:
-            event = self._events[job_id] = trio.Event()
-        return event
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,16 +100,12 @@ class JobsService:
         *,
         store: Callable[[], Awaitable[JobStore]],
         now: Callable[[], float],
-        watchers: JobWatchers,
-        on_change: Callable[[Job], None],
-        metrics: Metrics,
+        changes: JobChanges,
     ) -> None:
         self._settings = settings
         self._store = store
         self._now = now
-        self._watchers = watchers
-        self._metrics = metrics
-        self._on_change = on_change
+        self._changes = changes
 
     async def submit(self, body: object) -> tuple[Job, bool]:
         """Store a job from a ``POST /v1/jobs`` body; ``(job, created)``.
@@ -192,10 +137,8 @@ class JobsService:
                 f" tracking task {job.task_id}" if sub.task_id else "",
                 extra={"action": "job_created", "job_id": job.id},
             )
-            if job.state in TERMINAL_STATES:
-                # A tracked task whose callback came first: storing the job ended it.
-                self._metrics.job_ended(job)
-            self._on_change(job)
+            # A tracked task whose callback came first: storing the job ended it.
+            self._changes.wrote(job, ended=job.state in TERMINAL_STATES)
         return job, created
 
     async def get(self, job_id: str) -> Job | None:
@@ -207,20 +150,55 @@ class JobsService:
         store = await self._store()
         deadline = trio.current_time() + min(wait_s, MAX_WAIT_S)
         while True:
-            event = self._watchers.event(JobId(job_id))
+            event = self._changes.next_change(JobId(job_id))
             job = await store.get_job(JobId(job_id))
             if job is None or job.state in TERMINAL_STATES or trio.current_time() >= deadline:
                 return job
             with trio.move_on_at(min(deadline, trio.current_time() + _WAIT_RECHECK_S)):
                 await event.wait()
 
-    async def list(self, *, states: list[str] | None, limit: int) -> list[Job]:
+    async def list(
+        self,
+        *,
+        states: list[str] | None,
+        limit: int,
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[Job]:
+        """Jobs, newest first; only those in ``states``, and with ``metadata``, when given.
+
+        Raises:
+            BadRequestError: an unknown state, or a metadata key that is empty or too long.
+        """
         if states is not None:
             for state in states:
                 if state not in JobState.__members__.values():
                     raise BadRequestError("state", f"unknown state {state!r}")
+        for key in metadata or {}:
+            if not key or len(key) > _MAX_KEY:
+                raise BadRequestError(f"metadata.{key}", "a metadata key is 1 to 200 characters")
+        if metadata is not None and len(metadata) > _MAX_METADATA_FILTERS:
+            raise BadRequestError("metadata", f"at most {_MAX_METADATA_FILTERS} metadata filters")
         store = await self._store()
-        return await store.list_jobs(states=states, limit=limit)
+        return await store.list_jobs(states=states, metadata=metadata or None, limit=limit)
+
+    async def callbacks(
+        self, job_id: str, *, limit: int = 100
+    ) -> builtins.list[StoredCallback] | None:
+        """The job's callback trail, newest first; None when there is no such job."""
+        store = await self._store()
+        job = await store.get_job(JobId(job_id))
+        if job is None:
+            return None
+        return await store.list_callbacks(job_id=job.id, limit=limit)
+
+    async def events(self, *, after: int, limit: int) -> builtins.list[Event]:
+        """Events after the cursor ``after``, oldest first."""
+        store = await self._store()
+        return await store.list_events(after=after, limit=limit)
+
+    def changed(self) -> trio.Event:
+        """An event set at the next job change this process sees (take it before reading)."""
+        return self._changes.next_change()
 
     async def cancel(self, job_id: str) -> tuple[Job | None, bool]:
         """Stop tracking a job; ``(job, changed)``. A job that already ended is left as it is."""
@@ -229,13 +207,7 @@ class JobsService:
             JobId(job_id), Report(event=EventKind.CANCEL, source=EndedBy.CANCEL), now=self._now()
         )
         if changed is not None:
-            logger.info(
-                "[GEN] job %s cancelled",
-                job_id,
-                extra={"action": "job_cancelled", "job_id": job_id},
-            )
-            self._metrics.job_ended(changed)
-            self._on_change(changed)
+            self._changes.wrote(changed, ended=True)
             return changed, True
         return await store.get_job(JobId(job_id)), False
 

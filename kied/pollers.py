@@ -47,6 +47,7 @@ from kied.jobs import callback_url
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from kied.changes import JobChanges
     from kied.core._json import JsonObject
     from kied.kie.client import TaskStatus
     from kied.metrics import Metrics
@@ -134,7 +135,7 @@ class PollerSupervisor:
         settings: Settings,
         now: Callable[[], float],
         health: CallbackHealth,
-        on_change: Callable[[Job], None],
+        changes: JobChanges,
         metrics: Metrics,
         policy: PollPolicy | None = None,
         rng: random.Random | None = None,
@@ -145,7 +146,7 @@ class PollerSupervisor:
         self._settings = settings
         self._now = now
         self._health = health
-        self._on_change = on_change
+        self._changes = changes
         self._metrics = metrics
         self._policy = policy or PollPolicy()
         self._rng = rng or random.Random()
@@ -356,7 +357,9 @@ class PollerSupervisor:
                     reading.kie_state != kie_state or current.state != "pending"
                 ):
                     kie_state = reading.kie_state
-                    await self._store.apply(job.id, report, now=self._now())
+                    progressed = await self._store.apply(job.id, report, now=self._now())
+                    if progressed is not None:
+                        self._changes.wrote(progressed, ended=False)
             elapsed = self._now() - job.created_at
             next_at = trio.current_time() + next_poll_delay(
                 elapsed,
@@ -509,10 +512,9 @@ class PollerSupervisor:
                 else:
                     if attachment is not None:
                         attached = attachment.job
-                        if attachment.ended:
-                            # An outcome that came first, in a callback no job matched
-                            # then, was applied by this write: it ended the job here.
-                            self._metrics.job_ended(attached)
+                        # An outcome that came first, in a callback no job matched then,
+                        # may have been applied by this write: then it ended the job here.
+                        self._changes.wrote(attached, ended=attachment.ended)
                 break
         self._metrics.create_task("created")
         if attached is None:
@@ -543,7 +545,6 @@ class PollerSupervisor:
                 extra={"action": "task_created", "job_id": job.id},
             )
         if attached.state not in ACTIVE_STATES:
-            self._on_change(attached)
             return None
         return attached
 
@@ -640,19 +641,7 @@ class PollerSupervisor:
             return
         if report.error_code == LOST_SUBMISSION:
             self._metrics.lost_submission("given_up")
-        self._metrics.job_ended(changed)
-        logger.info(
-            "[GEN] job %s -> %s (by %s)",
-            job.id,
-            changed.state.value,
-            report.source.value,
-            extra={"action": "job_transition", "job_id": job.id, "state": changed.state.value},
-        )
-        if report.source is EndedBy.POLL and changed.ended_at is not None:
-            self._health.job_finished(
-                job.family, job.model, changed.ended_at - job.created_at, by="poll"
-            )
-        self._on_change(changed)
+        self._changes.wrote(changed, ended=True)
 
     async def _note(self, job_id: JobId, message: str) -> None:
         logger.warning("[GEN] job %s: %s", job_id, message)

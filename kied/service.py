@@ -13,13 +13,14 @@ from urllib.parse import parse_qsl, urlencode
 
 from kied.core.auth import check_callback_auth
 from kied.core.callbacks import CallbackOutcome, Outcome, ParseLimits, Unrecognised, parse_callback
-from kied.core.jobs import TERMINAL_STATES, EndedBy, Job, JobId, Report, TaskId
+from kied.core.jobs import TERMINAL_STATES, EndedBy, JobId, Report, TaskId
 from kied.core.outcomes import outcome_report
 from kied.store import CallbackEffect, CallbackRecord, InboxEntry, JobStore
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
+    from kied.changes import JobChanges
     from kied.metrics import Metrics
     from kied.settings import Settings
 
@@ -66,14 +67,14 @@ class CallbackService:
         store: Callable[[], Awaitable[JobStore]],
         now: Callable[[], float],
         metrics: Metrics,
-        on_change: Callable[[Job], None] = lambda job: None,
+        changes: JobChanges,
         on_callback: Callable[[bool], None] = lambda authenticated: None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._now = now
         self._metrics = metrics
-        self._on_change = on_change
+        self._changes = changes
         self._on_callback = on_callback
         self._limits = ParseLimits(max_bytes=settings.max_callback_bytes)
 
@@ -144,8 +145,6 @@ class CallbackService:
             outcome=parsed.outcome.value, auth=verdict.detail, effect=record.effect.value
         )
         changed = record.job if record.effect == CallbackEffect.CHANGED else None
-        if changed is not None and changed.state in TERMINAL_STATES:
-            self._metrics.job_ended(changed)
         self._on_callback(verdict.authenticated)
         logger.info(
             "[KIE_CALLBACK] task %s job %s: %s, %s (%s)",
@@ -188,7 +187,7 @@ class CallbackService:
                 raw.body_size,
             )
         if changed is not None:
-            self._on_change(changed)
+            self._changes.wrote(changed, ended=changed.state in TERMINAL_STATES)
         return record
 
 

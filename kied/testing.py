@@ -20,30 +20,40 @@ from kied.core.jobs import (
     TERMINAL_STATES,
     EndedBy,
     EventKind,
+    EventType,
     Job,
     JobId,
     JobState,
     NewJob,
     Report,
     TaskId,
+    event_type,
     is_late,
     sources,
     target,
 )
+from kied.core.views import job_view
 from kied.errors import ConflictError, StoreUnavailableError
 from kied.service import RawCallback
 from kied.store._base import (
     Attached,
     CallbackEffect,
     CallbackRecord,
+    Event,
     InboxEntry,
     JobStore,
     StoredCallback,
 )
-from kied.store._common import MAX_OTHER_TASKS, check_limit, match_callback
+from kied.store._common import (
+    MAX_OTHER_TASKS,
+    check_limit,
+    match_callback,
+    metadata_matches,
+    new_event_id,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Mapping
 
     import httpx
 
@@ -132,6 +142,8 @@ class MemoryStore(JobStore):
         self._by_key: dict[str, JobId] = {}
         self._by_task: dict[TaskId, JobId] = {}
         self._inbox: list[_InboxRow] = []
+        self._events: list[Event] = []
+        self._cursor = 0
         self._closed = False
 
     async def _enter(self) -> None:
@@ -151,7 +163,25 @@ class MemoryStore(JobStore):
     def _apply(self, job_id: JobId, report: Report, now: float) -> Job | None:
         job = self._jobs.get(job_id)
         changed = None if job is None else _applied(job, report, now)
-        return None if changed is None else self._set(changed)
+        if changed is None:
+            return None
+        kind = event_type(report.event, changed)
+        if kind is not None:
+            self._append_event(kind, changed, now)
+        return self._set(changed)
+
+    def _append_event(self, kind: EventType, job: Job, now: float) -> None:
+        self._cursor += 1
+        self._events.append(
+            Event(
+                cursor=self._cursor,
+                id=new_event_id(),
+                type=kind.value,
+                created_at=now,
+                job_id=job.id,
+                job=json.loads(json.dumps(job_view(job))),
+            )
+        )
 
     def _apply_waiting_callback(self, job_id: JobId, task_id: TaskId, now: float) -> None:
         for row in reversed(self._inbox):
@@ -195,6 +225,7 @@ class MemoryStore(JobStore):
             deadline_at=new.deadline_at,
         )
         self._set(job)
+        self._append_event(EventType.CREATED, job, new.created_at)
         if new.idempotency_key is not None:
             self._by_key[new.idempotency_key] = job.id
         if new.task_id is not None:
@@ -212,11 +243,21 @@ class MemoryStore(JobStore):
         return None if job_id is None else _detached(self._jobs[job_id])
 
     async def list_jobs(
-        self, *, states: Collection[str] | None = None, limit: int = 100
+        self,
+        *,
+        states: Collection[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int = 100,
     ) -> list[Job]:
         await self._enter()
         check_limit(limit)
         wanted = None if states is None else {str(s) for s in states}
+        if metadata:
+            return [
+                j
+                for j in await self.list_jobs(states=states, limit=len(self._jobs))
+                if all(metadata_matches(j.metadata, k, v) for k, v in metadata.items())
+            ][:limit]
         # Newest first: by creation time, ties broken by the later insert.
         jobs = sorted(
             enumerate(self._jobs.values()),
@@ -251,6 +292,7 @@ class MemoryStore(JobStore):
             self._set(replace(job, task_id=task_id, updated_at=now))
         self._apply(job_id, Report(event=EventKind.ACCEPTED, source=EndedBy.SUBMIT), now)
         if newly_attached:
+            self._append_event(EventType.SUBMITTED, self._jobs[job_id], now)
             self._apply_waiting_callback(job_id, task_id, now)
         after = _detached(self._jobs[job_id])
         return Attached(job=after, ended=after.terminal and not job.terminal)
@@ -339,6 +381,7 @@ class MemoryStore(JobStore):
             else:
                 job = replace(job, task_id=entry.task_id, updated_at=now)
                 self._set(job)
+                self._append_event(EventType.SUBMITTED, job, now)
                 adopted = True
         if refused is not None:
             self._keep_other_task(job, entry.task_id, now)
@@ -349,15 +392,32 @@ class MemoryStore(JobStore):
         return CallbackEffect.NO_OP, _detached(self._jobs[job.id]), adopted
 
     async def list_callbacks(
-        self, *, task_id: TaskId | None = None, limit: int = 100
+        self, *, task_id: TaskId | None = None, job_id: JobId | None = None, limit: int = 100
     ) -> list[StoredCallback]:
         await self._enter()
         check_limit(limit)
-        rows = [r for r in reversed(self._inbox) if task_id is None or r.entry.task_id == task_id]
+        rows = [
+            r
+            for r in reversed(self._inbox)
+            if (task_id is None or r.entry.task_id == task_id)
+            and (job_id is None or job_id in (r.matched_job_id, r.entry.job_id))
+        ]
         return [
             StoredCallback(id=r.id, entry=r.entry, effect=r.effect, matched_job_id=r.matched_job_id)
             for r in rows[:limit]
         ]
+
+    async def list_events(self, *, after: int = 0, limit: int = 100) -> list[Event]:
+        await self._enter()
+        check_limit(limit)
+        return [e for e in self._events if e.cursor > after][:limit]
+
+    async def prune_events(self, *, before: float, limit: int) -> int:
+        await self._enter()
+        check_limit(limit)
+        old = [e for e in self._events[:limit] if e.created_at < before]
+        del self._events[: len(old)]
+        return len(old)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

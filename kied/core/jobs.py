@@ -24,6 +24,7 @@ __all__ = [
     "TERMINAL_STATES",
     "EndedBy",
     "EventKind",
+    "EventType",
     "Job",
     "JobId",
     "JobState",
@@ -31,6 +32,7 @@ __all__ = [
     "Report",
     "TaskId",
     "advance",
+    "event_type",
     "is_late",
     "sources",
     "target",
@@ -64,6 +66,18 @@ class EventKind(StrEnum):
     FAILED = "failed"
     DEADLINE = "deadline"  # the job's deadline passed with no outcome
     CANCEL = "cancel"  # the application stopped tracking the job
+
+
+class EventType(StrEnum):
+    """What the application is told happened to a job (the event log)."""
+
+    CREATED = "job.created"
+    SUBMITTED = "job.submitted"  # the job has KIE's task id
+    SUCCEEDED = "job.succeeded"
+    FAILED = "job.failed"
+    TIMED_OUT = "job.timed_out"
+    CANCELLED = "job.cancelled"
+    UPDATED = "job.updated"  # a late KIE outcome replaced timed_out
 
 
 class EndedBy(StrEnum):
@@ -125,6 +139,34 @@ def sources(event: EventKind) -> frozenset[JobState]:
 def target(event: EventKind) -> JobState:
     """The state ``event`` moves a job to from any of :func:`sources`."""
     return _TARGETS[event]
+
+
+_ENDED: Final[Mapping[JobState, EventType]] = {
+    JobState.SUCCEEDED: EventType.SUCCEEDED,
+    JobState.FAILED: EventType.FAILED,
+    JobState.TIMED_OUT: EventType.TIMED_OUT,
+    JobState.CANCELLED: EventType.CANCELLED,
+}
+
+
+def event_type(event: EventKind, after: Job) -> EventType | None:
+    """The event the application is told of when ``event`` changed a job to ``after``.
+
+    A job that ends is an event; a late outcome that replaces ``timed_out`` is
+    ``job.updated`` (only it can leave ``late`` set on an outcome: outcomes are sticky);
+    progress is not.
+    """
+    ended = _ENDED.get(after.state)
+    if ended is None or event not in (
+        EventKind.SUCCEEDED,
+        EventKind.FAILED,
+        EventKind.DEADLINE,
+        EventKind.CANCEL,
+    ):
+        return None
+    if after.late and event in (EventKind.SUCCEEDED, EventKind.FAILED):
+        return EventType.UPDATED
+    return ended
 
 
 def is_late(state: JobState, event: EventKind) -> bool:

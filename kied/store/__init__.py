@@ -12,6 +12,7 @@ from kied.settings import PostgresStoreSettings, SqliteStoreSettings
 from kied.store._base import Attached as Attached
 from kied.store._base import CallbackEffect as CallbackEffect
 from kied.store._base import CallbackRecord as CallbackRecord
+from kied.store._base import Event as Event
 from kied.store._base import InboxEntry as InboxEntry
 from kied.store._base import JobStore as JobStore
 from kied.store._base import StoredCallback as StoredCallback
@@ -24,6 +25,7 @@ __all__ = [
     "Attached",
     "CallbackEffect",
     "CallbackRecord",
+    "Event",
     "InboxEntry",
     "JobStore",
     "SqliteStore",

@@ -7,14 +7,16 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Mapping
 
+    from kied.core._json import JsonObject
     from kied.core.jobs import Job, JobId, NewJob, Report, TaskId
 
 __all__ = [
     "Attached",
     "CallbackEffect",
     "CallbackRecord",
+    "Event",
     "InboxEntry",
     "JobStore",
     "StoredCallback",
@@ -73,6 +75,23 @@ class Attached:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """One row of the event log: something the application is told about a job.
+
+    Written in the same transaction as the job's change (a transactional outbox): no
+    event without its change, no change without its event.
+    """
+
+    #: increases with every event, in commit order: resuming after a cursor misses none
+    cursor: int
+    id: str  # "evt_…", stable
+    type: str  # an EventType value
+    created_at: float
+    job_id: JobId
+    job: JsonObject  # the job as the API showed it when the event was written
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StoredCallback:
     """An inbox row, as read back."""
 
@@ -108,9 +127,17 @@ class JobStore(Protocol):
     async def get_job_by_task(self, task_id: TaskId) -> Job | None: ...
 
     async def list_jobs(
-        self, *, states: Collection[str] | None = None, limit: int = 100
+        self,
+        *,
+        states: Collection[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int = 100,
     ) -> list[Job]:
-        """Jobs, newest first, optionally only those in ``states``."""
+        """Jobs, newest first, optionally only those in ``states``.
+
+        ``metadata``: only jobs whose metadata has every key with that value: the string
+        itself, or a number or boolean whose JSON text it is (``42``, ``true``).
+        """
         ...
 
     async def unfinished_jobs(self) -> list[Job]:
@@ -174,9 +201,18 @@ class JobStore(Protocol):
         ...
 
     async def list_callbacks(
-        self, *, task_id: TaskId | None = None, limit: int = 100
+        self, *, task_id: TaskId | None = None, job_id: JobId | None = None, limit: int = 100
     ) -> list[StoredCallback]:
-        """Inbox rows, newest first."""
+        """Inbox rows, newest first; only those for ``task_id``, or matched to or naming
+        ``job_id`` (its callback trail), when given."""
+        ...
+
+    async def list_events(self, *, after: int = 0, limit: int = 100) -> list[Event]:
+        """Events with a cursor above ``after``, oldest first."""
+        ...
+
+    async def prune_events(self, *, before: float, limit: int) -> int:
+        """Delete at most ``limit`` of the oldest events written before ``before``; how many."""
         ...
 
     async def aclose(self) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import TYPE_CHECKING, Any, Final, LiteralString
 
 from kied.core.jobs import (
     TERMINAL_STATES,
     EndedBy,
     EventKind,
+    EventType,
     Job,
     JobId,
     JobState,
@@ -17,15 +19,17 @@ from kied.core.jobs import (
     TaskId,
     target,
 )
-from kied.store._base import CallbackEffect, InboxEntry, StoredCallback
+from kied.core.views import job_view
+from kied.store._base import CallbackEffect, Event, InboxEntry, StoredCallback
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-    from kied.core._json import JsonValue
+    from kied.core._json import JsonObject, JsonValue
 
 __all__ = [
     "CALLBACK_COLUMNS",
+    "EVENT_COLUMNS",
     "JOB_COLUMNS",
     "MAX_OTHER_TASKS",
     "NO_REPORT",
@@ -33,8 +37,12 @@ __all__ = [
     "apply_statements",
     "check_limit",
     "entry_values",
+    "event_from_row",
+    "event_values",
     "job_from_row",
     "match_callback",
+    "metadata_matches",
+    "new_event_id",
     "new_job_values",
     "other_tasks_value",
     "report_values",
@@ -53,6 +61,7 @@ CALLBACK_COLUMNS: Final[LiteralString] = (
     "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
     " outcome, problem, authenticated, auth, effect, matched_job_id"
 )
+EVENT_COLUMNS: Final[LiteralString] = "cursor, id, type, created_at, job_id, job"
 #: An inbox row's id and the report it carried, for a callback that came before its job.
 WAITING_CALLBACK_COLUMNS: Final[LiteralString] = (
     "id, event, kie_state, result_urls, result, error_code, error_message"
@@ -94,6 +103,48 @@ def other_tasks_value(job: Job, task_id: TaskId | None) -> str | None:
     ):
         return None
     return json.dumps([*job.other_task_ids, task_id], ensure_ascii=False)
+
+
+def event_values(kind: EventType, job: Job, now: float) -> dict[str, Any]:
+    """A new event about ``job`` as column values (all but the cursor)."""
+    return {
+        "id": new_event_id(),
+        "type": kind.value,
+        "created_at": now,
+        "job_id": job.id,
+        "job": json.dumps(job_view(job), ensure_ascii=False, separators=(",", ":")),
+    }
+
+
+def event_from_row(row: Iterable[Any]) -> Event:
+    """The event in a row of :data:`EVENT_COLUMNS`."""
+    cursor, event_id, kind, created_at, job_id, job = row
+    return Event(
+        cursor=cursor,
+        id=event_id,
+        type=kind,
+        created_at=created_at,
+        job_id=JobId(job_id),
+        job=json.loads(job),
+    )
+
+
+def new_event_id() -> str:
+    """A new event's stable id."""
+    return "evt_" + uuid.uuid4().hex
+
+
+def metadata_matches(metadata: JsonObject | None, key: str, value: str) -> bool:
+    """Whether ``metadata[key]`` is ``value``: the string, or a number or boolean whose
+    JSON text it is. The database stores say the same in SQL."""
+    if metadata is None or key not in metadata:
+        return False
+    found = metadata[key]
+    if isinstance(found, str):
+        return found == value
+    if isinstance(found, bool | int | float) and found is not None:
+        return json.dumps(found) == value
+    return False
 
 
 def check_limit(limit: int) -> None:

@@ -94,8 +94,25 @@ ALTER TABLE jobs ADD COLUMN submit_callback_url TEXT;
 ALTER TABLE jobs ADD COLUMN other_task_ids TEXT NOT NULL DEFAULT '[]';
 """
 
+# The event log, written in the same transaction as each job change it tells of; the
+# cursor only grows (AUTOINCREMENT: never reused, even after the newest rows are pruned).
+_SQLITE_0003: Final[LiteralString] = """
+CREATE TABLE events (
+    cursor      INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    type        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    job_id      TEXT NOT NULL,
+    job         TEXT NOT NULL                   -- JSON: the job as the API showed it
+);
+
+CREATE INDEX events_created_at ON events (created_at);
+
+CREATE INDEX callback_inbox_job_id ON callback_inbox (job_id);
+"""
+
 #: SQLite migrations, oldest first.
-SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_SQLITE_0001, _SQLITE_0002)
+SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_SQLITE_0001, _SQLITE_0002, _SQLITE_0003)
 
 # The same tables as SQLite's. JSON is kept as the text Python wrote, as in SQLite: jsonb
 # would refuse values Python's json reads and writes (NaN, "\u0000") and change others
@@ -198,8 +215,53 @@ ALTER TABLE jobs ADD COLUMN submit_callback_url text;
 ALTER TABLE jobs ADD COLUMN other_task_ids text NOT NULL DEFAULT '[]';
 """
 
+# The event log. Cursors must grow in commit order, or a reader resuming after cursor N
+# could miss an N-1 that committed later: every transaction that appends an event takes
+# one transaction-level advisory lock first, so appends commit one after the other.
+# kied_metadata_matches() reads metadata that may not be valid jsonb (NaN) as no match.
+_POSTGRES_0003: Final[LiteralString] = """
+CREATE TABLE events (
+    cursor      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          text NOT NULL UNIQUE,
+    type        text NOT NULL,
+    created_at  double precision NOT NULL,
+    job_id      text NOT NULL,
+    job         text NOT NULL                   -- JSON: the job as the API showed it
+);
+
+CREATE INDEX events_created_at ON events (created_at);
+
+CREATE INDEX callback_inbox_job_id ON callback_inbox (job_id);
+
+CREATE FUNCTION kied_metadata_matches(metadata text, k text, v text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    found jsonb;
+BEGIN
+    IF metadata IS NULL THEN
+        RETURN false;
+    END IF;
+    BEGIN
+        found := metadata::jsonb -> k;
+    EXCEPTION WHEN others THEN
+        RETURN false;
+    END;
+    RETURN CASE jsonb_typeof(found)
+        WHEN 'string' THEN found #>> '{}' = v
+        WHEN 'number' THEN found::text = v
+        WHEN 'boolean' THEN found::text = v
+        ELSE false
+    END;
+END
+$$;
+"""
+
 #: PostgreSQL migrations, oldest first.
-POSTGRES_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_POSTGRES_0001, _POSTGRES_0002)
+POSTGRES_MIGRATIONS: Final[tuple[LiteralString, ...]] = (
+    _POSTGRES_0001,
+    _POSTGRES_0002,
+    _POSTGRES_0003,
+)
 
 #: Migrations by dialect name.
 MIGRATIONS: Final[Mapping[str, tuple[LiteralString, ...]]] = {

@@ -27,11 +27,13 @@ from kied.core.jobs import (
     ACTIVE_STATES,
     EndedBy,
     EventKind,
+    EventType,
     Job,
     JobId,
     NewJob,
     Report,
     TaskId,
+    event_type,
     is_late,
     sources,
 )
@@ -40,18 +42,22 @@ from kied.store._base import (
     Attached,
     CallbackEffect,
     CallbackRecord,
+    Event,
     InboxEntry,
     JobStore,
     StoredCallback,
 )
 from kied.store._common import (
     CALLBACK_COLUMNS,
+    EVENT_COLUMNS,
     JOB_COLUMNS,
     NO_REPORT,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
     check_limit,
     entry_values,
+    event_from_row,
+    event_values,
     job_from_row,
     match_callback,
     new_job_values,
@@ -102,6 +108,9 @@ _MAX_CALLBACK_BATCH: Final = 256
 _MIGRATION_LOCK: Final = (0x6B696564, 0)  # "kied"
 #: Class of the per-task-id locks; the key is a 32-bit hash of the task id.
 _TASK_LOCK_CLASS: Final = 0x6B696574
+#: Every transaction that may append to the event log takes this lock first, so that
+#: appends commit in cursor order (and, taken before any other lock, it cannot deadlock).
+_EVENTS_LOCK: Final = (0x6B696565, 0)
 
 # ---------------------------------------------------------------------------- SQL
 
@@ -260,6 +269,34 @@ _LIST_CALLBACKS: Final[LiteralString] = (
 _LIST_CALLBACKS_FOR_TASK: Final[LiteralString] = (
     "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = %(task_id)s"
     " ORDER BY id DESC LIMIT %(limit)s"
+)
+_LIST_CALLBACKS_FOR_JOB: Final[LiteralString] = (
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox"
+    " WHERE matched_job_id = %(job_id)s OR job_id = %(job_id)s ORDER BY id DESC LIMIT %(limit)s"
+)
+_LIST_CALLBACKS_FOR_TASK_AND_JOB: Final[LiteralString] = (
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = %(task_id)s"
+    " AND (matched_job_id = %(job_id)s OR job_id = %(job_id)s) ORDER BY id DESC LIMIT %(limit)s"
+)
+_INSERT_EVENT: Final[LiteralString] = (
+    "INSERT INTO events (id, type, created_at, job_id, job)"
+    " VALUES (%(id)s, %(type)s, %(created_at)s, %(job_id)s, %(job)s)"
+)
+_LIST_EVENTS: Final[LiteralString] = (
+    "SELECT " + EVENT_COLUMNS + " FROM events WHERE cursor > %(after)s"
+    " ORDER BY cursor LIMIT %(limit)s"
+)
+_PRUNE_EVENTS: Final[LiteralString] = (
+    "DELETE FROM events WHERE cursor IN (SELECT cursor FROM events"
+    " WHERE created_at < %(before)s ORDER BY cursor LIMIT %(limit)s)"
+)
+_LIST_JOBS_FILTERED: Final[LiteralString] = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs"
+    " WHERE (%(states)s::text[] IS NULL OR state = ANY(%(states)s::text[]))"
+)
+# One metadata condition; the n-th of a query binds key_n and value_n.
+_METADATA_MATCH: Final[LiteralString] = (
+    " AND kied_metadata_matches(metadata, %(key_N)s, %(value_N)s)"
 )
 _PING: Final[LiteralString] = "SELECT 1"
 
@@ -483,10 +520,32 @@ def _select_job_by_task(conn: _Connection, task_id: TaskId) -> Job | None:
 
 
 def _apply(conn: _Connection, job_id: JobId, report: Mapping[str, Any], now: float) -> Job | None:
-    row = conn.execute(
-        _APPLY_BY_EVENT[EventKind(report["event"])], {**report, "id": job_id, "now": now}
-    ).fetchone()
-    return None if row is None else job_from_row(row)
+    event = EventKind(report["event"])
+    row = conn.execute(_APPLY_BY_EVENT[event], {**report, "id": job_id, "now": now}).fetchone()
+    if row is None:
+        return None
+    job = job_from_row(row)
+    kind = event_type(event, job)
+    if kind is not None:
+        _append_event(conn, kind, job, now)
+    return job
+
+
+def _lock_events(conn: _Connection) -> None:
+    lock_class, lock_key = _EVENTS_LOCK
+    conn.execute(_ADVISORY_XACT_LOCK, {"lock_class": lock_class, "lock_key": lock_key})
+
+
+def _append_event(conn: _Connection, kind: EventType, job: Job, now: float) -> None:
+    # The caller's transaction holds the events lock (_lock_events).
+    conn.execute(_INSERT_EVENT, event_values(kind, job, now))
+
+
+def _apply_alone(
+    conn: _Connection, job_id: JobId, report: Mapping[str, Any], now: float
+) -> Job | None:
+    _lock_events(conn)
+    return _apply(conn, job_id, report, now)
 
 
 def _apply_waiting_callback(
@@ -508,6 +567,7 @@ def _apply_waiting_callback(
 
 def _create_job(conn: _Connection, params: Mapping[str, Any]) -> tuple[Job, bool]:
     task_id: TaskId | None = params["task_id"]
+    _lock_events(conn)
     _lock_tasks(conn, [task_id])
     row = conn.execute(_INSERT_JOB, params).fetchone()
     if row is None:
@@ -516,12 +576,14 @@ def _create_job(conn: _Connection, params: Mapping[str, Any]) -> tuple[Job, bool
             raise ConflictError(f"job {params['id']} conflicts with a job that is gone")
         return job_from_row(existing), False
     job = job_from_row(row)
+    _append_event(conn, EventType.CREATED, job, params["created_at"])
     if task_id is not None:
         job = _apply_waiting_callback(conn, job.id, task_id, params["created_at"]) or job
     return job, True
 
 
 def _attach_task(conn: _Connection, job_id: JobId, task_id: TaskId, now: float) -> Attached | None:
+    _lock_events(conn)
     _lock_tasks(conn, [task_id])
     row = conn.execute(_SELECT_JOB_FOR_UPDATE, {"id": job_id}).fetchone()
     if row is None:
@@ -542,6 +604,8 @@ def _attach_task(conn: _Connection, job_id: JobId, task_id: TaskId, now: float) 
         conn.execute(_SET_TASK, {"id": job_id, "task_id": task_id, "now": now})
     _apply(conn, job_id, _ACCEPTED, now)
     if newly_attached:
+        submitted = job_from_row(_one(conn.execute(_SELECT_JOB, {"id": job_id}).fetchone()))
+        _append_event(conn, EventType.SUBMITTED, submitted, now)
         _apply_waiting_callback(conn, job_id, task_id, now)
     after = job_from_row(_one(conn.execute(_SELECT_JOB, {"id": job_id}).fetchone()))
     return Attached(job=after, ended=after.terminal and not job.terminal)
@@ -588,6 +652,7 @@ def _resolve_callback(
             refused = CallbackEffect.OTHER_TASK
         else:
             job = job_from_row(row)
+            _append_event(conn, EventType.SUBMITTED, job, now)
     if refused is not None:
         _keep_other_task(conn, job, entry.task_id, now)
         return refused, _select_job(conn, job.id), False
@@ -626,6 +691,7 @@ def _record_callbacks(
     """Write ``batch`` in one transaction; one result (or error) per callback, in order."""
     try:
         with _transaction(conn, attempt):
+            _lock_events(conn)
             _lock_tasks(conn, _callback_tasks(batch))
             return [_record_callback(conn, entry, report) for entry, report in batch]
     except Exception as exc:
@@ -637,6 +703,7 @@ def _record_callbacks(
     for entry, report in batch:
         try:
             with _transaction(conn, attempt):
+                _lock_events(conn)
                 _lock_tasks(conn, _callback_tasks([(entry, report)]))
                 results.append(_record_callback(conn, entry, report))
         except psycopg.Error as exc:
@@ -826,11 +893,26 @@ class PostgresStore(CallbackQueue[_QueuedCallback], JobStore):
         return await self._read(partial(_select_job_by_task, task_id=task_id))
 
     async def list_jobs(
-        self, *, states: Collection[str] | None = None, limit: int = 100
+        self,
+        *,
+        states: Collection[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int = 100,
     ) -> list[Job]:
         check_limit(limit)
         params: dict[str, object]
-        if states is None:
+        if metadata:
+            sql: LiteralString = _LIST_JOBS_FILTERED
+            params = {"states": None if states is None else _text_array(states), "limit": limit}
+            for n, (key, value) in enumerate(metadata.items()):
+                suffix = str(n)
+                sql += _METADATA_MATCH.replace("key_N", "key_" + suffix).replace(
+                    "value_N", "value_" + suffix
+                )
+                params["key_" + suffix] = key
+                params["value_" + suffix] = value
+            sql += " ORDER BY created_at DESC, seq DESC LIMIT %(limit)s"
+        elif states is None:
             sql, params = _LIST_JOBS, {"limit": limit}
         else:
             sql, params = _LIST_JOBS_IN_STATES, {"states": _text_array(states), "limit": limit}
@@ -865,7 +947,7 @@ class PostgresStore(CallbackQueue[_QueuedCallback], JobStore):
 
     async def apply(self, job_id: JobId, report: Report, *, now: float) -> Job | None:
         params = _report_params(report)
-        return await self._write(partial(_apply, job_id=job_id, report=params, now=now))
+        return await self._write(partial(_apply_alone, job_id=job_id, report=params, now=now))
 
     async def note_error(self, job_id: JobId, message: str, *, now: float) -> None:
         params = {"id": job_id, "message": message, "now": now}
@@ -892,17 +974,37 @@ class PostgresStore(CallbackQueue[_QueuedCallback], JobStore):
         return await self._run(partial(_record_callbacks, batch), write=True)
 
     async def list_callbacks(
-        self, *, task_id: TaskId | None = None, limit: int = 100
+        self, *, task_id: TaskId | None = None, job_id: JobId | None = None, limit: int = 100
     ) -> list[StoredCallback]:
         check_limit(limit)
-        params: dict[str, object]
-        if task_id is None:
-            sql, params = _LIST_CALLBACKS, {"limit": limit}
+        params: dict[str, object] = {"limit": limit}
+        if task_id is None and job_id is None:
+            sql = _LIST_CALLBACKS
+        elif job_id is None:
+            sql, params["task_id"] = _LIST_CALLBACKS_FOR_TASK, task_id
+        elif task_id is None:
+            sql, params["job_id"] = _LIST_CALLBACKS_FOR_JOB, job_id
         else:
-            sql, params = _LIST_CALLBACKS_FOR_TASK, {"task_id": task_id, "limit": limit}
+            sql = _LIST_CALLBACKS_FOR_TASK_AND_JOB
+            params.update(task_id=task_id, job_id=job_id)
         return [
             stored_callback_from_row(r) for r in await self._read(partial(_fetch_all, sql, params))
         ]
+
+    async def list_events(self, *, after: int = 0, limit: int = 100) -> list[Event]:
+        check_limit(limit)
+        params = {"after": after, "limit": limit}
+        return [
+            event_from_row(r) for r in await self._read(partial(_fetch_all, _LIST_EVENTS, params))
+        ]
+
+    async def prune_events(self, *, before: float, limit: int) -> int:
+        check_limit(limit)
+
+        def prune(conn: _Connection) -> int:
+            return conn.execute(_PRUNE_EVENTS, {"before": before, "limit": limit}).rowcount
+
+        return await self._write(prune)
 
     async def aclose(self) -> None:
         """Close the pool. Idempotent.

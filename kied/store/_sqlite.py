@@ -14,11 +14,13 @@ from kied.core.jobs import (
     ACTIVE_STATES,
     EndedBy,
     EventKind,
+    EventType,
     Job,
     JobId,
     NewJob,
     Report,
     TaskId,
+    event_type,
     is_late,
     sources,
 )
@@ -27,18 +29,22 @@ from kied.store._base import (
     Attached,
     CallbackEffect,
     CallbackRecord,
+    Event,
     InboxEntry,
     JobStore,
     StoredCallback,
 )
 from kied.store._common import (
     CALLBACK_COLUMNS,
+    EVENT_COLUMNS,
     JOB_COLUMNS,
     NO_REPORT,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
     check_limit,
     entry_values,
+    event_from_row,
+    event_values,
     job_from_row,
     match_callback,
     new_job_values,
@@ -201,6 +207,39 @@ _LIST_CALLBACKS_FOR_TASK: Final[LiteralString] = (
     "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = :task_id"
     " ORDER BY id DESC LIMIT :limit"
 )
+_LIST_CALLBACKS_FOR_JOB: Final[LiteralString] = (
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox"
+    " WHERE matched_job_id = :job_id OR job_id = :job_id ORDER BY id DESC LIMIT :limit"
+)
+_LIST_CALLBACKS_FOR_TASK_AND_JOB: Final[LiteralString] = (
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = :task_id"
+    " AND (matched_job_id = :job_id OR job_id = :job_id) ORDER BY id DESC LIMIT :limit"
+)
+_INSERT_EVENT: Final[LiteralString] = (
+    "INSERT INTO events (id, type, created_at, job_id, job)"
+    " VALUES (:id, :type, :created_at, :job_id, :job)"
+)
+_LIST_EVENTS: Final[LiteralString] = (
+    "SELECT " + EVENT_COLUMNS + " FROM events WHERE cursor > :after ORDER BY cursor LIMIT :limit"
+)
+_PRUNE_EVENTS: Final[LiteralString] = (
+    "DELETE FROM events WHERE cursor IN"
+    " (SELECT cursor FROM events WHERE created_at < :before ORDER BY cursor LIMIT :limit)"
+)
+# One metadata condition; the n-th of a query binds :key_n and :value_n. A number's text
+# is SQLite's own (integers read back as Python writes them). Metadata that is not valid
+# JSON (Python writes NaN) matches nothing instead of failing the query.
+_METADATA_MATCH: Final[LiteralString] = (
+    " AND CASE WHEN json_valid(jobs.metadata) THEN EXISTS (SELECT 1 FROM"
+    " json_each(jobs.metadata) AS m WHERE m.key = :key_N AND CASE m.type"
+    " WHEN 'text' THEN m.value = :value_N WHEN 'true' THEN :value_N = 'true'"
+    " WHEN 'false' THEN :value_N = 'false' WHEN 'integer' THEN CAST(m.value AS TEXT) = :value_N"
+    " WHEN 'real' THEN json_quote(m.value) = :value_N ELSE 0 END) ELSE 0 END"
+)
+_LIST_JOBS_FILTERED: Final[LiteralString] = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE (:states IS NULL"
+    " OR state IN (SELECT value FROM json_each(:states)))"
+)
 _PING: Final[LiteralString] = "SELECT 1"
 
 
@@ -307,7 +346,17 @@ def _apply(conn: sqlite3.Connection, job_id: JobId, report: Report, now: float) 
         "late_from": _LATE_FROM_JSON[event],
     }
     rows = conn.execute(_APPLY_BY_EVENT[event], params).fetchall()
-    return job_from_row(rows[0]) if rows else None
+    if not rows:
+        return None
+    job = job_from_row(rows[0])
+    kind = event_type(event, job)
+    if kind is not None:
+        _append_event(conn, kind, job, now)
+    return job
+
+
+def _append_event(conn: sqlite3.Connection, kind: EventType, job: Job, now: float) -> None:
+    conn.execute(_INSERT_EVENT, event_values(kind, job, now))
 
 
 def _select_job(conn: sqlite3.Connection, job_id: JobId) -> Job | None:
@@ -385,6 +434,10 @@ def _resolve_callback(
         adopted = conn.execute(_SET_TASK, params).rowcount == 1
         if not adopted:  # another job follows that task
             refused = CallbackEffect.OTHER_TASK
+        else:
+            submitted = _select_job(conn, job.id)
+            assert submitted is not None  # read above, in this transaction
+            _append_event(conn, EventType.SUBMITTED, submitted, now)
     if refused is not None:
         _keep_other_task(conn, job, entry.task_id, now)
         return refused, _select_job(conn, job.id), False
@@ -508,8 +561,10 @@ class SqliteStore(CallbackQueue[_QueuedCallback], JobStore):
                 if existing is not None:
                     return existing, False
                 row = conn.execute(_INSERT_JOB, new_job_values(new)).fetchall()[0]
+                created = job_from_row(row)
+                _append_event(conn, EventType.CREATED, created, new.created_at)
                 if new.task_id is None:
-                    return job_from_row(row), True
+                    return created, True
                 _apply_waiting_callback(conn, new.id, new.task_id, new.created_at)
                 job = _select_job(conn, new.id)
                 assert job is not None  # inserted above, in this transaction
@@ -524,11 +579,26 @@ class SqliteStore(CallbackQueue[_QueuedCallback], JobStore):
         return await self._run(lambda conn: _select_job_by_task(conn, task_id))
 
     async def list_jobs(
-        self, *, states: Collection[str] | None = None, limit: int = 100
+        self,
+        *,
+        states: Collection[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int = 100,
     ) -> list[Job]:
         check_limit(limit)
         params: dict[str, object]
-        if states is None:
+        if metadata:
+            sql: LiteralString = _LIST_JOBS_FILTERED
+            params = {"states": None if states is None else _json_array(states), "limit": limit}
+            for n, (key, value) in enumerate(metadata.items()):
+                suffix = str(n)
+                sql += _METADATA_MATCH.replace(":key_N", ":key_" + suffix).replace(
+                    ":value_N", ":value_" + suffix
+                )
+                params["key_" + suffix] = key
+                params["value_" + suffix] = value
+            sql += " ORDER BY created_at DESC, rowid DESC LIMIT :limit"
+        elif states is None:
             sql, params = _LIST_JOBS, {"limit": limit}
         else:
             sql, params = _LIST_JOBS_IN_STATES, {"states": _json_array(states), "limit": limit}
@@ -570,6 +640,9 @@ class SqliteStore(CallbackQueue[_QueuedCallback], JobStore):
                     conn.execute(_SET_TASK, {"id": job_id, "task_id": task_id, "now": now})
                 _apply(conn, job_id, Report(event=EventKind.ACCEPTED, source=EndedBy.SUBMIT), now)
                 if newly_attached:
+                    submitted = _select_job(conn, job_id)
+                    assert submitted is not None
+                    _append_event(conn, EventType.SUBMITTED, submitted, now)
                     _apply_waiting_callback(conn, job_id, task_id, now)
                 after = _select_job(conn, job_id)
                 assert after is not None
@@ -629,17 +702,33 @@ class SqliteStore(CallbackQueue[_QueuedCallback], JobStore):
         return await self._run(partial(_record_callbacks, batch))
 
     async def list_callbacks(
-        self, *, task_id: TaskId | None = None, limit: int = 100
+        self, *, task_id: TaskId | None = None, job_id: JobId | None = None, limit: int = 100
     ) -> list[StoredCallback]:
         check_limit(limit)
-        params: dict[str, object]
+        params: dict[str, object] = {"task_id": task_id, "job_id": job_id, "limit": limit}
         if task_id is None:
-            sql, params = _LIST_CALLBACKS, {"limit": limit}
+            sql = _LIST_CALLBACKS if job_id is None else _LIST_CALLBACKS_FOR_JOB
         else:
-            sql, params = _LIST_CALLBACKS_FOR_TASK, {"task_id": task_id, "limit": limit}
+            sql = _LIST_CALLBACKS_FOR_TASK if job_id is None else _LIST_CALLBACKS_FOR_TASK_AND_JOB
         return await self._run(
             lambda conn: [stored_callback_from_row(r) for r in conn.execute(sql, params)]
         )
+
+    async def list_events(self, *, after: int = 0, limit: int = 100) -> list[Event]:
+        check_limit(limit)
+        params = {"after": after, "limit": limit}
+        return await self._run(
+            lambda conn: [event_from_row(r) for r in conn.execute(_LIST_EVENTS, params)]
+        )
+
+    async def prune_events(self, *, before: float, limit: int) -> int:
+        check_limit(limit)
+
+        def prune(conn: sqlite3.Connection) -> int:
+            with _write_transaction(conn):
+                return conn.execute(_PRUNE_EVENTS, {"before": before, "limit": limit}).rowcount
+
+        return await self._run(prune)
 
     async def aclose(self) -> None:
         """Close the connection, after any operation already running. Idempotent.

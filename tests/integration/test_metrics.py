@@ -17,7 +17,9 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from kied import __version__
+from kied.changes import JobChanges
 from kied.core.jobs import EndedBy, JobState
+from kied.core.schedule import CallbackHealth
 from kied.daemon import Daemon
 from kied.errors import StoreUnavailableError
 from kied.metrics import Metrics
@@ -280,8 +282,8 @@ async def test_each_job_end_is_counted_once_with_its_labels(
         assert (done.state, done.ended_by) == (state, ended_by)
         assert jobs_ended(daemon) == {(state.value, ended_by.value): 1}
         # The same change heard again (as a PostgreSQL notification echoes it) is not an end.
-        daemon.job_changed(done)
-        daemon.job_changed(done)
+        daemon.changes.seen(done)
+        daemon.changes.seen(done)
         assert jobs_ended(daemon) == {(state.value, ended_by.value): 1}
 
         labels = {"ended_by": ended_by.value}
@@ -394,7 +396,11 @@ async def test_a_callback_before_createtask_answers_is_counted_once(
         if where == "elsewhere":
             # Its own clock, a little behind; its own counts.
             callbacks = CallbackService(
-                daemon.settings, store=daemon.store, now=lambda: daemon.now() - 0.25, metrics=other
+                daemon.settings,
+                store=daemon.store,
+                now=lambda: daemon.now() - 0.25,
+                metrics=other,
+                changes=JobChanges(metrics=other, health=CallbackHealth(), now=daemon.now),
             )
         first = CallbackFirst(daemon._kie_transport, callbacks, job_id=job_id)  # type: ignore[arg-type]
         daemon._kie_transport = first

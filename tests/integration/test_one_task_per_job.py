@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -24,7 +25,6 @@ from tests.procs import free_port, kied, mode, read_url, stop, wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,8 @@ class Rig:
     database: str
     procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    #: where the daemons run from (another checkout's kied, for comparisons)
+    cwd: Path | None = None
 
     def start(self, port: int | None = None, *, public_port: int | None = None) -> str:
         """Start `kied serve`; its callbacks go to ``public_port`` (its own by default)."""
@@ -56,6 +58,7 @@ class Rig:
                 "KIED_LOG_LEVEL": "INFO",
                 **self.env,
             },
+            cwd=self.cwd,
         )
         read_url(self.procs[url])
         return url

@@ -1678,3 +1678,156 @@ async def test_without_psycopg_sqlite_opens_and_postgres_says_what_is_missing(
             pass
     assert info.value.setting == "KIED_DATABASE_URL"
     assert "kied[postgres]" in str(info.value)
+
+
+# ------------------------------------------------------------------- the event log
+
+
+async def _types(store: JobStore, job_id: str) -> list[str]:
+    return [e.type for e in await store.list_events(limit=1000) if e.job_id == job_id]
+
+
+async def test_every_change_the_application_cares_about_is_one_event(store: JobStore) -> None:
+    job, _ = await store.create_job(make_new_job(created_at=1_000.0))
+    await store.attach_task(job.id, TaskId("t-1"), now=1_001.0)
+    await store.apply(job.id, _report(E.PROGRESS), now=1_002.0)  # progress: no event
+    await store.attach_task(job.id, TaskId("t-1"), now=1_003.0)  # a repeat: none
+    await store.note_error(job.id, "KIE answered 502", now=1_004.0)  # none
+    await store.apply(job.id, _report(E.SUCCEEDED), now=1_005.0)
+    await store.apply(job.id, _report(E.FAILED), now=1_006.0)  # a no-op: none
+    assert await _types(store, job.id) == ["job.created", "job.submitted", "job.succeeded"]
+    events = [e for e in await store.list_events() if e.job_id == job.id]
+    assert [e.created_at for e in events] == [1_000.0, 1_001.0, 1_005.0]
+    assert all(e.id.startswith("evt_") for e in events)
+    assert len({e.id for e in events}) == 3
+    # each carries the job as the API showed it then
+    assert [(e.job["state"], e.job["task_id"]) for e in events] == [
+        ("submitting", None),
+        ("pending", "t-1"),
+        ("succeeded", "t-1"),
+    ]
+    assert events[2].job["result_urls"] == list(_report(E.SUCCEEDED).result_urls)
+    assert events[2].job["ended_by"] == "poll"
+
+
+async def test_deadline_cancel_and_a_late_outcome_are_events(store: JobStore) -> None:
+    timed = await _job_in(store, S.PENDING, task_id="t-late")
+    await store.apply(timed.id, _report(E.DEADLINE), now=1_100.0)
+    await store.apply(timed.id, _report(E.SUCCEEDED), now=1_200.0)
+    assert await _types(store, timed.id) == [
+        "job.created",
+        "job.timed_out",
+        "job.updated",
+    ]
+    [*_, updated] = [e for e in await store.list_events() if e.job_id == timed.id]
+    assert (updated.job["state"], updated.job["late"]) == ("succeeded", True)
+    cancelled = await _job_in(store, S.SUBMITTING)
+    await store.apply(cancelled.id, _report(E.CANCEL), now=1_300.0)
+    failed = await _job_in(store, S.PENDING, task_id="t-f")
+    await store.apply(failed.id, _report(E.FAILED), now=1_300.0)
+    assert await _types(store, cancelled.id) == ["job.created", "job.cancelled"]
+    assert await _types(store, failed.id) == ["job.created", "job.failed"]
+
+
+async def test_callbacks_write_their_events(store: JobStore) -> None:
+    adopting = await _job_in(store, S.SUBMITTING)
+    entry = make_inbox_entry(task_id="t-a", job_id=adopting.id, received_at=1_100.0)
+    await store.record_callback(entry, _report(E.SUCCEEDED, source=EndedBy.CALLBACK))
+    assert await _types(store, adopting.id) == ["job.created", "job.submitted", "job.succeeded"]
+    # an early callback applied when the job is created with its task
+    early = make_inbox_entry(task_id="t-early", outcome="fail", received_at=1_200.0)
+    await store.record_callback(early, _report(E.FAILED, source=EndedBy.CALLBACK))
+    tracked, _ = await store.create_job(make_new_job(task_id="t-early", created_at=1_300.0))
+    assert await _types(store, tracked.id) == ["job.created", "job.failed"]
+    # rejected, other-task and repeated callbacks write none
+    before = len(await store.list_events(limit=1000))
+    await store.record_callback(
+        make_inbox_entry(task_id="t-a", authenticated=False),
+        _report(E.FAILED, source=EndedBy.CALLBACK),
+    )
+    await store.record_callback(
+        make_inbox_entry(task_id="t-other", job_id=adopting.id),
+        _report(E.FAILED, source=EndedBy.CALLBACK),
+    )
+    await store.record_callback(
+        make_inbox_entry(task_id="t-a"), _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    )
+    assert len(await store.list_events(limit=1000)) == before
+
+
+async def test_events_resume_after_any_cursor(store: JobStore) -> None:
+    for i in range(7):
+        job, _ = await store.create_job(make_new_job(created_at=1_000.0 + i))
+        await store.apply(job.id, _report(E.CANCEL), now=1_000.5 + i)
+    everything = await store.list_events(limit=1000)
+    cursors = [e.cursor for e in everything]
+    assert len(cursors) == 14
+    assert cursors == sorted(cursors)
+    assert len(set(cursors)) == 14
+    for i, event in enumerate(everything):
+        assert await store.list_events(after=event.cursor, limit=1000) == everything[i + 1 :]
+    assert await store.list_events(after=0, limit=3) == everything[:3]
+    assert await store.list_events(after=cursors[-1]) == []
+
+
+async def test_old_events_are_pruned_in_batches(store: JobStore) -> None:
+    for i in range(5):
+        await store.create_job(make_new_job(created_at=1_000.0 + i))
+    assert await store.prune_events(before=1_003.0, limit=2) == 2
+    assert await store.prune_events(before=1_003.0, limit=2) == 1
+    assert await store.prune_events(before=1_003.0, limit=2) == 0
+    left = await store.list_events()
+    assert [e.created_at for e in left] == [1_003.0, 1_004.0]
+    # the cursor keeps growing after a prune
+    newest, _ = await store.create_job(make_new_job(created_at=1_005.0))
+    [*_, last] = await store.list_events()
+    assert last.job_id == newest.id
+    assert last.cursor > left[-1].cursor
+
+
+async def test_jobs_are_found_by_their_metadata(store: JobStore) -> None:
+    chat = await store.create_job(make_new_job(metadata={"chat_id": 42, "kind": "photo"}))
+    other = await store.create_job(make_new_job(metadata={"chat_id": "42", "kind": "video"}))
+    flagged = await store.create_job(make_new_job(metadata={"vip": True, "chat_id": 7}))
+    nested = await store.create_job(make_new_job(metadata={"chat_id": {"id": 42}}))
+    await store.create_job(make_new_job(metadata=None))
+    ids = {"chat": chat[0].id, "other": other[0].id, "flagged": flagged[0].id}
+
+    async def found(**metadata: str) -> set[str]:
+        jobs = await store.list_jobs(metadata=metadata)
+        return {name for name, job_id in ids.items() if job_id in {j.id for j in jobs}} | (
+            {"nested"} if nested[0].id in {j.id for j in jobs} else set()
+        )
+
+    assert await found(chat_id="42") == {"chat", "other"}
+    assert await found(chat_id="42", kind="photo") == {"chat"}
+    assert await found(vip="true") == {"flagged"}
+    assert await found(vip="True") == set()
+    assert await found(missing="x") == set()
+    assert await found(**{"kind": "video"}) == {"other"}
+    both = await store.list_jobs(metadata={"chat_id": "42"}, states=["cancelled"])
+    assert both == []
+    assert len(await store.list_jobs(metadata={"chat_id": "42"}, limit=1)) == 1
+
+
+async def test_a_jobs_callback_trail(store: JobStore) -> None:
+    job = await _job_in(store, S.SUBMITTING)
+    other = await _job_in(store, S.PENDING, task_id="t-other")
+    success = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    await store.record_callback(
+        make_inbox_entry(task_id="t-1", job_id=job.id, outcome="pending"),
+        _report(E.PROGRESS, source=EndedBy.CALLBACK),
+    )
+    await store.record_callback(make_inbox_entry(task_id="t-other"), success)
+    await store.record_callback(make_inbox_entry(task_id="t-1"), success)
+    await store.record_callback(
+        make_inbox_entry(task_id=None, job_id=job.id, authenticated=False), None
+    )
+    trail = await store.list_callbacks(job_id=job.id)
+    assert [(c.entry.task_id, c.effect) for c in trail] == [
+        (None, CallbackEffect.REJECTED),
+        ("t-1", CallbackEffect.CHANGED),
+        ("t-1", CallbackEffect.CHANGED),
+    ]
+    assert [c.entry.task_id for c in await store.list_callbacks(job_id=other.id)] == ["t-other"]
+    assert len(await store.list_callbacks(job_id=job.id, task_id=TaskId("t-1"))) == 2
