@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from enum import StrEnum
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,6 +33,7 @@ from kied.errors import LeadershipLostError, StoreError, StoreUnavailableError
 from kied.jobs import JobsService
 from kied.leadership import Leader, open_leadership
 from kied.metrics import Metrics
+from kied.pruner import run_pruner
 from kied.service import CallbackService
 from kied.settings import FileLockSettings, NoLockSettings, PostgresStoreSettings, Settings
 from kied.store import JobStore, open_store
@@ -233,6 +235,14 @@ class Daemon:
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(leader.watch)
                             nursery.start_soon(self.run_pollers, store)
+                            nursery.start_soon(
+                                partial(
+                                    run_pruner,
+                                    store,
+                                    event_retention_s=self.settings.event_retention_s,
+                                    now=self.now,
+                                )
+                            )
                     finally:
                         self.mode = Mode.PASSIVE
                         self._leader = None

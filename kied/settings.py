@@ -98,6 +98,8 @@ class Settings:
     #: with ``after-wait``: how long after the lost createTask was sent kied waits for its
     #: task's callback (which names the job) before it creates the task again
     resubmit_wait_s: float = 300 * SECONDS
+    #: how long events are kept in the event log (GET /v1/events, webhooks)
+    event_retention_s: float = 7 * 86400 * SECONDS
     max_callback_bytes: int = 1 * MIB
     oversized_keep_bytes: int = 64 * 1024
     #: hypercorn's bound for in-flight requests once shutdown begins
@@ -139,6 +141,7 @@ environment (flags win over the environment):
                        wait for that task's callback until the job's deadline, never pay
                        twice; after-wait: create the task again after KIED_RESUBMIT_WAIT
   KIED_RESUBMIT_WAIT   seconds after-wait waits for the lost task's callback; default 300
+  KIED_EVENT_RETENTION_DAYS  days the event log keeps an event; default 7
   KIED_LOG_LEVEL       DEBUG, INFO (default), WARNING, ERROR
   KIED_LOG_FORMAT      text (default) or json: one JSON object per line
 set by systemd:
@@ -229,6 +232,11 @@ def load_settings(
     wait_src = pick(None, "KIED_RESUBMIT_WAIT")
     resubmit_wait_s = 300.0 if wait_src is None else _positive_seconds(*wait_src)
 
+    retention_src = pick(None, "KIED_EVENT_RETENTION_DAYS")
+    event_retention_s = 7 * 86400.0
+    if retention_src is not None:
+        event_retention_s = _days(*retention_src) * 86400.0
+
     level_src = pick(flags.log_level, "KIED_LOG_LEVEL")
     log_level = "INFO"
     if level_src is not None:
@@ -267,6 +275,7 @@ def load_settings(
         job_timeout_s=job_timeout_s,
         resubmit=resubmit,
         resubmit_wait_s=resubmit_wait_s,
+        event_retention_s=event_retention_s,
         log_level=log_level,
         log_format=log_format,
         notify_socket=notify_socket,
@@ -293,6 +302,16 @@ def _positive_seconds(name: str, value: str) -> float:
     if not 0 < seconds <= 30 * 24 * 3600:
         raise ConfigError(name, f"must be more than 0 and at most 30 days, not {value!r}")
     return seconds
+
+
+def _days(name: str, value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise ConfigError(name, f"must be a number of days, not {value!r}") from None
+    if not 0 < days <= 3650:
+        raise ConfigError(name, f"must be more than 0 and at most 3650 days, not {value!r}")
+    return days
 
 
 def _for_us(environ: Mapping[str, str], name: str, pid: int) -> bool:

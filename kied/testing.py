@@ -415,9 +415,10 @@ class MemoryStore(JobStore):
     async def prune_events(self, *, before: float, limit: int) -> int:
         await self._enter()
         check_limit(limit)
-        old = [e for e in self._events[:limit] if e.created_at < before]
-        del self._events[: len(old)]
-        return len(old)
+        old = {e.cursor for e in self._events if e.created_at < before}
+        doomed = set(sorted(old)[:limit])
+        self._events = [e for e in self._events if e.cursor not in doomed]
+        return len(doomed)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

@@ -167,6 +167,8 @@ def test_lock_that_cannot_work_stops_the_start(environ, argv, setting, says):
         ({"KIED_LOG_LEVEL": "LOUD"}, [], "KIED_LOG_LEVEL"),
         ({"KIED_RESUBMIT": "always"}, [], "KIED_RESUBMIT"),
         ({"KIED_RESUBMIT_WAIT": "-5"}, [], "KIED_RESUBMIT_WAIT"),
+        ({"KIED_EVENT_RETENTION_DAYS": "0"}, [], "KIED_EVENT_RETENTION_DAYS"),
+        ({"KIED_EVENT_RETENTION_DAYS": "a week"}, [], "KIED_EVENT_RETENTION_DAYS"),
         ({}, ["--bogus"], "command line"),
     ],
 )
@@ -176,6 +178,11 @@ def test_bad_values_name_the_setting(environ, argv, setting):
     assert info.value.setting == setting
     assert str(info.value).startswith(f"{setting}: ")
     assert "\n" not in str(info.value)
+
+
+def test_event_retention():
+    assert load_settings({}).event_retention_s == 7 * 86400
+    assert load_settings({"KIED_EVENT_RETENTION_DAYS": "0.5"}).event_retention_s == 43200
 
 
 def test_a_lost_createtask_is_never_sent_again_unless_asked():
