@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import httpx
 import trio
 
+from kied._apierror import api_error_line
 from kied._flags import FlagParser, parse_duration, parse_integer, parse_number
-from kied.client_cli import api_error_line
 from kied.core.jobs import TERMINAL_STATES, Job, JobState
 from kied.daemon import run
 from kied.errors import ConfigError, StoreError

@@ -30,6 +30,8 @@ from urllib.parse import quote
 
 import httpx
 
+from kied._apierror import api_error_line
+from kied._apierror import one_line as _one_line
 from kied.jobs import MAX_WAIT_S
 
 if TYPE_CHECKING:
@@ -169,15 +171,40 @@ def _submit(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
 
 def _status(argv: Sequence[str], environ: Mapping[str, str]) -> int:
-    parser = _parser("kied status", "Print a job as JSON.")
+    parser = _parser("kied status", "Print a job as JSON, or its callback trail.")
     parser.add_argument("job", metavar="JOB", help="the job's id")
     _add_wait(parser)
+    parser.add_argument(
+        "--callbacks",
+        action="store_true",
+        help="print the callbacks KIE sent about the job instead, newest first, as a table: "
+        "when, what they said, and what kied made of them (the exit status still follows "
+        "the job)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="with --callbacks: print the trail as JSON"
+    )
     args = parser.parse_args(list(argv))
+    if args.json and not args.callbacks:
+        raise _ExitError(_EXIT_BAD_USAGE, "kied status: --json goes with --callbacks")
+    path = f"/v1/jobs/{_path_segment(args.job)}"
     with _Api.open(args, environ) as api:
-        job = api.call("GET", f"/v1/jobs/{_path_segment(args.job)}")
+        job = api.call("GET", path)
         if args.wait is not None:
             job = _wait(api, job, args.wait)
-    return _print_job(job, waited=args.wait is not None)
+        if not args.callbacks:
+            return _print_job(job, waited=args.wait is not None)
+        trail = api.call("GET", f"{path}/callbacks", params=httpx.QueryParams({"limit": 1000}))
+    found = trail.get("callbacks")
+    if not isinstance(found, list):
+        raise _ExitError(_EXIT_UNREACHABLE, f"kied: {api.url} did not answer like kied")
+    if args.json:
+        _emit(json.dumps(found, ensure_ascii=False, indent=2))
+    elif found:
+        _emit(_callbacks_table(found))
+    else:
+        _emit(f"no callback has come for job {job.get('id')}")
+    return _job_exit_status(job, waited=args.wait is not None)
 
 
 def _jobs(argv: Sequence[str], environ: Mapping[str, str]) -> int:
@@ -303,30 +330,6 @@ class _Api:
         return body
 
 
-def api_error_line(status: int, body: object, text: str = "") -> str:
-    """The daemon's error answer as one line, the field it names first.
-
-    ``{"error": "invalid request", "field": "input", "detail": "must be ..."}`` becomes
-    ``input: must be ... (HTTP 400 invalid request)``.
-    """
-    if status == 401:
-        return (
-            "the daemon wants its API token: set KIED_API_TOKEN or pass --token "
-            "(HTTP 401 unauthorized)"
-        )
-    if isinstance(body, dict):
-        error = body.get("error")
-        field = body.get("field")
-        detail = body.get("detail")
-        parts = [str(p) for p in (field, detail) if p]
-        message = ": ".join(parts) or str(error or "")
-        label = f"HTTP {status} {error}" if error else f"HTTP {status}"
-        if message:
-            return _one_line(f"{message} ({label})")
-    snippet = _one_line(text)[:200]
-    return f"HTTP {status}" + (f": {snippet}" if snippet else "")
-
-
 def _wait(api: _Api, job: dict[str, Any], total_s: float) -> dict[str, Any]:
     """Long-poll until the job ends or ``total_s`` has passed, one ``?wait=`` at a time."""
     job_id = str(job.get("id"))
@@ -358,6 +361,10 @@ def _wait(api: _Api, job: dict[str, Any], total_s: float) -> dict[str, Any]:
 
 def _print_job(job: dict[str, Any], *, waited: bool) -> int:
     _emit(json.dumps(job, ensure_ascii=False, indent=2))
+    return _job_exit_status(job, waited=waited)
+
+
+def _job_exit_status(job: dict[str, Any], *, waited: bool) -> int:
     state = job.get("state")
     if state == "succeeded":
         return _EXIT_OK
@@ -376,7 +383,7 @@ def _print_job(job: dict[str, Any], *, waited: bool) -> int:
 def _jobs_table(jobs: Sequence[Mapping[str, Any]], *, now: float) -> str:
     """``kied jobs``'s table: id, state, family/model, task id, ended_by, age."""
     header = ("ID", "STATE", "FAMILY/MODEL", "TASK", "ENDED BY", "AGE")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for job in jobs:
         family = str(job.get("family") or "-")
         model = job.get("model")
@@ -390,7 +397,31 @@ def _jobs_table(jobs: Sequence[Mapping[str, Any]], *, now: float) -> str:
                 _age(job.get("created_at"), now),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return _table(rows)
+
+
+def _callbacks_table(callbacks: Sequence[Mapping[str, Any]]) -> str:
+    """``kied status --callbacks``'s table: when, outcome, effect, auth, task, size, problem."""
+    header = ("RECEIVED", "OUTCOME", "EFFECT", "AUTH", "TASK", "FOUND BY", "SIZE", "PROBLEM")
+    rows: list[tuple[str, ...]] = [header]
+    for cb in callbacks:
+        rows.append(
+            (
+                str(cb.get("received_at") or "-"),
+                str(cb.get("outcome") or "-"),
+                str(cb.get("effect") or "-"),
+                _one_line(str(cb.get("auth") or "-")),
+                str(cb.get("task_id") or "-"),
+                str(cb.get("found_by") or "-"),
+                str(cb.get("body_size", "-")),
+                _one_line(str(cb.get("problem") or "-")),
+            )
+        )
+    return _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
@@ -537,7 +568,3 @@ def _json_kind(value: object) -> str:
 
 def _path_segment(text: str) -> str:
     return quote(text, safe="")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import hmac
+import json
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -11,13 +13,17 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from kied.core.views import iso
 from kied.jobs import MAX_WAIT_S, BadRequestError, JobsService, job_to_json
 from kied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kied.service import CallbackService, RawCallback
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from kied.metrics import Metrics
     from kied.settings import Settings
+    from kied.store import Event, StoredCallback
 
 __all__ = ["DaemonStatus", "create_app"]
 
@@ -27,6 +33,15 @@ logger = logging.getLogger(__name__)
 # drained from a sender that never stops; what is kept is bounded separately.
 _DRAIN_LIMIT = 64 * 1024 * 1024
 _BODY_READ_S = 10.0
+#: ``GET /v1/events`` reads storage at least this often while it waits: a change made by
+#: another instance may not wake it.
+_EVENTS_RECHECK_S = 1.0
+#: An event stream with nothing to say sends a comment this often, so that proxies keep it.
+_KEEP_ALIVE_S = 15.0
+_METADATA_PREFIX = "metadata."
+_MAX_METADATA_KEY = 200
+#: The callback trail shows at most this much of each body.
+_CALLBACK_BODY_SHOWN = 64 * 1024
 
 
 class DaemonStatus(Protocol):
@@ -102,6 +117,10 @@ def create_app(
 
     _add_jobs_api(app, jobs, settings.api_token)
 
+    @app.errorhandler(BadRequestError)
+    async def bad_request(exc: BadRequestError) -> tuple[dict[str, Any], int]:
+        return _bad(exc.field, exc.detail)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
         return {"error": exc.name.lower(), "detail": exc.description}, exc.code or 500
@@ -134,25 +153,15 @@ def _add_jobs_api(app: QuartTrio, jobs: JobsService, api_token: str | None) -> N
         body = await request.get_json(force=True, silent=True)
         if body is None:
             return _bad("body", "must be a JSON object")
-        try:
-            job, created = await jobs.submit(body)
-        except BadRequestError as exc:
-            return _bad(exc.field, exc.detail)
+        job, created = await jobs.submit(body)
         return job_to_json(job), 201 if created else 200
 
     @app.get("/v1/jobs/<job_id>")
     async def get_job(job_id: str) -> tuple[dict[str, Any], int]:
-        wait = request.args.get("wait")
-        if wait is None:
-            job = await jobs.get(job_id)
+        if "wait" in request.args:
+            job = await jobs.wait(job_id, _seconds_arg("wait", 0.0))
         else:
-            try:
-                wait_s = float(wait)
-            except ValueError:
-                return _bad("wait", "must be a number of seconds")
-            if not 0 <= wait_s <= MAX_WAIT_S:
-                return _bad("wait", f"must be between 0 and {MAX_WAIT_S:g} seconds")
-            job = await jobs.wait(job_id, wait_s)
+            job = await jobs.get(job_id)
         if job is None:
             return _not_found(job_id)
         return job_to_json(job), 200
@@ -162,16 +171,8 @@ def _add_jobs_api(app: QuartTrio, jobs: JobsService, api_token: str | None) -> N
         states = request.args.getlist("state") or None
         if states is not None:
             states = [s for value in states for s in value.split(",") if s]
-        try:
-            limit = int(request.args.get("limit", "100"))
-        except ValueError:
-            return _bad("limit", "must be a whole number")
-        if not 1 <= limit <= 1000:
-            return _bad("limit", "must be between 1 and 1000")
-        try:
-            found = await jobs.list(states=states, limit=limit)
-        except BadRequestError as exc:
-            return _bad(exc.field, exc.detail)
+        limit = _int_arg("limit", 100, low=1, high=1000)
+        found = await jobs.list(states=states, limit=limit, metadata=_metadata_args() or None)
         return {"jobs": [job_to_json(job) for job in found]}, 200
 
     @app.delete("/v1/jobs/<job_id>")
@@ -182,6 +183,154 @@ def _add_jobs_api(app: QuartTrio, jobs: JobsService, api_token: str | None) -> N
         if not changed:
             return {"error": "job already ended", "job": job_to_json(job)}, 409
         return job_to_json(job), 200
+
+    @app.get("/v1/jobs/<job_id>/callbacks")
+    async def job_callbacks(job_id: str) -> tuple[dict[str, Any], int]:
+        limit = _int_arg("limit", 100, low=1, high=1000)
+        trail = await jobs.callbacks(job_id, limit=limit)
+        if trail is None:
+            return _not_found(job_id)
+        return {"callbacks": [_callback_to_json(c) for c in trail]}, 200
+
+    @app.get("/v1/events")
+    async def events() -> Response | tuple[dict[str, Any], int]:
+        after = _int_arg("after", 0, low=0)
+        limit = _int_arg("limit", 100, low=1, high=1000)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            last_seen = request.headers.get("last-event-id", "").strip()
+            if last_seen:
+                after = _whole_number("Last-Event-ID", last_seen, low=0)
+            response = Response(
+                _event_stream(jobs, after, limit),
+                status=200,
+                content_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+            # The stream lasts until the client goes away: no response timeout.
+            response.timeout = None
+            return response
+        found = await _events_after(jobs, after, limit, _seconds_arg("wait", 0.0))
+        return {
+            "events": [_event_to_json(event) for event in found],
+            "next_cursor": found[-1].cursor if found else after,
+        }, 200
+
+
+def _int_arg(name: str, default: int, *, low: int, high: int | None = None) -> int:
+    text = request.args.get(name)
+    return default if text is None else _whole_number(name, text, low=low, high=high)
+
+
+def _whole_number(name: str, text: str, *, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequestError(name, "must be a whole number") from None
+    if high is not None and not low <= value <= high:
+        raise BadRequestError(name, f"must be between {low} and {high}")
+    if value < low:
+        raise BadRequestError(name, f"must be {low} or more")
+    return value
+
+
+def _seconds_arg(name: str, default: float) -> float:
+    text = request.args.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequestError(name, "must be a number of seconds") from None
+    if not 0 <= value <= MAX_WAIT_S:
+        raise BadRequestError(name, f"must be between 0 and {MAX_WAIT_S:g} seconds")
+    return value
+
+
+def _metadata_args() -> dict[str, str]:
+    """``?metadata.KEY=VALUE`` filters: a job matches when it has every one."""
+    wanted: dict[str, str] = {}
+    for name in request.args:
+        if not name.startswith(_METADATA_PREFIX):
+            continue
+        key = name.removeprefix(_METADATA_PREFIX)
+        if not key or len(key) > _MAX_METADATA_KEY:
+            raise BadRequestError(name, "the key must be 1 to 200 characters")
+        values = set(request.args.getlist(name))
+        if len(values) > 1:
+            raise BadRequestError(name, "given twice with different values")
+        wanted[key] = values.pop()
+    return wanted
+
+
+async def _events_after(jobs: JobsService, after: int, limit: int, wait_s: float) -> list[Event]:
+    """The events after ``after``; when there are none, wait up to ``wait_s`` for some."""
+    deadline = trio.current_time() + wait_s
+    while True:
+        # Taken before storage is read, so that a change in between still wakes us.
+        changed = jobs.changed()
+        found = await jobs.events(after=after, limit=limit)
+        if found or trio.current_time() >= deadline:
+            return found
+        # A change made by another instance may not wake us: read storage again anyway.
+        with trio.move_on_at(min(deadline, trio.current_time() + _EVENTS_RECHECK_S)):
+            await changed.wait()
+
+
+async def _event_stream(jobs: JobsService, after: int, limit: int) -> AsyncIterator[bytes]:
+    """The events after ``after`` as Server-Sent Events, until the client goes away."""
+    # A first comment sends the headers at once, so the client knows it is connected.
+    yield b": kied events\n\n"
+    cursor = after
+    keep_alive_at = trio.current_time() + _KEEP_ALIVE_S
+    while True:
+        changed = jobs.changed()
+        found = await jobs.events(after=cursor, limit=limit)
+        if found:
+            yield b"".join(_event_to_sse(event) for event in found)
+            cursor = found[-1].cursor
+            keep_alive_at = trio.current_time() + _KEEP_ALIVE_S
+            continue
+        if trio.current_time() >= keep_alive_at:
+            yield b": keep-alive\n\n"
+            keep_alive_at = trio.current_time() + _KEEP_ALIVE_S
+        with trio.move_on_at(min(keep_alive_at, trio.current_time() + _EVENTS_RECHECK_S)):
+            await changed.wait()
+
+
+def _event_to_json(event: Event) -> dict[str, Any]:
+    return {
+        "cursor": event.cursor,
+        "id": event.id,
+        "type": event.type,
+        "created_at": iso(event.created_at),
+        "job": event.job,
+    }
+
+
+def _event_to_sse(event: Event) -> bytes:
+    data = json.dumps(_event_to_json(event), ensure_ascii=False, separators=(",", ":"))
+    return f"id: {event.cursor}\nevent: {event.type}\ndata: {data}\n\n".encode()
+
+
+def _callback_to_json(stored: StoredCallback) -> dict[str, Any]:
+    entry = stored.entry
+    shown = entry.body[:_CALLBACK_BODY_SHOWN]
+    # A character cut in two by the cut is dropped rather than shown as a stray U+FFFD.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return {
+        "id": stored.id,
+        "received_at": iso(entry.received_at),
+        "task_id": entry.task_id,
+        "found_by": entry.found_by,
+        "outcome": entry.outcome,
+        "problem": entry.problem,
+        "authenticated": entry.authenticated,
+        "auth": entry.auth,
+        "effect": stored.effect.value,
+        "body_size": entry.body_size,
+        "content_type": entry.content_type,
+        "body": decoder.decode(shown, final=len(shown) == len(entry.body)),
+    }
 
 
 def _bad(field: str, detail: str) -> tuple[dict[str, Any], int]:

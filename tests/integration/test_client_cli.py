@@ -228,6 +228,45 @@ def test_status_and_jobs_show_what_was_submitted(stack: Stack, tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_status_callbacks_prints_the_callback_trail(stack: Stack) -> None:
+    result = run_kied("submit", "--model", "m/trail", "--input", "{}", "--wait", env=stack.env)
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+
+    result = run_kied("status", job["id"], "--callbacks", env=stack.env)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == [
+        "RECEIVED", "OUTCOME", "EFFECT", "AUTH", "TASK", "FOUND", "BY", "SIZE", "PROBLEM"
+    ]  # fmt: skip
+    assert len(rows) == 1
+    cells = rows[0].split()
+    assert cells[1:5] == ["success", "changed", "open", job["task_id"]]
+    assert cells[-1] == "-"
+
+    result = run_kied("status", job["id"], "--callbacks", "--json", env=stack.env)
+    assert result.returncode == 0, result.stderr
+    (record,) = json.loads(result.stdout)
+    assert (record["outcome"], record["effect"], record["task_id"]) == (
+        "success",
+        "changed",
+        job["task_id"],
+    )
+    assert json.loads(record["body"])["data"]["taskId"] == job["task_id"]
+
+    # A tracked task that has not called back: no trail yet.
+    result = run_kied("submit", "--family", "veo", "--task-id", "quiet-task", env=stack.env)
+    quiet = json.loads(result.stdout)["id"]
+    result = run_kied("status", quiet, "--callbacks", env=stack.env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"no callback has come for job {quiet}\n"
+
+    result = run_kied("status", job["id"], "--json", env=stack.env)
+    assert result.returncode == 2
+    assert one_line(result.stderr) == "kied status: --json goes with --callbacks"
+
+
+@pytest.mark.slow
 def test_standard_input_and_idempotency_key(stack: Stack) -> None:
     args = ("submit", "--model", "m/two", "--input", "@-", "--idempotency-key", "order-42")
     first = run_kied(*args, env=stack.env, stdin='{"prompt": "from stdin"}')
