@@ -138,9 +138,9 @@ def main() -> None:
                         template = template or PgClusterTemplate()
                         cluster = PgCluster(template)
                         cluster.start()
-                        database = cluster.create_database("kied")
+                        database = cluster.create_database("kied", empty=True)
                     else:
-                        database = databases.new()
+                        database = databases.new(empty=True)
                     rig = Rig(sim_url=sim_url, database=database, env=dict(env), cwd=daemon_src)
                     try:
                         rows.append(one_run(scenario, rig, args.jobs, cluster))

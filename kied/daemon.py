@@ -71,8 +71,10 @@ class Daemon:
         now: Callable[[], float] = time.time,
         kie_transport: httpx.AsyncBaseTransport | None = None,
         store: JobStore | None = None,
+        webhook_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
+        self._webhook_transport = webhook_transport
         self.now = now
         self.mode = Mode.PASSIVE
         self._leader: Leader | None = None
@@ -235,6 +237,7 @@ class Daemon:
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(leader.watch)
                             nursery.start_soon(self.run_pollers, store)
+                            nursery.start_soon(self.run_webhooks, store)
                             nursery.start_soon(
                                 partial(
                                     run_pruner,
@@ -279,6 +282,22 @@ class Daemon:
             finally:
                 self._supervisor = None
                 self.changes.listener = None
+
+    async def run_webhooks(self, store: JobStore) -> None:
+        """The leader's notifier (signed webhooks), when any can be sent, until cancelled."""
+        if not self.settings.webhook_keys:
+            return  # no key: no webhook can be signed, so none is configured
+        from kied.webhooks import WebhookNotifier
+
+        notifier = WebhookNotifier(
+            store=store,
+            settings=self.settings,
+            changes=self.changes,
+            metrics=self.metrics,
+            now=self.now,
+            transport=self._webhook_transport,
+        )
+        await notifier.run()
 
     async def run_job_listener(
         self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

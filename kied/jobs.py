@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import trio
 
@@ -22,6 +22,7 @@ from kied.core.jobs import (
     TERMINAL_STATES,
     EndedBy,
     EventKind,
+    EventType,
     Job,
     JobId,
     JobState,
@@ -30,13 +31,14 @@ from kied.core.jobs import (
     TaskId,
 )
 from kied.core.views import job_view
+from kied.settings import TERMINAL_EVENTS
 
 if TYPE_CHECKING:
     import builtins
     from collections.abc import Awaitable
 
     from kied.changes import JobChanges
-    from kied.core._json import JsonObject
+    from kied.core._json import JsonObject, JsonValue
     from kied.settings import Settings
     from kied.store import Event, JobStore, StoredCallback
 
@@ -113,7 +115,11 @@ class JobsService:
         Raises:
             BadRequestError: the body is not a job request.
         """
-        sub = _read_submission(body, default_timeout_s=self._settings.job_timeout_s)
+        sub = _read_submission(
+            body,
+            default_timeout_s=self._settings.job_timeout_s,
+            can_sign=bool(self._settings.webhook_keys),
+        )
         now = self._now()
         new = NewJob(
             id=JobId(uuid.uuid4().hex),
@@ -212,10 +218,54 @@ class JobsService:
         return await store.get_job(JobId(job_id)), False
 
 
-def _read_submission(body: object, *, default_timeout_s: float) -> _Submission:
+def _read_webhook(body: Mapping[str, object], *, can_sign: bool) -> JsonObject | None:
+    """A job's own webhook (``webhook_url``, ``webhook_events``), as kept with its request."""
+    url = body.get("webhook_url")
+    events = body.get("webhook_events")
+    if url is None:
+        if events is not None:
+            raise BadRequestError("webhook_events", "needs a webhook_url")
+        return None
+    if not isinstance(url, str) or len(url) > 2000:
+        raise BadRequestError("webhook_url", "must be an http:// or https:// URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequestError("webhook_url", "must be an http:// or https:// URL")
+    if not can_sign:
+        raise BadRequestError(
+            "webhook_url", "webhooks are signed: the daemon needs KIED_WEBHOOK_SECRET"
+        )
+    known = {e.value for e in EventType}
+    chosen: list[JsonValue]
+    if events is None:
+        chosen = list(sorted(TERMINAL_EVENTS))
+    elif (
+        not isinstance(events, list)
+        or not events
+        or not all(isinstance(e, str) and e in known for e in events)
+    ):
+        raise BadRequestError("webhook_events", f"must be a list of event types: {sorted(known)}")
+    else:
+        chosen = list(sorted({str(e) for e in events}))
+    return {"url": url, "events": chosen}
+
+
+def _read_submission(
+    body: object, *, default_timeout_s: float, can_sign: bool = False
+) -> _Submission:
     if not isinstance(body, Mapping):
         raise BadRequestError("body", "must be a JSON object")
-    known = {"model", "family", "input", "task_id", "timeout_s", "idempotency_key", "metadata"}
+    known = {
+        "model",
+        "family",
+        "input",
+        "task_id",
+        "timeout_s",
+        "idempotency_key",
+        "metadata",
+        "webhook_url",
+        "webhook_events",
+    }
     unknown = sorted(set(body) - known)
     if unknown:
         raise BadRequestError(unknown[0], "is not a field of a job request")
@@ -267,6 +317,9 @@ def _read_submission(body: object, *, default_timeout_s: float) -> _Submission:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise BadRequestError("metadata", "must be a JSON object")
+    webhook = _read_webhook(body, can_sign=can_sign)
+    if webhook is not None:
+        request = {**(request or {}), "webhook": webhook}
     return _Submission(
         family=family,
         model=model.strip() if isinstance(model, str) else None,

@@ -219,6 +219,15 @@ class Metrics:
         )
         for source in ("callback", "create"):
             self._other_tasks.labels(source=source)
+        self._webhook_attempts = Counter(
+            "kied_webhook_attempts",
+            "Webhook delivery attempts, by result: delivered (2xx), retry (tried again"
+            " later), failed (out of attempts), gone (410: the endpoint was disabled).",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("delivered", "retry", "failed", "gone"):
+            self._webhook_attempts.labels(result=result)
         self._lock_acquisitions = Counter(
             "kied_lock_acquisitions",
             "Times this instance took the leadership lock (became ACTIVE).",
@@ -279,6 +288,9 @@ class Metrics:
 
     def other_task(self, source: str) -> None:
         self._other_tasks.labels(source=source).inc()
+
+    def webhook_attempt(self, result: str) -> None:
+        self._webhook_attempts.labels(result=result).inc()
 
     def lock_acquired(self) -> None:
         self._lock_acquisitions.inc()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os.path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NoReturn
 from urllib.parse import urlsplit
 
+from kied.core.jobs import EventType
+from kied.core.webhooks import DEFAULT_SCHEDULE_S, parse_secret
 from kied.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENVIRONMENT_HELP",
+    "TERMINAL_EVENTS",
     "FileLockSettings",
     "LogFormat",
     "NoLockSettings",
@@ -34,6 +37,10 @@ __all__ = [
 
 SECONDS = 1.0
 MIB = 1024 * 1024
+#: the events webhooks tell of unless told otherwise: the ones that end a job
+TERMINAL_EVENTS: frozenset[str] = frozenset(
+    e.value for e in EventType if e not in (EventType.CREATED, EventType.SUBMITTED)
+)
 
 #: ``text``: plain lines; ``json``: one JSON object per line, for log shippers
 LogFormat = Literal["text", "json"]
@@ -100,6 +107,18 @@ class Settings:
     resubmit_wait_s: float = 300 * SECONDS
     #: how long events are kept in the event log (GET /v1/events, webhooks)
     event_retention_s: float = 7 * 86400 * SECONDS
+    #: endpoints told of every job event (Standard Webhooks); each job may name its own too
+    webhook_urls: tuple[str, ...] = ()
+    #: the keys webhooks are signed with (decoded ``whsec_…``); several while rotating
+    webhook_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    #: the event types the endpoints of ``webhook_urls`` are told of
+    webhook_events: frozenset[str] = TERMINAL_EVENTS
+    #: the delay before each attempt of a delivery (the first is usually 0)
+    webhook_schedule_s: tuple[float, ...] = DEFAULT_SCHEDULE_S
+    #: one attempt, from sending to the answer
+    webhook_timeout_s: float = 15 * SECONDS
+    #: deliveries in flight to one endpoint at once
+    webhook_concurrency: int = 4
     max_callback_bytes: int = 1 * MIB
     oversized_keep_bytes: int = 64 * 1024
     #: hypercorn's bound for in-flight requests once shutdown begins
@@ -142,6 +161,14 @@ environment (flags win over the environment):
                        twice; after-wait: create the task again after KIED_RESUBMIT_WAIT
   KIED_RESUBMIT_WAIT   seconds after-wait waits for the lost task's callback; default 300
   KIED_EVENT_RETENTION_DAYS  days the event log keeps an event; default 7
+  KIED_WEBHOOK_URL     endpoint(s), comma-separated, told of job events (Standard Webhooks)
+  KIED_WEBHOOK_SECRET  whsec_BASE64 key(s) webhooks are signed with; several (space- or
+                       comma-separated) while rotating; needed for any webhook
+  KIED_WEBHOOK_EVENTS  event types sent to KIED_WEBHOOK_URL, comma-separated; default the
+                       terminal ones (job.succeeded,job.failed,job.timed_out,job.cancelled,
+                       job.updated); "all" for every type
+  KIED_WEBHOOK_RETRY_SCHEDULE  seconds before each attempt; default 0,5,300,1800,7200,
+                       18000,36000,36000
   KIED_LOG_LEVEL       DEBUG, INFO (default), WARNING, ERROR
   KIED_LOG_FORMAT      text (default) or json: one JSON object per line
 set by systemd:
@@ -237,6 +264,18 @@ def load_settings(
     if retention_src is not None:
         event_retention_s = _days(*retention_src) * 86400.0
 
+    webhook_urls = _webhook_urls(pick(None, "KIED_WEBHOOK_URL"))
+    webhook_keys = _webhook_keys(pick(None, "KIED_WEBHOOK_SECRET"))
+    if webhook_urls and not webhook_keys:
+        raise ConfigError(
+            "KIED_WEBHOOK_SECRET",
+            "KIED_WEBHOOK_URL is set: webhooks are signed, so a whsec_ secret is needed"
+            " (for example: whsec_$(openssl rand -base64 32))",
+        )
+    webhook_events = _event_types(pick(None, "KIED_WEBHOOK_EVENTS"))
+    schedule_src = pick(None, "KIED_WEBHOOK_RETRY_SCHEDULE")
+    webhook_schedule_s = DEFAULT_SCHEDULE_S if schedule_src is None else _schedule(*schedule_src)
+
     level_src = pick(flags.log_level, "KIED_LOG_LEVEL")
     log_level = "INFO"
     if level_src is not None:
@@ -276,6 +315,10 @@ def load_settings(
         resubmit=resubmit,
         resubmit_wait_s=resubmit_wait_s,
         event_retention_s=event_retention_s,
+        webhook_urls=webhook_urls,
+        webhook_keys=webhook_keys,
+        webhook_events=webhook_events,
+        webhook_schedule_s=webhook_schedule_s,
         log_level=log_level,
         log_format=log_format,
         notify_socket=notify_socket,
@@ -302,6 +345,53 @@ def _positive_seconds(name: str, value: str) -> float:
     if not 0 < seconds <= 30 * 24 * 3600:
         raise ConfigError(name, f"must be more than 0 and at most 30 days, not {value!r}")
     return seconds
+
+
+def _webhook_urls(src: tuple[str, str] | None) -> tuple[str, ...]:
+    if src is None:
+        return ()
+    name, value = src
+    return tuple(_http_url(name, part.strip()) for part in value.split(",") if part.strip())
+
+
+def _webhook_keys(src: tuple[str, str] | None) -> tuple[bytes, ...]:
+    if src is None:
+        return ()
+    name, value = src
+    keys = []
+    for part in value.replace(",", " ").split():
+        try:
+            keys.append(parse_secret(part))
+        except ValueError as exc:
+            # The message never repeats the secret.
+            raise ConfigError(name, str(exc)) from None
+    return tuple(keys)
+
+
+def _event_types(src: tuple[str, str] | None) -> frozenset[str]:
+    if src is None:
+        return TERMINAL_EVENTS
+    name, value = src
+    if value.strip().lower() == "all":
+        return frozenset(e.value for e in EventType)
+    wanted = frozenset(part.strip() for part in value.split(",") if part.strip())
+    known = {e.value for e in EventType}
+    unknown = sorted(wanted - known)
+    if unknown or not wanted:
+        raise ConfigError(
+            name, f"unknown event type {unknown[0] if unknown else value!r}; one of {sorted(known)}"
+        )
+    return wanted
+
+
+def _schedule(name: str, value: str) -> tuple[float, ...]:
+    try:
+        delays = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise ConfigError(name, f"must be seconds separated by commas, not {value!r}") from None
+    if not delays or not all(0 <= d <= 7 * 86400 for d in delays):
+        raise ConfigError(name, f"must be 1 or more delays of 0 to 604800 seconds, not {value!r}")
+    return delays
 
 
 def _days(name: str, value: str) -> float:

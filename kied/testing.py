@@ -39,9 +39,13 @@ from kied.store._base import (
     Attached,
     CallbackEffect,
     CallbackRecord,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryState,
     Event,
     InboxEntry,
     JobStore,
+    NewDelivery,
     StoredCallback,
 )
 from kied.store._common import (
@@ -53,7 +57,7 @@ from kied.store._common import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Mapping
+    from collections.abc import Collection, Mapping, Sequence
 
     import httpx
 
@@ -144,6 +148,10 @@ class MemoryStore(JobStore):
         self._inbox: list[_InboxRow] = []
         self._events: list[Event] = []
         self._cursor = 0
+        self._deliveries: dict[int, Delivery] = {}
+        self._attempts: list[DeliveryAttempt] = []
+        self._webhook_cursor = 0
+        self._disabled: dict[str, str] = {}
         self._closed = False
 
     async def _enter(self) -> None:
@@ -419,6 +427,150 @@ class MemoryStore(JobStore):
         doomed = set(sorted(old)[:limit])
         self._events = [e for e in self._events if e.cursor not in doomed]
         return len(doomed)
+
+    async def enqueue_deliveries(self, deliveries: Sequence[NewDelivery], *, cursor: int) -> int:
+        await self._enter()
+        known = {(d.event_id, d.endpoint) for d in self._deliveries.values()}
+        added = 0
+        for new in deliveries:
+            if (new.event_id, new.endpoint) in known:
+                continue
+            known.add((new.event_id, new.endpoint))
+            delivery_id = len(self._deliveries) + 1
+            self._deliveries[delivery_id] = Delivery(
+                id=delivery_id,
+                event_id=new.event_id,
+                event_cursor=new.event_cursor,
+                job_id=new.job_id,
+                type=new.type,
+                endpoint=new.endpoint,
+                body=new.body,
+                state=DeliveryState.PENDING,
+                attempts=0,
+                next_attempt_at=new.created_at,
+                created_at=new.created_at,
+                updated_at=new.created_at,
+                last_status=None,
+                last_error=None,
+                delivered_at=None,
+            )
+            added += 1
+        self._webhook_cursor = max(self._webhook_cursor, cursor)
+        return added
+
+    async def webhook_cursor(self) -> int:
+        await self._enter()
+        return self._webhook_cursor
+
+    def _pending(self) -> list[Delivery]:
+        return [d for d in self._deliveries.values() if d.state is DeliveryState.PENDING]
+
+    async def due_deliveries(
+        self, *, now: float, limit: int, per_endpoint: int = 100
+    ) -> list[Delivery]:
+        await self._enter()
+        due = sorted(
+            (
+                d
+                for d in self._pending()
+                if d.next_attempt_at is not None and d.next_attempt_at <= now
+            ),
+            key=lambda d: (d.next_attempt_at or 0.0, d.id),
+        )
+        taken: dict[str, int] = {}
+        chosen = []
+        for d in due:
+            taken[d.endpoint] = taken.get(d.endpoint, 0) + 1
+            if taken[d.endpoint] <= per_endpoint:
+                chosen.append(d)
+        return chosen[:limit]
+
+    async def next_delivery_at(self) -> float | None:
+        await self._enter()
+        times = [d.next_attempt_at for d in self._pending() if d.next_attempt_at is not None]
+        return min(times, default=None)
+
+    async def record_attempt(
+        self, attempt: DeliveryAttempt, *, state: DeliveryState, next_attempt_at: float | None
+    ) -> None:
+        await self._enter()
+        self._attempts.append(attempt)
+        delivery = self._deliveries.get(attempt.delivery_id)
+        if delivery is None or delivery.state is not DeliveryState.PENDING:
+            return
+        self._deliveries[delivery.id] = replace(
+            delivery,
+            attempts=delivery.attempts + 1,
+            state=state,
+            next_attempt_at=next_attempt_at,
+            updated_at=attempt.attempted_at,
+            last_status=attempt.status_code,
+            last_error=attempt.error,
+            delivered_at=(
+                attempt.attempted_at if state is DeliveryState.DELIVERED else delivery.delivered_at
+            ),
+        )
+
+    async def list_deliveries(
+        self,
+        *,
+        state: DeliveryState | None = None,
+        event_id: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Delivery]:
+        await self._enter()
+        found = [
+            d
+            for d in reversed(self._deliveries.values())
+            if (state is None or d.state is state)
+            and (event_id is None or d.event_id == event_id)
+            and (since is None or d.created_at >= since)
+        ]
+        return found[:limit]
+
+    async def list_attempts(self, delivery_id: int) -> list[DeliveryAttempt]:
+        await self._enter()
+        return [a for a in self._attempts if a.delivery_id == delivery_id]
+
+    async def redeliver(
+        self, *, event_id: str | None = None, failed_since: float | None = None, now: float
+    ) -> int:
+        await self._enter()
+        chosen = [
+            d
+            for d in self._deliveries.values()
+            if (event_id is not None and d.event_id == event_id)
+            or (
+                failed_since is not None
+                and d.state is DeliveryState.FAILED
+                and d.created_at >= failed_since
+            )
+        ]
+        for d in chosen:
+            self._disabled.pop(d.endpoint, None)
+            self._deliveries[d.id] = replace(
+                d, state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, updated_at=now
+            )
+        return len(chosen)
+
+    async def disable_endpoint(self, endpoint: str, *, reason: str, now: float) -> int:
+        await self._enter()
+        self._disabled[endpoint] = reason
+        failed = [d for d in self._pending() if d.endpoint == endpoint]
+        for d in failed:
+            self._deliveries[d.id] = replace(
+                d,
+                state=DeliveryState.FAILED,
+                next_attempt_at=None,
+                updated_at=now,
+                last_error=reason,
+            )
+        return len(failed)
+
+    async def disabled_endpoints(self) -> dict[str, str]:
+        await self._enter()
+        return dict(self._disabled)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

@@ -54,6 +54,7 @@ def job_view(job: Job) -> JsonObject:
             "callback_url": job.submit_callback_url,
         },
         "other_task_ids": list(job.other_task_ids),
+        "webhook": None if job.request is None else job.request.get("webhook"),
         "metadata": job.metadata,
         "idempotency_key": job.idempotency_key,
     }

@@ -12,9 +12,13 @@ from kied.settings import PostgresStoreSettings, SqliteStoreSettings
 from kied.store._base import Attached as Attached
 from kied.store._base import CallbackEffect as CallbackEffect
 from kied.store._base import CallbackRecord as CallbackRecord
+from kied.store._base import Delivery as Delivery
+from kied.store._base import DeliveryAttempt as DeliveryAttempt
+from kied.store._base import DeliveryState as DeliveryState
 from kied.store._base import Event as Event
 from kied.store._base import InboxEntry as InboxEntry
 from kied.store._base import JobStore as JobStore
+from kied.store._base import NewDelivery as NewDelivery
 from kied.store._base import StoredCallback as StoredCallback
 from kied.store._sqlite import SqliteStore as SqliteStore
 
@@ -25,9 +29,13 @@ __all__ = [
     "Attached",
     "CallbackEffect",
     "CallbackRecord",
+    "Delivery",
+    "DeliveryAttempt",
+    "DeliveryState",
     "Event",
     "InboxEntry",
     "JobStore",
+    "NewDelivery",
     "SqliteStore",
     "StoredCallback",
     "open_store",

@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Mapping
+    from collections.abc import Collection, Mapping, Sequence
 
     from kied.core._json import JsonObject
     from kied.core.jobs import Job, JobId, NewJob, Report, TaskId
@@ -16,9 +16,13 @@ __all__ = [
     "Attached",
     "CallbackEffect",
     "CallbackRecord",
+    "Delivery",
+    "DeliveryAttempt",
+    "DeliveryState",
     "Event",
     "InboxEntry",
     "JobStore",
+    "NewDelivery",
     "StoredCallback",
 ]
 
@@ -89,6 +93,57 @@ class Event:
     created_at: float
     job_id: JobId
     job: JsonObject  # the job as the API showed it when the event was written
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"  # an attempt is due (now or later)
+    DELIVERED = "delivered"  # the endpoint answered 2xx
+    FAILED = "failed"  # out of attempts, or the endpoint is gone (410): a dead letter
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewDelivery:
+    """One event to send to one endpoint."""
+
+    event_id: str
+    event_cursor: int
+    job_id: JobId
+    type: str
+    endpoint: str
+    body: str  # the JSON body, signed and sent as it is on every attempt
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delivery:
+    """One event's delivery to one endpoint, as stored."""
+
+    id: int
+    event_id: str
+    event_cursor: int
+    job_id: JobId
+    type: str
+    endpoint: str
+    body: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float | None
+    created_at: float
+    updated_at: float
+    last_status: int | None
+    last_error: str | None
+    delivered_at: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryAttempt:
+    """One try at a delivery: what the endpoint answered, or why there was no answer."""
+
+    delivery_id: int
+    attempted_at: float
+    status_code: int | None
+    duration_s: float
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,6 +268,66 @@ class JobStore(Protocol):
 
     async def prune_events(self, *, before: float, limit: int) -> int:
         """Delete at most ``limit`` of the oldest events written before ``before``; how many."""
+        ...
+
+    # -- webhook deliveries (the leader's notifier) -------------------------------------
+
+    async def enqueue_deliveries(self, deliveries: Sequence[NewDelivery], *, cursor: int) -> int:
+        """Store new deliveries (a repeat of an event and endpoint is ignored) and move the
+        notifier's cursor up to ``cursor``, in one transaction; how many were new."""
+        ...
+
+    async def webhook_cursor(self) -> int:
+        """The cursor of the last event the notifier turned into deliveries (0 at first)."""
+        ...
+
+    async def due_deliveries(
+        self, *, now: float, limit: int, per_endpoint: int = 100
+    ) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, the longest due first; at most
+        ``per_endpoint`` of each endpoint's."""
+        ...
+
+    async def next_delivery_at(self) -> float | None:
+        """When the next pending delivery is due, or None when none is pending."""
+        ...
+
+    async def record_attempt(
+        self, attempt: DeliveryAttempt, *, state: DeliveryState, next_attempt_at: float | None
+    ) -> None:
+        """Record an attempt and what follows: delivered, failed, or the next attempt's time."""
+        ...
+
+    async def list_deliveries(
+        self,
+        *,
+        state: DeliveryState | None = None,
+        event_id: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Delivery]:
+        """Deliveries, newest first; ``since``: created at or after."""
+        ...
+
+    async def list_attempts(self, delivery_id: int) -> list[DeliveryAttempt]:
+        """A delivery's attempts, oldest first."""
+        ...
+
+    async def redeliver(
+        self, *, event_id: str | None = None, failed_since: float | None = None, now: float
+    ) -> int:
+        """Send again, from the first attempt: the deliveries of ``event_id``, or those that
+        failed and were created at or after ``failed_since``. Their endpoints are enabled
+        again. How many."""
+        ...
+
+    async def disable_endpoint(self, endpoint: str, *, reason: str, now: float) -> int:
+        """Stop sending to ``endpoint`` (it answered 410): its pending deliveries fail, and
+        no new ones are made until a redelivery enables it. How many failed."""
+        ...
+
+    async def disabled_endpoints(self) -> dict[str, str]:
+        """Disabled endpoints, with why."""
         ...
 
     async def aclose(self) -> None:

@@ -111,8 +111,56 @@ CREATE INDEX events_created_at ON events (created_at);
 CREATE INDEX callback_inbox_job_id ON callback_inbox (job_id);
 """
 
+# Webhook deliveries: one row per event and endpoint, every attempt recorded; kied_state
+# holds the notifier's cursor in the event log and the endpoints that asked to be disabled.
+_SQLITE_0004: Final[LiteralString] = """
+CREATE TABLE webhook_deliveries (
+    id              INTEGER PRIMARY KEY,
+    event_id        TEXT NOT NULL,
+    event_cursor    INTEGER NOT NULL,
+    job_id          TEXT NOT NULL,
+    type            TEXT NOT NULL,
+    endpoint        TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT,
+    delivered_at    REAL,
+    UNIQUE (event_id, endpoint)
+);
+
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_at);
+
+CREATE INDEX webhook_deliveries_created_at ON webhook_deliveries (created_at);
+
+CREATE TABLE webhook_attempts (
+    id              INTEGER PRIMARY KEY,
+    delivery_id     INTEGER NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+    attempted_at    REAL NOT NULL,
+    status_code     INTEGER,
+    duration_s      REAL NOT NULL,
+    error           TEXT
+);
+
+CREATE INDEX webhook_attempts_delivery ON webhook_attempts (delivery_id);
+
+CREATE TABLE kied_state (
+    name            TEXT PRIMARY KEY,
+    value           TEXT NOT NULL
+);
+"""
+
 #: SQLite migrations, oldest first.
-SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (_SQLITE_0001, _SQLITE_0002, _SQLITE_0003)
+SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (
+    _SQLITE_0001,
+    _SQLITE_0002,
+    _SQLITE_0003,
+    _SQLITE_0004,
+)
 
 # The same tables as SQLite's. JSON is kept as the text Python wrote, as in SQLite: jsonb
 # would refuse values Python's json reads and writes (NaN, "\u0000") and change others
@@ -256,11 +304,53 @@ END
 $$;
 """
 
+_POSTGRES_0004: Final[LiteralString] = """
+CREATE TABLE webhook_deliveries (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id        text NOT NULL,
+    event_cursor    bigint NOT NULL,
+    job_id          text NOT NULL,
+    type            text NOT NULL,
+    endpoint        text NOT NULL,
+    body            text NOT NULL,
+    state           text NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at double precision,
+    created_at      double precision NOT NULL,
+    updated_at      double precision NOT NULL,
+    last_status     integer,
+    last_error      text,
+    delivered_at    double precision,
+    UNIQUE (event_id, endpoint)
+);
+
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_at);
+
+CREATE INDEX webhook_deliveries_created_at ON webhook_deliveries (created_at);
+
+CREATE TABLE webhook_attempts (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id     bigint NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+    attempted_at    double precision NOT NULL,
+    status_code     integer,
+    duration_s      double precision NOT NULL,
+    error           text
+);
+
+CREATE INDEX webhook_attempts_delivery ON webhook_attempts (delivery_id);
+
+CREATE TABLE kied_state (
+    name            text PRIMARY KEY,
+    value           text NOT NULL
+);
+"""
+
 #: PostgreSQL migrations, oldest first.
 POSTGRES_MIGRATIONS: Final[tuple[LiteralString, ...]] = (
     _POSTGRES_0001,
     _POSTGRES_0002,
     _POSTGRES_0003,
+    _POSTGRES_0004,
 )
 
 #: Migrations by dialect name.

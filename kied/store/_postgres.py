@@ -66,6 +66,7 @@ from kied.store._common import (
     stored_callback_from_row,
     waiting_report,
 )
+from kied.store._deliveries import DeliveryMethods, DeliverySql
 from kied.store._migrations import POSTGRES_MIGRATIONS
 from kied.store._queue import CallbackQueue
 
@@ -728,7 +729,7 @@ def _execute(sql: LiteralString, params: Mapping[str, Any], conn: _Connection) -
 # ---------------------------------------------------------------------------- the store
 
 
-class PostgresStore(CallbackQueue[_QueuedCallback], JobStore):
+class PostgresStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
     """:class:`~kied.store.JobStore` on a PostgreSQL database, shared by every instance.
 
     Each operation is one function run in one worker thread on one pooled connection:
@@ -815,6 +816,14 @@ class PostgresStore(CallbackQueue[_QueuedCallback], JobStore):
                 await store.aclose()
             raise
         return store
+
+    _deliveries = DeliverySql(psycopg=True)
+
+    async def _db_read(self, operation: Callable[[Any], _T]) -> _T:
+        return await self._read(operation)
+
+    async def _db_write(self, operation: Callable[[Any], _T]) -> _T:
+        return await self._write(operation)
 
     async def _read(self, query: Callable[[_Connection], _T]) -> _T:
         return await self._run(lambda conn, attempt: query(conn), write=False)

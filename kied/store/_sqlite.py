@@ -6,7 +6,7 @@ import json
 import sqlite3
 from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Final, LiteralString, TypeVar
+from typing import TYPE_CHECKING, Any, Final, LiteralString, TypeVar
 
 import trio
 
@@ -53,6 +53,7 @@ from kied.store._common import (
     stored_callback_from_row,
     waiting_report,
 )
+from kied.store._deliveries import DeliveryMethods, DeliverySql
 from kied.store._migrations import SQLITE_MIGRATIONS
 from kied.store._queue import CallbackQueue
 
@@ -467,7 +468,7 @@ def _record_callbacks(
 # ---------------------------------------------------------------------------- the store
 
 
-class SqliteStore(CallbackQueue[_QueuedCallback], JobStore):
+class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
     """:class:`~kied.store.JobStore` on one SQLite file.
 
     Every operation is one transaction run in one worker-thread call, through a
@@ -521,6 +522,18 @@ class SqliteStore(CallbackQueue[_QueuedCallback], JobStore):
         with _map_store_errors():
             conn = await trio.to_thread.run_sync(_connect, path, limiter=limiter)
         return cls(conn, limiter)
+
+    _deliveries = DeliverySql(psycopg=False)
+
+    async def _db_read(self, operation: Callable[[Any], _T]) -> _T:
+        return await self._run(operation)
+
+    async def _db_write(self, operation: Callable[[Any], _T]) -> _T:
+        def in_transaction(conn: sqlite3.Connection) -> _T:
+            with _write_transaction(conn):
+                return operation(conn)
+
+        return await self._run(in_transaction)
 
     async def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._conn is None:

@@ -78,7 +78,9 @@ class Stack:
 
         async def run() -> None:
             with scope:
-                await self.daemon.run_pollers(self.store)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.daemon.run_pollers, self.store)
+                    nursery.start_soon(self.daemon.run_webhooks, self.store)
 
         self.leading = scope
         self.nursery.start_soon(run)
@@ -107,7 +109,12 @@ def sim_config(**changes: Any) -> SimulatorConfig:
 
 @asynccontextmanager
 async def open_stack(
-    tmp_path: Path, config: SimulatorConfig, *, lead: bool = True, **setting_changes: Any
+    tmp_path: Path,
+    config: SimulatorConfig,
+    *,
+    lead: bool = True,
+    webhook_transport: httpx.AsyncBaseTransport | None = None,
+    **setting_changes: Any,
 ) -> AsyncIterator[Stack]:
     store = MemoryStore()
     holder: dict[str, Daemon] = {}
@@ -125,6 +132,7 @@ async def open_stack(
             now=wall_clock,
             kie_transport=transport,
             store=store,
+            webhook_transport=webhook_transport,
         )
         holder["daemon"] = daemon
         async with (

@@ -37,7 +37,14 @@ from kied.core.jobs import (
 )
 from kied.errors import ConfigError, ConflictError, IllegalTransitionError, StoreUnavailableError
 from kied.settings import PostgresStoreSettings, SqliteStoreSettings
-from kied.store import CallbackEffect, CallbackRecord, JobStore, SqliteStore, open_store
+from kied.store import (
+    CallbackEffect,
+    CallbackRecord,
+    DeliveryState,
+    JobStore,
+    SqliteStore,
+    open_store,
+)
 from kied.store._migrations import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from kied.store._postgres import PostgresStore, _Attempt, _conninfo, _may_retry
 from kied.testing import MemoryStore, make_inbox_entry, make_new_job
@@ -1831,3 +1838,114 @@ async def test_a_jobs_callback_trail(store: JobStore) -> None:
     ]
     assert [c.entry.task_id for c in await store.list_callbacks(job_id=other.id)] == ["t-other"]
     assert len(await store.list_callbacks(job_id=job.id, task_id=TaskId("t-1"))) == 2
+
+
+# ------------------------------------------------------------------- webhook deliveries
+
+
+def _delivery(event_id: str, endpoint: str, *, cursor: int = 1, at: float = 1_000.0):
+    from kied.store import NewDelivery
+
+    return NewDelivery(
+        event_id=event_id,
+        event_cursor=cursor,
+        job_id=JobId("job-1"),
+        type="job.succeeded",
+        endpoint=endpoint,
+        body='{"type":"job.succeeded"}',
+        created_at=at,
+    )
+
+
+async def test_deliveries_are_queued_once_and_the_cursor_only_grows(store: JobStore) -> None:
+    assert await store.webhook_cursor() == 0
+    first = [_delivery("evt_1", "https://a.test/h"), _delivery("evt_1", "https://b.test/h")]
+    assert await store.enqueue_deliveries(first, cursor=5) == 2
+    # a new leader that read the log from an older cursor repeats them: nothing doubles
+    assert await store.enqueue_deliveries(first, cursor=3) == 0
+    assert await store.webhook_cursor() == 5
+    assert await store.enqueue_deliveries([], cursor=9) == 0
+    assert await store.webhook_cursor() == 9
+    listed = await store.list_deliveries()
+    assert [(d.event_id, d.endpoint, d.state, d.attempts) for d in listed] == [
+        ("evt_1", "https://b.test/h", DeliveryState.PENDING, 0),
+        ("evt_1", "https://a.test/h", DeliveryState.PENDING, 0),
+    ]
+    assert listed[0].body == '{"type":"job.succeeded"}'
+
+
+async def test_attempts_move_a_delivery_on(store: JobStore) -> None:
+    from kied.store import DeliveryAttempt
+
+    await store.enqueue_deliveries(
+        [
+            _delivery("evt_1", "https://a.test/h"),
+            _delivery("evt_2", "https://a.test/h", at=1_001.0),
+        ],
+        cursor=2,
+    )
+    assert await store.next_delivery_at() == 1_000.0
+    due = await store.due_deliveries(now=1_000.5, limit=10)
+    assert [d.event_id for d in due] == ["evt_1"]
+    one = due[0]
+    attempt = DeliveryAttempt(
+        delivery_id=one.id, attempted_at=1_002.0, status_code=500, duration_s=0.1, error="HTTP 500"
+    )
+    await store.record_attempt(attempt, state=DeliveryState.PENDING, next_attempt_at=1_007.0)
+    assert [d.event_id for d in await store.due_deliveries(now=1_005.0, limit=10)] == ["evt_2"]
+    ok = DeliveryAttempt(
+        delivery_id=one.id, attempted_at=1_008.0, status_code=204, duration_s=0.05, error=None
+    )
+    await store.record_attempt(ok, state=DeliveryState.DELIVERED, next_attempt_at=None)
+    [after] = await store.list_deliveries(event_id="evt_1")
+    assert (after.state, after.attempts, after.last_status, after.delivered_at) == (
+        DeliveryState.DELIVERED,
+        2,
+        204,
+        1_008.0,
+    )
+    assert [(a.status_code, a.error) for a in await store.list_attempts(one.id)] == [
+        (500, "HTTP 500"),
+        (204, None),
+    ]
+    # an attempt that finishes after the delivery stopped being pending changes nothing
+    await store.record_attempt(attempt, state=DeliveryState.FAILED, next_attempt_at=None)
+    [still] = await store.list_deliveries(event_id="evt_1")
+    assert still.state is DeliveryState.DELIVERED
+    assert await store.next_delivery_at() == 1_001.0
+
+
+async def test_a_gone_endpoint_is_disabled_and_redelivery_enables_it(store: JobStore) -> None:
+    await store.enqueue_deliveries(
+        [
+            _delivery("evt_1", "https://gone.test/h"),
+            _delivery("evt_2", "https://gone.test/h", at=1_001.0),
+            _delivery("evt_2", "https://ok.test/h", at=1_001.0),
+        ],
+        cursor=2,
+    )
+    assert await store.disable_endpoint("https://gone.test/h", reason="410 Gone", now=1_010.0) == 2
+    assert await store.disabled_endpoints() == {"https://gone.test/h": "410 Gone"}
+    failed = await store.list_deliveries(state=DeliveryState.FAILED)
+    assert {(d.event_id, d.last_error) for d in failed} == {
+        ("evt_1", "410 Gone"),
+        ("evt_2", "410 Gone"),
+    }
+    assert await store.list_deliveries(state=DeliveryState.FAILED, since=1_000.5) == failed[:1]
+    assert await store.redeliver(failed_since=1_001.0, now=1_020.0) == 1
+    assert await store.disabled_endpoints() == {}
+    due = await store.due_deliveries(now=1_020.0, limit=10)
+    assert {(d.event_id, d.endpoint, d.attempts) for d in due} == {
+        ("evt_2", "https://gone.test/h", 0),
+        ("evt_2", "https://ok.test/h", 0),
+    }
+    assert await store.redeliver(event_id="evt_1", now=1_030.0) == 1
+    assert await store.redeliver(event_id="nope", now=1_030.0) == 0
+
+
+async def test_a_backlog_at_one_endpoint_hides_no_other(store: JobStore) -> None:
+    backlog = [_delivery(f"evt_{i}", "https://dead.test/h", at=1_000.0 + i) for i in range(20)]
+    later = [_delivery("evt_late", "https://ok.test/h", at=1_050.0)]
+    await store.enqueue_deliveries([*backlog, *later], cursor=21)
+    due = await store.due_deliveries(now=2_000.0, limit=10, per_endpoint=4)
+    assert [d.event_id for d in due] == ["evt_0", "evt_1", "evt_2", "evt_3", "evt_late"]

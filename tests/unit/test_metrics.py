@@ -111,6 +111,7 @@ def test_the_exposition_parses_and_has_every_metric_from_the_start():
         "kied_task_adoptions",
         "kied_lost_submissions",
         "kied_other_tasks",
+        "kied_webhook_attempts",
         "kied_lock_acquisitions",
         "kied_lock_losses",
         "kied_build_info",
