@@ -1,4 +1,5 @@
-"""The ``kied`` command: serve, inspect-callback, simulate, submit, status, jobs, demo.
+"""The ``kied`` command: serve, inspect-callback, simulate, submit, status, jobs, deliveries,
+redeliver, demo.
 
 This is the entry point: the only place that reads ``os.environ``, configures logging
 and installs signal handlers.
@@ -38,6 +39,9 @@ commands:
   submit            submit a job to a running daemon: kied submit --model M --input JSON [--wait]
   status            print a job: kied status JOB [--wait]
   jobs              list jobs as a table: kied jobs [--state S] [--limit N] [--json]
+  deliveries        list webhook deliveries: kied deliveries [--failed|--state S] [--event ID]
+                    [--since T] [--limit N] [--json]
+  redeliver         send webhooks again: kied redeliver EVENT_ID, or --failed --since T
   demo              a simulator and a daemon in one process, N jobs, one table (kied demo --help)
 """
 
@@ -60,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kied.kie.simulator import main as simulate
 
         return simulate(rest)
-    if command in ("submit", "status", "jobs"):
+    if command in ("submit", "status", "jobs", "deliveries", "redeliver"):
         from kied.client_cli import main as client
 
         return client(command, rest, os.environ)

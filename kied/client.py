@@ -2,7 +2,7 @@
 
 :class:`Client` is for plain Python, :class:`AsyncClient` for asyncio (most bot frameworks)
 and trio alike. Both answer with typed, frozen results (:class:`Job`, :class:`Event`,
-:class:`CallbackRecord`) and raise :class:`KiedClientError` subclasses that carry the API's
+:class:`CallbackRecord`, :class:`DeliveryRecord`) and raise :class:`KiedClientError` subclasses that carry the API's
 own words::
 
     from kied.client import Client
@@ -33,6 +33,12 @@ The iterator never ends by itself: it long-polls ``GET /v1/events``, and after a
 failure or a server error it reconnects with a capped back-off, carrying on after the last
 event it yielded, so every event comes once and in order.
 
+When the daemon sends webhooks, ``deliveries()`` shows what became of them and
+``redeliver()`` sends them again::
+
+    failed = kied.deliveries(state="failed")
+    kied.redeliver(failed_since=datetime.now(UTC) - timedelta(hours=2))
+
 Requests that are safe to repeat (reads, cancels, and a submit with an
 ``idempotency_key``) are retried after a network failure; a submit without a key is retried
 only when it surely never reached the daemon.
@@ -62,6 +68,8 @@ __all__ = [
     "BadRequestError",
     "CallbackRecord",
     "Client",
+    "DeliveryAttemptRecord",
+    "DeliveryRecord",
     "Event",
     "EventPage",
     "Job",
@@ -344,12 +352,115 @@ class CallbackRecord:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryAttemptRecord:
+    """One try at a webhook delivery: what the endpoint answered, or why there was no answer."""
+
+    attempted_at: datetime | None
+    status_code: int | None  # None: no answer (see error)
+    duration_ms: float
+    error: str | None  # "HTTP 500", a network error, "no answer within 15 s", ...
+
+    @classmethod
+    def from_json(cls, data: object) -> DeliveryAttemptRecord:
+        """An attempt from the API's JSON.
+
+        Raises:
+            ValueError: ``data`` is not an attempt.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("a delivery attempt is a JSON object")
+        duration = data.get("duration_ms")
+        return cls(
+            attempted_at=_time(data.get("attempted_at")),
+            status_code=_optional_int(data.get("status_code")),
+            duration_ms=(
+                float(duration)
+                if isinstance(duration, int | float) and not isinstance(duration, bool)
+                else 0.0
+            ),
+            error=_str(data.get("error")),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryRecord:
+    """One event's webhook delivery to one endpoint, and every attempt at it.
+
+    ``endpoint`` shows the URL's query, which may hold a secret, as ``?…``. ``attempts``
+    counts the attempts since it was last queued (a redelivery starts again from 0);
+    ``history`` holds every attempt ever made, oldest first.
+    """
+
+    id: int
+    event_id: str  # "evt_…": the webhook-id the endpoint got
+    type: str  # "job.succeeded", ...
+    job_id: str | None
+    endpoint: str
+    state: str  # pending, delivered, failed
+    attempts: int
+    next_attempt_at: datetime | None  # when pending
+    created_at: datetime | None
+    updated_at: datetime | None
+    delivered_at: datetime | None
+    last_status: int | None
+    last_error: str | None
+    history: tuple[DeliveryAttemptRecord, ...]
+    raw: dict[str, Any] = field(hash=False, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: object) -> DeliveryRecord:
+        """A delivery from the API's JSON.
+
+        Raises:
+            ValueError: ``data`` is not a delivery.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("a delivery is a JSON object")
+        delivery_id, event_id = data.get("id"), data.get("event_id")
+        kind, endpoint, state = data.get("type"), data.get("endpoint"), data.get("state")
+        if (
+            not isinstance(delivery_id, int)
+            or isinstance(delivery_id, bool)
+            or not isinstance(event_id, str)
+            or not isinstance(kind, str)
+            or not isinstance(endpoint, str)
+            or not isinstance(state, str)
+        ):
+            raise ValueError("a delivery has an id, an event id, a type, an endpoint and a state")
+        history = data.get("history")
+        return cls(
+            id=delivery_id,
+            event_id=event_id,
+            type=kind,
+            job_id=_str(data.get("job_id")),
+            endpoint=endpoint,
+            state=state,
+            attempts=_int(data.get("attempts")),
+            next_attempt_at=_time(data.get("next_attempt_at")),
+            created_at=_time(data.get("created_at")),
+            updated_at=_time(data.get("updated_at")),
+            delivered_at=_time(data.get("delivered_at")),
+            last_status=_optional_int(data.get("last_status")),
+            last_error=_str(data.get("last_error")),
+            history=tuple(
+                DeliveryAttemptRecord.from_json(a)
+                for a in (history if isinstance(history, list) else ())
+            ),
+            raw=data,
+        )
+
+
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _optional_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _strings(value: object) -> tuple[str, ...]:
@@ -464,6 +575,35 @@ def _events_call(after: int, limit: int, wait: float) -> _Call:
     )
 
 
+def _instant(value: datetime | float | str) -> float | str:
+    # A datetime that names no zone is UTC, as the daemon takes an ISO time without one.
+    if isinstance(value, datetime):
+        return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).timestamp()
+    return value
+
+
+def _deliveries_call(
+    state: str | None, event_id: str | None, since: datetime | float | str | None, limit: int
+) -> _Call:
+    params = httpx.QueryParams({"limit": limit})
+    for key, value in (("state", state), ("event_id", event_id)):
+        if value is not None:
+            params = params.set(key, value)
+    if since is not None:
+        params = params.set("since", _instant(since))
+    return _Call(method="GET", path="/v1/deliveries", params=params)
+
+
+def _redeliver_call(event_id: str | None, failed_since: datetime | float | str | None) -> _Call:
+    body: dict[str, Any] = {}
+    if event_id is not None:
+        body["event_id"] = event_id
+    if failed_since is not None:
+        body["failed_since"] = _instant(failed_since)
+    # Sent twice, the deliveries would start again twice: retried only when surely unsent.
+    return _Call(method="POST", path="/v1/deliveries/redeliver", body=body, repeatable=False)
+
+
 def _read_timeout(timeout: httpx.Timeout, hold_s: float) -> httpx.Timeout:
     if not hold_s or timeout.read is None:
         return timeout
@@ -543,6 +683,20 @@ def _callbacks_answer(body: dict[str, Any], url: httpx.URL) -> builtins.list[Cal
     if not isinstance(found, list):
         raise ServerError(f"{url} did not answer like kied: no callbacks")
     return [_parse(CallbackRecord.from_json, c, url) for c in found]
+
+
+def _deliveries_answer(body: dict[str, Any], url: httpx.URL) -> builtins.list[DeliveryRecord]:
+    found = body.get("deliveries")
+    if not isinstance(found, list):
+        raise ServerError(f"{url} did not answer like kied: no deliveries")
+    return [_parse(DeliveryRecord.from_json, d, url) for d in found]
+
+
+def _redelivered_answer(body: dict[str, Any], url: httpx.URL) -> int:
+    count = body.get("redelivered")
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise ServerError(f"{url} did not answer like kied: no count of redeliveries")
+    return count
 
 
 def _page_answer(body: dict[str, Any], after: int, url: httpx.URL) -> EventPage:
@@ -753,6 +907,49 @@ class Client:
         """
         _, body = self._send(_callbacks_call(job_id, limit))
         return _callbacks_answer(body, self._http.base_url)
+
+    def deliveries(
+        self,
+        state: str | None = None,
+        event_id: str | None = None,
+        since: datetime | float | str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[DeliveryRecord]:
+        """Webhook deliveries, newest first, with their attempts (``GET /v1/deliveries``).
+
+        Args:
+            state: only those ``pending``, ``delivered`` or ``failed``.
+            event_id: only the deliveries of this event (``evt_…``).
+            since: only those made at or after this: a datetime (UTC when naive), epoch
+                seconds, or an ISO 8601 string.
+            limit: at most this many (1 to 1000).
+
+        Raises:
+            BadRequestError: an unknown state, a bad time or limit.
+            UnauthorizedError: the token is missing or wrong.
+            ServerError: the daemon failed or could not be reached.
+        """
+        _, body = self._send(_deliveries_call(state, event_id, since, limit))
+        return _deliveries_answer(body, self._http.base_url)
+
+    def redeliver(
+        self, event_id: str | None = None, failed_since: datetime | float | str | None = None
+    ) -> int:
+        """Send webhook deliveries again from their first attempt; how many
+        (``POST /v1/deliveries/redeliver``). Their endpoints are enabled again.
+
+        Args:
+            event_id: every delivery of this event, whatever became of it.
+            failed_since: or every failed delivery made at or after this: a datetime (UTC
+                when naive), epoch seconds, or an ISO 8601 string. Give exactly one.
+
+        Raises:
+            BadRequestError: neither or both given, or a bad time; ``field`` names it.
+            UnauthorizedError: the token is missing or wrong.
+            ServerError: the daemon failed or could not be reached.
+        """
+        _, body = self._send(_redeliver_call(event_id, failed_since))
+        return _redelivered_answer(body, self._http.base_url)
 
     def events_page(self, after: int = 0, *, limit: int = 100, wait: float = 0) -> EventPage:
         """One ``GET /v1/events``: the events after cursor ``after``, oldest first.
@@ -1047,6 +1244,61 @@ class AsyncClient:
         """
         _, body = await self._send(_callbacks_call(job_id, limit))
         return _callbacks_answer(body, self._http.base_url)
+
+    async def deliveries(
+        self,
+        state: str | None = None,
+        event_id: str | None = None,
+        since: datetime | float | str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[DeliveryRecord]:
+        """Webhook deliveries, newest first, with their attempts (``GET /v1/deliveries``).
+
+        Args:
+            state: only those ``pending``, ``delivered`` or ``failed``.
+            event_id: only the deliveries of this event (``evt_…``).
+            since: only those made at or after this: a datetime (UTC when naive), epoch
+                seconds, or an ISO 8601 string.
+            limit: at most this many (1 to 1000).
+
+        Raises:
+            BadRequestError: an unknown state, a bad time or limit.
+            UnauthorizedError: the token is missing or wrong.
+            ServerError: the daemon failed or could not be reached.
+
+        Cancellation:
+            Safe to cancel at any point.
+
+        Resource handling:
+            Uses a pooled connection of the client; nothing is left open.
+        """
+        _, body = await self._send(_deliveries_call(state, event_id, since, limit))
+        return _deliveries_answer(body, self._http.base_url)
+
+    async def redeliver(
+        self, event_id: str | None = None, failed_since: datetime | float | str | None = None
+    ) -> int:
+        """Send webhook deliveries again from their first attempt; how many
+        (``POST /v1/deliveries/redeliver``). Their endpoints are enabled again.
+
+        Args:
+            event_id: every delivery of this event, whatever became of it.
+            failed_since: or every failed delivery made at or after this: a datetime (UTC
+                when naive), epoch seconds, or an ISO 8601 string. Give exactly one.
+
+        Raises:
+            BadRequestError: neither or both given, or a bad time; ``field`` names it.
+            UnauthorizedError: the token is missing or wrong.
+            ServerError: the daemon failed or could not be reached.
+
+        Cancellation:
+            Cancelling after the request was sent may still send the deliveries again.
+
+        Resource handling:
+            Uses a pooled connection of the client; nothing is left open.
+        """
+        _, body = await self._send(_redeliver_call(event_id, failed_since))
+        return _redelivered_answer(body, self._http.base_url)
 
     async def events_page(self, after: int = 0, *, limit: int = 100, wait: float = 0) -> EventPage:
         """One ``GET /v1/events``: the events after cursor ``after``, oldest first.

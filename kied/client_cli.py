@@ -1,11 +1,13 @@
-"""``kied submit``, ``kied status``, ``kied jobs`` and ``kied demo``: the jobs API from a shell.
+"""``kied submit``, ``status``, ``jobs``, ``deliveries``, ``redeliver``, ``demo``: kied from a shell.
 
-The first three talk to a running daemon over its ``/v1`` API (``--url``/``KIED_URL``,
-``--token``/``KIED_API_TOKEN``). Every failure is one line on stderr, and the exit status
-says which kind it was:
+All but ``demo`` talk to a running daemon over its ``/v1`` API (``--url``/``KIED_URL``,
+``--token``/``KIED_API_TOKEN``); ``deliveries`` and ``redeliver`` show and send again the
+webhooks the daemon sends. Every failure is one line on stderr, and the exit status says
+which kind it was:
 
 ====  =====================================================================================
-0     the job was created or found (with ``--wait``: it succeeded)
+0     the job was created or found (with ``--wait``: it succeeded); deliveries were listed,
+      or sent again
 1     the job failed, timed out or was cancelled
 2     bad usage, or the daemon refused the request (4xx); the line names the field
 3     the daemon cannot be reached, or answered with a server error or not like kied
@@ -22,9 +24,10 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import quote
 
@@ -32,6 +35,7 @@ import httpx
 
 from kied._apierror import api_error_line
 from kied._apierror import one_line as _one_line
+from kied._times import parse_instant
 from kied.jobs import MAX_WAIT_S
 
 if TYPE_CHECKING:
@@ -62,6 +66,23 @@ exit status: 0 created/found (with --wait: succeeded), 1 failed, timed out or ca
 4 --wait ran out while the job was still running, 130 interrupted while waiting
 """
 
+_WEBHOOKS_EPILOG = """\
+environment (flags win over the environment):
+  KIED_URL         the daemon's URL; default http://127.0.0.1:8080
+  KIED_API_TOKEN   bearer token the daemon's /v1 API requires, if it requires one
+
+times (T): ISO 8601 (2026-01-31T09:00:00Z; UTC unless it names an offset), epoch
+seconds (1769850000), or a time ago: -30m, -2h, -1d (also s)
+
+exit status: 0 done, 2 bad usage or refused by the daemon (4xx),
+3 daemon unreachable or broken (5xx)
+"""
+#: ``-2h``: a time ago, for ``--since``
+_AGO = re.compile(r"-?(\d+(?:\.\d*)?|\.\d+)([smhd])")
+_UNIT_S: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+#: how much of an error a table cell shows
+_CELL_CHARS: Final = 60
+
 
 class _ExitError(Exception):
     """Stop the command with ``status``, after printing ``line`` on stderr."""
@@ -80,16 +101,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(command: str, argv: Sequence[str], environ: Mapping[str, str]) -> int:
-    """Run ``kied submit``, ``kied status`` or ``kied jobs``; returns the exit status.
+    """Run ``kied submit``, ``status``, ``jobs``, ``deliveries`` or ``redeliver``; the exit status.
 
     Args:
-        command: ``submit``, ``status`` or ``jobs``.
+        command: ``submit``, ``status``, ``jobs``, ``deliveries`` or ``redeliver``.
         argv: the arguments after the command word.
         environ: the process environment, for ``KIED_URL`` and ``KIED_API_TOKEN``.
     """
-    commands = {"submit": _submit, "status": _status, "jobs": _jobs}
+    commands = {
+        "submit": _submit,
+        "status": _status,
+        "jobs": _jobs,
+        "deliveries": _deliveries,
+        "redeliver": _redeliver,
+    }
     try:
-        return commands[command](_expand_bare_wait(argv), environ)
+        return commands[command](_attach_since(_expand_bare_wait(argv)), environ)
     except _ExitError as exc:
         print(exc.line, file=sys.stderr)
         return exc.status
@@ -234,6 +261,105 @@ def _jobs(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         _emit(json.dumps(found, ensure_ascii=False, indent=2))
     else:
         _emit(_jobs_table(found, now=time.time()))
+    return _EXIT_OK
+
+
+def _deliveries(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    parser = _parser(
+        "kied deliveries",
+        "List webhook deliveries, newest first, as a table, then the endpoints disabled\n"
+        "after a 410. An endpoint's query, which may hold a secret, is shown as ?….",
+        epilog=_WEBHOOKS_EPILOG,
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--failed", action="store_true", help="only failed deliveries (dead letters)"
+    )
+    which.add_argument(
+        "--state", metavar="STATE", help="only deliveries in this state: pending, delivered, failed"
+    )
+    parser.add_argument("--event", metavar="EVENT_ID", help="only the deliveries of this event")
+    parser.add_argument(
+        "--since", metavar="T", type=_instant, help="only deliveries made at or after T"
+    )
+    parser.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="at most N deliveries (daemon default 100)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    args = parser.parse_args(list(argv))
+    query = httpx.QueryParams()
+    state = "failed" if args.failed else args.state
+    for key, value in (
+        ("state", state),
+        ("event_id", args.event),
+        ("since", None if args.since is None else f"{args.since:.3f}"),
+        ("limit", args.limit),
+    ):
+        if value is not None:
+            query = query.set(key, value)
+    with _Api.open(args, environ) as api:
+        answer = api.call("GET", "/v1/deliveries", params=query)
+    found, disabled = answer.get("deliveries"), answer.get("disabled_endpoints")
+    if not isinstance(found, list) or not isinstance(disabled, dict):
+        raise _ExitError(_EXIT_UNREACHABLE, f"kied: {api.url} did not answer like kied")
+    if args.json:
+        _emit(json.dumps(answer, ensure_ascii=False, indent=2))
+        return _EXIT_OK
+    parts = [_deliveries_table(found, now=time.time()) if found else "no delivery"]
+    if disabled:
+        parts.append("\ndisabled endpoints (kied redeliver enables an endpoint again):")
+        parts.append(_table([(f"  {url}", _one_line(str(why))) for url, why in disabled.items()]))
+    _emit("\n".join(parts))
+    return _EXIT_OK
+
+
+def _redeliver(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    parser = _parser(
+        "kied redeliver",
+        "Send webhook deliveries again, from their first attempt: every delivery of one\n"
+        "event (kied redeliver EVENT_ID), or every failed one made since a time\n"
+        "(kied redeliver --failed --since T). Their endpoints are enabled again.",
+        epilog=_WEBHOOKS_EPILOG,
+    )
+    parser.add_argument(
+        "event", nargs="?", metavar="EVENT_ID", help="the event (evt_…) to send again"
+    )
+    parser.add_argument(
+        "--failed", action="store_true", help="the failed deliveries (dead letters) instead"
+    )
+    parser.add_argument(
+        "--since",
+        metavar="T",
+        type=_instant,
+        help="with --failed: those made at or after T (--since 0: every one)",
+    )
+    args = parser.parse_args(list(argv))
+    body: dict[str, Any]
+    if args.event is not None:
+        if args.failed or args.since is not None:
+            raise _ExitError(
+                _EXIT_BAD_USAGE, "kied redeliver: give EVENT_ID or --failed --since T, not both"
+            )
+        body = {"event_id": args.event}
+        what, which = "deliver", f"of event {args.event}"
+    elif not args.failed:
+        raise _ExitError(_EXIT_BAD_USAGE, "kied redeliver: give EVENT_ID, or --failed --since T")
+    elif args.since is None:
+        raise _ExitError(
+            _EXIT_BAD_USAGE,
+            "kied redeliver: --failed needs --since T (--since 0 for every failed delivery)",
+        )
+    else:
+        body = {"failed_since": args.since}
+        what, which = "failed deliver", f"made since {_iso(args.since)}"
+    with _Api.open(args, environ) as api:
+        count = api.call("POST", "/v1/deliveries/redeliver", json=body).get("redelivered")
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise _ExitError(_EXIT_UNREACHABLE, f"kied: {api.url} did not answer like kied")
+    if count == 0:
+        _emit(f"nothing sent again: no {what}y {which}")
+    else:
+        _emit(f"sent again: {count} {what}{'y' if count == 1 else 'ies'} {which}")
     return _EXIT_OK
 
 
@@ -420,6 +546,34 @@ def _callbacks_table(callbacks: Sequence[Mapping[str, Any]]) -> str:
     return _table(rows)
 
 
+def _deliveries_table(deliveries: Sequence[Mapping[str, Any]], *, now: float) -> str:
+    """``kied deliveries``'s table: event, type, endpoint, state, attempts, last, next."""
+    header = ("EVENT", "TYPE", "ENDPOINT", "STATE", "ATTEMPTS", "LAST", "NEXT ATTEMPT")
+    rows: list[tuple[str, ...]] = [header]
+    for d in deliveries:
+        rows.append(
+            (
+                str(d.get("event_id") or "-"),
+                str(d.get("type") or "-"),
+                str(d.get("endpoint") or "-"),
+                str(d.get("state") or "-"),
+                str(d.get("attempts", "-")),
+                _last_outcome(d),
+                _until(d.get("next_attempt_at"), now) if d.get("state") == "pending" else "-",
+            )
+        )
+    return _table(rows)
+
+
+def _last_outcome(delivery: Mapping[str, Any]) -> str:
+    """What the endpoint last said: its error (``HTTP 500``, a network error) or status."""
+    error, status = delivery.get("last_error"), delivery.get("last_status")
+    if error:
+        text = _one_line(str(error))
+        return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 1] + "…"
+    return "-" if status is None else str(status)
+
+
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -429,28 +583,49 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def _age(created_at: object, now: float) -> str:
-    if not isinstance(created_at, str):
+    created = _epoch(created_at)
+    return "-" if created is None else _span(now - created)
+
+
+def _until(at: object, now: float) -> str:
+    when = _epoch(at)
+    if when is None:
         return "-"
+    return "now" if when <= now else f"in {_span(when - now)}"
+
+
+def _epoch(text: object) -> float | None:
+    if not isinstance(text, str):
+        return None
     try:
-        created = datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp()
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
-        return "-"
-    seconds = max(0.0, now - created)
+        return None
+
+
+def _span(seconds: float) -> str:
+    seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
 
 
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 # ============================================================================================
 # Flags
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _parser(
+    prog: str, description: str, *, epilog: str = _CLIENT_EPILOG
+) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
         description=description,
-        epilog=_CLIENT_EPILOG,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
@@ -476,6 +651,19 @@ def _expand_bare_wait(argv: Sequence[str]) -> list[str]:
     for i, arg in enumerate(out):
         if arg == "--wait" and i + 1 < len(out) and not _is_number(out[i + 1]):
             out[i] = f"--wait={_DEFAULT_WAIT_S:g}"
+    return out
+
+
+def _attach_since(argv: Sequence[str]) -> list[str]:
+    """``--since -2h`` means ``--since=-2h``: argparse takes ``-2h`` for a flag otherwise."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--since":
+            value = next(args, None)
+            out.append(arg if value is None else f"--since={value}")
+        else:
+            out.append(arg)
     return out
 
 
@@ -509,6 +697,16 @@ def _number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds, not {text!r}")
     return value
+
+
+def _instant(text: str) -> float:
+    """Epoch seconds from ISO 8601, epoch seconds, or a time ago (``-2h``)."""
+    if m := _AGO.fullmatch(text.strip()):
+        return time.time() - float(m[1]) * _UNIT_S[m[2]]
+    try:
+        return parse_instant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or -30m, -2h, -1d), not {text!r}") from None
 
 
 def _positive_int(text: str) -> int:

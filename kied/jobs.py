@@ -30,8 +30,9 @@ from kied.core.jobs import (
     Report,
     TaskId,
 )
-from kied.core.views import job_view
+from kied.core.views import iso, job_view
 from kied.settings import TERMINAL_EVENTS
+from kied.store import DeliveryState
 
 if TYPE_CHECKING:
     import builtins
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from kied.changes import JobChanges
     from kied.core._json import JsonObject, JsonValue
     from kied.settings import Settings
-    from kied.store import Event, JobStore, StoredCallback
+    from kied.store import Delivery, DeliveryAttempt, Event, JobStore, StoredCallback
 
 __all__ = ["BadRequestError", "JobsService", "callback_url", "job_to_json"]
 
@@ -205,6 +206,66 @@ class JobsService:
     def changed(self) -> trio.Event:
         """An event set at the next job change this process sees (take it before reading)."""
         return self._changes.next_change()
+
+    async def deliveries(
+        self, *, state: str | None, event_id: str | None, since: float | None, limit: int
+    ) -> builtins.list[tuple[Delivery, builtins.list[DeliveryAttempt]]]:
+        """Webhook deliveries, newest first, each with its attempts, oldest first.
+
+        Args:
+            state: only deliveries in this state (``pending``, ``delivered``, ``failed``).
+            event_id: only the deliveries of this event.
+            since: only deliveries created at or after this (epoch seconds).
+            limit: at most this many deliveries.
+
+        Raises:
+            BadRequestError: an unknown state.
+        """
+        if state is not None and state not in DeliveryState.__members__.values():
+            choices = ", ".join(s.value for s in DeliveryState)
+            raise BadRequestError("state", f"unknown state {state!r}: one of {choices}")
+        store = await self._store()
+        found = await store.list_deliveries(
+            state=None if state is None else DeliveryState(state),
+            event_id=event_id,
+            since=since,
+            limit=limit,
+        )
+        return [(delivery, await store.list_attempts(delivery.id)) for delivery in found]
+
+    async def redeliver(self, *, event_id: str | None, failed_since: float | None) -> int:
+        """Send deliveries again from their first attempt; how many.
+
+        Exactly one of the two: every delivery of ``event_id``, whatever its state, or
+        every failed delivery created at or after ``failed_since``. Their endpoints are
+        enabled again. The leader's notifier sends them within a second or so, on whichever
+        instance leads.
+
+        Raises:
+            BadRequestError: neither or both given, or an empty event id.
+        """
+        if event_id is None and failed_since is None:
+            raise BadRequestError("event_id", "give an event_id, or failed_since")
+        if event_id is not None and failed_since is not None:
+            raise BadRequestError("failed_since", "give an event_id or failed_since, not both")
+        if event_id is not None and not event_id.strip():
+            raise BadRequestError("event_id", "must be an event id (evt_…)")
+        store = await self._store()
+        count = await store.redeliver(event_id=event_id, failed_since=failed_since, now=self._now())
+        logger.info(
+            "[GEN] webhooks: %d deliveries to send again (%s)",
+            count,
+            f"event {event_id}"
+            if event_id is not None
+            else f"failed, made since {iso(failed_since)}",
+            extra={"action": "webhook_redeliver", "count": count},
+        )
+        return count
+
+    async def disabled_endpoints(self) -> dict[str, str]:
+        """Webhook endpoints disabled after a 410, with why (until a redelivery)."""
+        store = await self._store()
+        return await store.disabled_endpoints()
 
     async def cancel(self, job_id: str) -> tuple[Job | None, bool]:
         """Stop tracking a job; ``(job, changed)``. A job that already ended is left as it is."""

@@ -6,24 +6,27 @@ import codecs
 import hmac
 import json
 import logging
+import math
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from kied._times import parse_instant
 from kied.core.views import iso
 from kied.jobs import MAX_WAIT_S, BadRequestError, JobsService, job_to_json
 from kied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kied.service import CallbackService, RawCallback
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
     from kied.metrics import Metrics
     from kied.settings import Settings
-    from kied.store import Event, StoredCallback
+    from kied.store import Delivery, DeliveryAttempt, Event, StoredCallback
 
 __all__ = ["DaemonStatus", "create_app"]
 
@@ -116,6 +119,7 @@ def create_app(
     app.add_url_rule("/callbacks/kie/", "callback_slash", callback, methods=["POST"])
 
     _add_jobs_api(app, jobs, settings.api_token)
+    _add_deliveries_api(app, jobs)
 
     @app.errorhandler(BadRequestError)
     async def bad_request(exc: BadRequestError) -> tuple[dict[str, Any], int]:
@@ -216,6 +220,46 @@ def _add_jobs_api(app: QuartTrio, jobs: JobsService, api_token: str | None) -> N
         }, 200
 
 
+def _add_deliveries_api(app: QuartTrio, jobs: JobsService) -> None:
+    # Behind the /v1 token check that _add_jobs_api installs for every /v1/ path.
+
+    @app.get("/v1/deliveries")
+    async def deliveries() -> tuple[dict[str, Any], int]:
+        since = request.args.get("since")
+        found = await jobs.deliveries(
+            state=request.args.get("state") or None,
+            event_id=request.args.get("event_id") or None,
+            since=None if since is None else _instant("since", since),
+            limit=_int_arg("limit", 100, low=1, high=1000),
+        )
+        disabled = await jobs.disabled_endpoints()
+        return {
+            "deliveries": [_delivery_to_json(d, attempts) for d, attempts in found],
+            "disabled_endpoints": {
+                _shown_endpoint(url): _without_secrets(reason, url)
+                for url, reason in disabled.items()
+            },
+        }, 200
+
+    @app.post("/v1/deliveries/redeliver")
+    async def redeliver() -> tuple[dict[str, Any], int]:
+        body = await request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            return _bad("body", 'must be a JSON object: {"event_id": …} or {"failed_since": …}')
+        unknown = sorted(set(body) - {"event_id", "failed_since"})
+        if unknown:
+            return _bad(unknown[0], "is not a field of a redelivery (event_id, failed_since)")
+        event_id = body.get("event_id")
+        if event_id is not None and not isinstance(event_id, str):
+            return _bad("event_id", "must be an event id (evt_…)")
+        failed_since = body.get("failed_since")
+        count = await jobs.redeliver(
+            event_id=event_id,
+            failed_since=None if failed_since is None else _instant("failed_since", failed_since),
+        )
+        return {"redelivered": count}, 200
+
+
 def _int_arg(name: str, default: int, *, low: int, high: int | None = None) -> int:
     text = request.args.get(name)
     return default if text is None else _whole_number(name, text, low=low, high=high)
@@ -244,6 +288,18 @@ def _seconds_arg(name: str, default: float) -> float:
     if not 0 <= value <= MAX_WAIT_S:
         raise BadRequestError(name, f"must be between 0 and {MAX_WAIT_S:g} seconds")
     return value
+
+
+def _instant(name: str, value: object) -> float:
+    """Epoch seconds from a number of them, or from an ISO 8601 time (UTC unless it says)."""
+    if isinstance(value, str):
+        try:
+            return parse_instant(value)
+        except ValueError as exc:
+            raise BadRequestError(name, str(exc)) from None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise BadRequestError(name, "must be epoch seconds or an ISO 8601 time")
 
 
 def _metadata_args() -> dict[str, str]:
@@ -331,6 +387,55 @@ def _callback_to_json(stored: StoredCallback) -> dict[str, Any]:
         "content_type": entry.content_type,
         "body": decoder.decode(shown, final=len(shown) == len(entry.body)),
     }
+
+
+def _delivery_to_json(delivery: Delivery, attempts: Sequence[DeliveryAttempt]) -> dict[str, Any]:
+    endpoint = delivery.endpoint
+    return {
+        "id": delivery.id,
+        "event_id": delivery.event_id,
+        "type": delivery.type,
+        "job_id": delivery.job_id,
+        "endpoint": _shown_endpoint(endpoint),
+        "state": delivery.state.value,
+        "attempts": delivery.attempts,
+        "next_attempt_at": iso(delivery.next_attempt_at),
+        "created_at": iso(delivery.created_at),
+        "updated_at": iso(delivery.updated_at),
+        "delivered_at": iso(delivery.delivered_at),
+        "last_status": delivery.last_status,
+        "last_error": _without_secrets(delivery.last_error, endpoint),
+        "history": [
+            {
+                "attempted_at": iso(a.attempted_at),
+                "status_code": a.status_code,
+                "duration_ms": round(a.duration_s * 1000, 1),
+                "error": _without_secrets(a.error, endpoint),
+            }
+            for a in attempts
+        ],
+    }
+
+
+def _shown_endpoint(url: str) -> str:
+    """An endpoint as the API shows it: its query (which may hold a secret) as ``?…``, and
+    no user or password. Unlike :func:`kied.webhooks.safe_url`, the port stays, and a query
+    is seen to be there."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
+
+
+def _without_secrets(text: str | None, endpoint: str) -> str | None:
+    """``text`` (an error about ``endpoint``) with the endpoint's query and password hidden."""
+    if text is None:
+        return None
+    parts = urlsplit(endpoint)
+    text = text.replace(endpoint, _shown_endpoint(endpoint))
+    for secret in (parts.query, parts.password):
+        if secret:
+            text = text.replace(secret, "…")
+    return text
 
 
 def _bad(field: str, detail: str) -> tuple[dict[str, Any], int]:
