@@ -13,12 +13,12 @@ import socket
 
 import trio
 
-__all__ = ["Notifier", "run_watchdog"]
+__all__ = ["SystemdNotifier", "run_watchdog"]
 
 logger = logging.getLogger(__name__)
 
 
-class Notifier:
+class SystemdNotifier:
     """Sends notifications to systemd; does nothing when ``address`` is ``None``.
 
     A failed send is logged once, as a warning, and later failures at debug level: a
@@ -56,7 +56,7 @@ class Notifier:
 
 
 async def run_watchdog(
-    notifier: Notifier,
+    notifier: SystemdNotifier,
     interval_s: float,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,

@@ -85,7 +85,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: Longest the daemon holds one long poll (``kied.jobs.MAX_WAIT_S``); longer waits take rounds.
+#: Longest the daemon holds one long poll (``kied.api.MAX_WAIT_S``); longer waits take rounds.
 _MAX_WAIT_S: Final = 300.0
 _DEFAULT_TIMEOUT_S: Final = 10.0
 _DEFAULT_RETRIES: Final = 2

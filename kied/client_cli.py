@@ -36,7 +36,7 @@ import httpx
 from kied._apierror import api_error_line
 from kied._apierror import one_line as _one_line
 from kied._times import parse_instant
-from kied.jobs import MAX_WAIT_S
+from kied.api import MAX_WAIT_S
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence

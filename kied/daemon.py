@@ -25,16 +25,16 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from kied import __version__
-from kied._sdnotify import Notifier, run_watchdog
+from kied._sdnotify import SystemdNotifier, run_watchdog
+from kied.api import JobsService
 from kied.changes import JobChanges
 from kied.core.jobs import JobId
 from kied.core.schedule import CallbackHealth
 from kied.errors import LeadershipLostError, StoreError, StoreUnavailableError
-from kied.jobs import JobsService
+from kied.intake import CallbackIntake
 from kied.leadership import Leader, open_leadership
 from kied.metrics import Metrics
 from kied.pruner import run_pruner
-from kied.service import CallbackService
 from kied.settings import FileLockSettings, NoLockSettings, PostgresStoreSettings, Settings
 from kied.store import JobStore, open_store
 
@@ -92,7 +92,7 @@ class Daemon:
             pollers=lambda: 0 if self._supervisor is None else self._supervisor.polling,
         )
         self.changes = JobChanges(metrics=self.metrics, health=self.health_of_callbacks, now=now)
-        self.callbacks = CallbackService(
+        self.callbacks = CallbackIntake(
             settings,
             store=self.store,
             now=now,
@@ -101,7 +101,7 @@ class Daemon:
             on_callback=self._callback_seen,
         )
         self.jobs = JobsService(settings, store=self.store, now=now, changes=self.changes)
-        self.notifier = Notifier(settings.notify_socket)
+        self.systemd = SystemdNotifier(settings.notify_socket)
         self._status_sent: str | None = None
         self._stopping = False
 
@@ -118,7 +118,7 @@ class Daemon:
             lines = (*lines, f"STATUS={status}")
             self._status_sent = status
         if lines:
-            self.notifier.notify(*lines)
+            self.systemd.notify(*lines)
 
     def stopping(self) -> None:
         """Shutdown has begun: tell systemd, which then no longer expects watchdog pings.
@@ -411,7 +411,7 @@ async def run(
         async with trio.open_nursery() as storage:
             if settings.watchdog_s is not None:
                 # In this nursery, so that the pings go on while requests drain.
-                storage.start_soon(run_watchdog, daemon.notifier, settings.watchdog_s / 2)
+                storage.start_soon(run_watchdog, daemon.systemd, settings.watchdog_s / 2)
             await storage.start(daemon.run_storage)
             if isinstance(settings.store, PostgresStoreSettings):
                 storage.start_soon(daemon.run_job_listener, settings.store.url)

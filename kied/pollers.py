@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 import trio.lowlevel
 
+from kied.api import callback_url
 from kied.core.families import Family
 from kied.core.jobs import (
     ACTIVE_STATES,
@@ -42,13 +43,12 @@ from kied.errors import (
     UpstreamError,
     UpstreamRejectedError,
 )
-from kied.jobs import callback_url
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from kied.changes import JobChanges
-    from kied.core._json import JsonObject
+    from kied.core import JsonObject
     from kied.kie.client import TaskStatus
     from kied.metrics import Metrics
     from kied.settings import Settings

@@ -16,10 +16,10 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from kied._times import parse_instant
+from kied.api import MAX_WAIT_S, BadRequestError, JobsService, job_to_json
 from kied.core.views import iso
-from kied.jobs import MAX_WAIT_S, BadRequestError, JobsService, job_to_json
+from kied.intake import CallbackIntake, RawCallback
 from kied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from kied.service import CallbackService, RawCallback
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -62,7 +62,7 @@ class DaemonStatus(Protocol):
 
 def create_app(
     *,
-    callbacks: CallbackService,
+    callbacks: CallbackIntake,
     jobs: JobsService,
     status: DaemonStatus,
     settings: Settings,

@@ -41,7 +41,7 @@ import httpx
 import trio
 
 from kied import __version__
-from kied.core._extract import as_int, clean_id, loads
+from kied.core import as_int, clean_id, loads
 from kied.core.families import SPECS, Family, StatusReading, read_status
 from kied.core.jobs import TaskId
 from kied.errors import UpstreamBusyError as UpstreamBusyError
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
         Mapping,
     )
 
-    from kied.core._json import JsonObject, JsonValue
+    from kied.core import JsonObject, JsonValue
 
 __all__ = [
     "KieClient",

@@ -20,6 +20,7 @@ from kied.store._base import InboxEntry as InboxEntry
 from kied.store._base import JobStore as JobStore
 from kied.store._base import NewDelivery as NewDelivery
 from kied.store._base import StoredCallback as StoredCallback
+from kied.store._memory import MemoryStore as MemoryStore
 from kied.store._sqlite import SqliteStore as SqliteStore
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "Event",
     "InboxEntry",
     "JobStore",
+    "MemoryStore",
     "NewDelivery",
     "SqliteStore",
     "StoredCallback",

@@ -30,7 +30,7 @@ import pytest
 import trio
 import yaml
 
-from kied._sdnotify import Notifier, run_watchdog
+from kied._sdnotify import SystemdNotifier, run_watchdog
 from kied.settings import ENVIRONMENT_HELP, PgLockSettings, PostgresStoreSettings, load_settings
 from tests.conftest import FIXTURES, REPO
 from tests.procs import PYTHON, free_port, kied, mode, read_url, stop, wait_until
@@ -248,11 +248,11 @@ def notify_listener(request: pytest.FixtureRequest) -> Iterator[NotifyListener]:
 
 
 def test_notifier_without_systemd_does_nothing():
-    assert Notifier(None).notify("READY=1") is False
+    assert SystemdNotifier(None).notify("READY=1") is False
 
 
 def test_notifier_failure_is_logged_once_loudly(tmp_path, caplog):
-    notifier = Notifier(str(tmp_path / "nobody-listens"))
+    notifier = SystemdNotifier(str(tmp_path / "nobody-listens"))
     with caplog.at_level(logging.DEBUG, logger="kied._sdnotify"):
         assert notifier.notify("READY=1") is False
         assert notifier.notify("STATUS=ACTIVE") is False
@@ -262,7 +262,7 @@ def test_notifier_failure_is_logged_once_loudly(tmp_path, caplog):
 
 async def test_watchdog_pings_at_the_interval(notify_listener, autojump_clock):
     with trio.move_on_after(0.35):
-        await run_watchdog(Notifier(notify_listener.address), 0.1)
+        await run_watchdog(SystemdNotifier(notify_listener.address), 0.1)
     notify_listener.sock.setblocking(False)
     pings = []
     with contextlib.suppress(BlockingIOError):

@@ -22,8 +22,8 @@ from kied.core.jobs import EndedBy, JobState
 from kied.core.schedule import CallbackHealth
 from kied.daemon import Daemon
 from kied.errors import StoreUnavailableError
+from kied.intake import CallbackIntake, RawCallback
 from kied.metrics import Metrics
-from kied.service import CallbackService, RawCallback
 from kied.settings import NoLockSettings
 from kied.testing import MemoryStore
 from kied.web import create_app
@@ -345,7 +345,7 @@ class CallbackFirst(httpx.AsyncBaseTransport):
     answer comes back; ``job_id`` says whether it carries kied's job id from its URL."""
 
     def __init__(
-        self, inner: httpx.AsyncBaseTransport, callbacks: CallbackService, *, job_id: bool
+        self, inner: httpx.AsyncBaseTransport, callbacks: CallbackIntake, *, job_id: bool
     ) -> None:
         self.inner = inner
         self.callbacks = callbacks
@@ -395,7 +395,7 @@ async def test_a_callback_before_createtask_answers_is_counted_once(
         callbacks = daemon.callbacks
         if where == "elsewhere":
             # Its own clock, a little behind; its own counts.
-            callbacks = CallbackService(
+            callbacks = CallbackIntake(
                 daemon.settings,
                 store=daemon.store,
                 now=lambda: daemon.now() - 0.25,

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
+from kied.api import callback_url
 from kied.core.jobs import EndedBy, JobId, JobState, TaskId
-from kied.jobs import callback_url
-from kied.kie._sim_core import TaskOverrides
-from kied.kie._sim_families import Family as SimFamily
+from kied.kie.simulator import Family as SimFamily
+from kied.kie.simulator import TaskOverrides
 from kied.pollers import LOST_SUBMISSION
 from kied.store import CallbackEffect
 from tests.conftest import wait_for

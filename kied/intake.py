@@ -1,6 +1,6 @@
 """The callback intake: parse, authenticate, record, apply, wake.
 
-The HTTP layer hands every request to :meth:`CallbackService.handle` and answers 200
+The HTTP layer hands every request to :meth:`CallbackIntake.handle` and answers 200
 whatever happens here; this module makes sure what was sent is recorded.
 """
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from kied.metrics import Metrics
     from kied.settings import Settings
 
-__all__ = ["CallbackService", "RawCallback", "report_for"]
+__all__ = ["CallbackIntake", "RawCallback", "report_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def report_for(parsed: CallbackOutcome | Unrecognised) -> Report | None:
     )
 
 
-class CallbackService:
+class CallbackIntake:
     """Records every callback durably and applies the authentic ones to their jobs."""
 
     def __init__(

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from kied.changes import JobChanges
-    from kied.core._json import JsonObject, JsonValue
+    from kied.core import JsonObject, JsonValue
     from kied.settings import Settings
     from kied.store import Delivery, DeliveryAttempt, Event, JobStore, StoredCallback
 
