@@ -6,7 +6,8 @@
     KIED_WEBHOOK_URL pointing at a receiving HTTP server in this process, which verifies
     every delivery with the reference ``standardwebhooks`` package. JOBS tasks are created
     at the simulator with kied's callback URL and tracked through `POST /v1/jobs`
-    (`task_id`), so KIE's createTask rate limit does not pace the run. Measured per job:
+    (`task_id`), so KIE's createTask rate limit does not pace the run; tasks take 15–25 s,
+    so that every job is tracked before its task calls back. Measured per job:
     the simulator sending the task's callback → the receiver holding the verified
     ``job.succeeded`` event (wall clock, one machine), p50/p99/max.
 (b) Resume: from RESUMES random cursors of the event log, page `GET /v1/events` to its
@@ -83,7 +84,7 @@ def receiver() -> tuple[ThreadingHTTPServer, dict[str, float], list[str]]:
 
 def latency_and_resume(jobs: int, resumes: int) -> None:
     server, arrived, refused = receiver()
-    sim = kied("simulate", "--port", "0", "--duration", "4-8", "--seed", "21")
+    sim = kied("simulate", "--port", "0", "--duration", "15-25", "--seed", "21")
     sim_url = read_url(sim, stream="stdout")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
