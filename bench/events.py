@@ -6,7 +6,7 @@
     KIED_WEBHOOK_URL pointing at a receiving HTTP server in this process, which verifies
     every delivery with the reference ``standardwebhooks`` package. JOBS tasks are created
     at the simulator with kied's callback URL and tracked through `POST /v1/jobs`
-    (`task_id`), so KIE's createTask rate limit does not pace the run; tasks take 15–25 s,
+    (`task_id`), so KIE's createTask rate limit does not pace the run; tasks take 15-25 s,
     so that every job is tracked before its task calls back. Measured per job:
     the simulator sending the task's callback → the receiver holding the verified
     ``job.succeeded`` event (wall clock, one machine), p50/p99/max.
