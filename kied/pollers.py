@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -36,6 +35,7 @@ from kied.core.schedule import (
     first_poll_delay,
     next_poll_delay,
 )
+from kied.core.views import iso
 from kied.errors import (
     ConflictError,
     StoreError,
@@ -84,13 +84,9 @@ class _StoppingError(Exception):
     """The daemon is stopping: no new createTask is sent."""
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _lost_report(job: Job, *, by_deadline: bool) -> Report:
     sent_at = job.submit_sent_at
-    when = "" if sent_at is None else f" at {_iso(sent_at)}"
+    when = "" if sent_at is None else f" at {iso(sent_at)}"
     why = (
         "no callback named the task it may have created before the deadline"
         if by_deadline
@@ -582,7 +578,7 @@ class PollerSupervisor:
             )
             await self._note(
                 job.id,
-                f"createTask sent at {_iso(sent_at)} got no answer; waiting up to {bound} for"
+                f"createTask sent at {iso(sent_at)} got no answer; waiting up to {bound} for"
                 " the callback of the task it may have created",
             )
         try:
@@ -605,7 +601,7 @@ class PollerSupervisor:
                 "[GEN] job %s: no callback named the task of the createTask sent at %s;"
                 " creating it again (KIED_RESUBMIT=after-wait): KIE may now run two tasks",
                 job.id,
-                _iso(sent_at),
+                iso(sent_at),
                 extra={"action": "task_recreated", "job_id": job.id},
             )
             return job

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 from kied._times import parse_instant
 from kied.api import MAX_WAIT_S, BadRequestError, JobsService, job_to_json
 from kied.core.views import iso
+from kied.core.webhooks import safe_url
 from kied.intake import CallbackIntake, RawCallback
 from kied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -236,8 +237,7 @@ def _add_deliveries_api(app: QuartTrio, jobs: JobsService) -> None:
         return {
             "deliveries": [_delivery_to_json(d, attempts) for d, attempts in found],
             "disabled_endpoints": {
-                _shown_endpoint(url): _without_secrets(reason, url)
-                for url, reason in disabled.items()
+                safe_url(url): _without_secrets(reason, url) for url, reason in disabled.items()
             },
         }, 200
 
@@ -396,7 +396,7 @@ def _delivery_to_json(delivery: Delivery, attempts: Sequence[DeliveryAttempt]) -
         "event_id": delivery.event_id,
         "type": delivery.type,
         "job_id": delivery.job_id,
-        "endpoint": _shown_endpoint(endpoint),
+        "endpoint": safe_url(endpoint),
         "state": delivery.state.value,
         "attempts": delivery.attempts,
         "next_attempt_at": iso(delivery.next_attempt_at),
@@ -417,21 +417,12 @@ def _delivery_to_json(delivery: Delivery, attempts: Sequence[DeliveryAttempt]) -
     }
 
 
-def _shown_endpoint(url: str) -> str:
-    """An endpoint as the API shows it: its query (which may hold a secret) as ``?…``, and
-    no user or password. Unlike :func:`kied.webhooks.safe_url`, the port stays, and a query
-    is seen to be there."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
-
-
 def _without_secrets(text: str | None, endpoint: str) -> str | None:
     """``text`` (an error about ``endpoint``) with the endpoint's query and password hidden."""
     if text is None:
         return None
     parts = urlsplit(endpoint)
-    text = text.replace(endpoint, _shown_endpoint(endpoint))
+    text = text.replace(endpoint, safe_url(endpoint))
     for secret in (parts.query, parts.password):
         if secret:
             text = text.replace(secret, "…")

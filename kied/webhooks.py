@@ -25,14 +25,14 @@ import logging
 import math
 import random
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from kied import __version__
+from kied.core.schedule import retry_after_s
 from kied.core.views import iso
-from kied.core.webhooks import Verdict, retry_delay, sign, verdict
+from kied.core.webhooks import Verdict, retry_delay, safe_url, sign, verdict
 from kied.errors import StoreError
 from kied.store import DeliveryAttempt, DeliveryState, NewDelivery
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from kied.settings import Settings
     from kied.store import Delivery, Event, JobStore
 
-__all__ = ["WebhookNotifier", "delivery_body", "endpoints_for", "safe_url"]
+__all__ = ["WebhookNotifier", "delivery_body", "endpoints_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,6 @@ _SEND_BATCH: Final = 200
 _RECHECK_S: Final = 1.0
 #: after storage failed
 _STORE_RETRY_S: Final = 2.0
-
-
-def safe_url(url: str) -> str:
-    """An endpoint as logged: scheme, host and path, never a query that may hold a secret."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}{parts.path}"
 
 
 def delivery_body(event: Event) -> str:
@@ -230,7 +224,7 @@ class WebhookNotifier:
                 ) as response:
                     status = response.status_code
                     if status in (429, 503):
-                        retry_after = _retry_after(response.headers.get("retry-after"))
+                        retry_after = retry_after_s(response.headers.get("retry-after"))
         except trio.TooSlowError:
             error = f"no answer within {settings.webhook_timeout_s:g} s"
         except httpx.HTTPError as exc:
@@ -302,13 +296,3 @@ class WebhookNotifier:
                     "job_id": delivery.job_id,
                 },
             )
-
-
-def _retry_after(header: str | None) -> float | None:
-    if header is None:
-        return None
-    try:
-        seconds = float(header.strip())
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None

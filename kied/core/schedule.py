@@ -26,6 +26,7 @@ __all__ = [
     "backoff_delay",
     "first_poll_delay",
     "next_poll_delay",
+    "retry_after_s",
 ]
 
 #: 2**this is the largest backoff factor computed; anything past it is capped anyway.
@@ -336,3 +337,15 @@ class CallbackHealth:
         ordered = sorted(durations)
         rank = math.ceil(self._quantile * len(ordered))
         return ordered[max(rank, 1) - 1]
+
+
+def retry_after_s(header: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds; None when absent, negative, or an HTTP date
+    (not honoured)."""
+    if header is None:
+        return None
+    try:
+        seconds = float(header.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -21,6 +22,7 @@ __all__ = [
     "Verdict",
     "parse_secret",
     "retry_delay",
+    "safe_url",
     "sign",
     "verdict",
 ]
@@ -99,3 +101,11 @@ def retry_delay(
     if retry_after_s is not None and retry_after_s > delay:
         delay = min(retry_after_s, _MAX_RETRY_AFTER_S)
     return delay
+
+
+def safe_url(url: str) -> str:
+    """An endpoint as logged and shown: no user or password, and its query (which may hold
+    a secret) as ``?…``."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")

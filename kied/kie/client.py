@@ -44,6 +44,7 @@ from kied import __version__
 from kied.core import as_int, clean_id, loads
 from kied.core.families import SPECS, Family, StatusReading, read_status
 from kied.core.jobs import TaskId
+from kied.core.schedule import retry_after_s
 from kied.errors import UpstreamBusyError as UpstreamBusyError
 from kied.errors import UpstreamError, UpstreamRejectedError, UpstreamTimeoutError
 from kied.kie._ratelimit import RateLimiter
@@ -303,7 +304,7 @@ class KieClient:
             http_status=response.status_code,
             content_type=response.headers.get("content-type", ""),
             envelope=_envelope(body),
-            retry_after_s=_retry_after(response.headers.get("retry-after")),
+            retry_after_s=retry_after_s(response.headers.get("retry-after")),
         )
         logger.debug(
             "[GEN] KIE %s %s -> HTTP %d, code %s",
@@ -420,17 +421,6 @@ def _envelope(body: bytes) -> JsonObject | None:
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def _retry_after(header: str | None) -> float | None:
-    """``Retry-After`` in seconds; None when absent or an HTTP date (not honoured)."""
-    if header is None:
-        return None
-    try:
-        seconds = float(header.strip())
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _shorten(text: str) -> str:

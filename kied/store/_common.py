@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import TYPE_CHECKING, Any, Final, LiteralString
 
@@ -28,17 +29,26 @@ if TYPE_CHECKING:
     from kied.core._json import JsonObject, JsonValue
 
 __all__ = [
+    "BEGIN_SUBMISSION",
     "CALLBACK_COLUMNS",
+    "END_SUBMISSION",
     "EVENT_COLUMNS",
+    "INSERT_EVENT",
     "JOB_COLUMNS",
+    "LIST_CALLBACKS_FOR_JOB",
+    "LIST_CALLBACKS_FOR_TASK_AND_JOB",
+    "LIST_EVENTS",
     "MAX_OTHER_TASKS",
     "NO_REPORT",
+    "PRUNE_EVENTS",
+    "SET_OTHER_TASKS",
     "WAITING_CALLBACK_COLUMNS",
     "apply_statements",
     "check_limit",
     "entry_values",
     "event_from_row",
     "event_values",
+    "for_psycopg",
     "job_from_row",
     "match_callback",
     "metadata_matches",
@@ -62,6 +72,56 @@ CALLBACK_COLUMNS: Final[LiteralString] = (
     " outcome, problem, authenticated, auth, effect, matched_job_id"
 )
 EVENT_COLUMNS: Final[LiteralString] = "cursor, id, type, created_at, job_id, job"
+# Statements both databases read alike, written with SQLite's :name parameters;
+# for_psycopg() gives PostgreSQL's %(name)s form.
+SET_OTHER_TASKS: Final[LiteralString] = (
+    "UPDATE jobs SET other_task_ids = :other_task_ids, updated_at = :now WHERE id = :id"
+)
+
+BEGIN_SUBMISSION: Final[LiteralString] = (
+    "UPDATE jobs SET submit_sent_at = :now, submit_count = submit_count + 1,"
+    " submit_callback_url = :callback_url, updated_at = :now"
+    " WHERE id = :id AND state = 'submitting' AND task_id IS NULL AND submit_count = :count"
+    " RETURNING " + JOB_COLUMNS
+)
+
+END_SUBMISSION: Final[LiteralString] = (
+    "UPDATE jobs SET submit_sent_at = NULL, updated_at = :now"
+    " WHERE id = :id AND task_id IS NULL AND submit_count = :count"
+)
+
+LIST_CALLBACKS_FOR_JOB: Final[LiteralString] = (
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox"
+    " WHERE matched_job_id = :job_id OR job_id = :job_id ORDER BY id DESC LIMIT :limit"
+)
+
+LIST_CALLBACKS_FOR_TASK_AND_JOB: Final[LiteralString] = (
+    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = :task_id"
+    " AND (matched_job_id = :job_id OR job_id = :job_id) ORDER BY id DESC LIMIT :limit"
+)
+
+INSERT_EVENT: Final[LiteralString] = (
+    "INSERT INTO events (id, type, created_at, job_id, job)"
+    " VALUES (:id, :type, :created_at, :job_id, :job)"
+)
+
+LIST_EVENTS: Final[LiteralString] = (
+    "SELECT " + EVENT_COLUMNS + " FROM events WHERE cursor > :after ORDER BY cursor LIMIT :limit"
+)
+
+PRUNE_EVENTS: Final[LiteralString] = (
+    "DELETE FROM events WHERE cursor IN"
+    " (SELECT cursor FROM events WHERE created_at < :before ORDER BY cursor LIMIT :limit)"
+)
+
+
+def for_psycopg(sql: LiteralString) -> LiteralString:
+    """``sql`` with ``:name`` parameters as psycopg's ``%(name)s``; the statements given to
+    it have no other colon."""
+    converted: LiteralString = re.sub(r":(\w+)", r"%(\1)s", sql)
+    return converted
+
+
 #: An inbox row's id and the report it carried, for a callback that came before its job.
 WAITING_CALLBACK_COLUMNS: Final[LiteralString] = (
     "id, event, kie_state, result_urls, result, error_code, error_message"

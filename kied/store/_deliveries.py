@@ -8,11 +8,11 @@ on a DB-API connection.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any, Final, LiteralString, Protocol, TypeVar
 
 from kied.core.jobs import JobId
 from kied.store._base import Delivery, DeliveryAttempt, DeliveryState
+from kied.store._common import for_psycopg
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -105,12 +105,6 @@ _FAIL_ENDPOINT: Final[LiteralString] = (
 )
 
 
-def _psycopg(sql: LiteralString) -> LiteralString:
-    # :name -> %(name)s; no statement here has a ':' that is not a parameter.
-    converted: LiteralString = re.sub(r":(\w+)", r"%(\1)s", sql)
-    return converted
-
-
 class Executes(Protocol):
     """The part of a DB-API connection used here (sqlite3 and psycopg alike)."""
 
@@ -159,7 +153,7 @@ class DeliverySql:
 
     def __init__(self, *, psycopg: bool) -> None:
         def convert(sql: LiteralString) -> LiteralString:
-            return _psycopg(sql) if psycopg else sql
+            return for_psycopg(sql) if psycopg else sql
 
         self._insert = convert(_INSERT)
         self._set_cursor = convert(_SET_CURSOR)

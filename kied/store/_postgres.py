@@ -48,16 +48,24 @@ from kied.store._base import (
     StoredCallback,
 )
 from kied.store._common import (
+    BEGIN_SUBMISSION,
     CALLBACK_COLUMNS,
-    EVENT_COLUMNS,
+    END_SUBMISSION,
+    INSERT_EVENT,
     JOB_COLUMNS,
+    LIST_CALLBACKS_FOR_JOB,
+    LIST_CALLBACKS_FOR_TASK_AND_JOB,
+    LIST_EVENTS,
     NO_REPORT,
+    PRUNE_EVENTS,
+    SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
     check_limit,
     entry_values,
     event_from_row,
     event_values,
+    for_psycopg,
     job_from_row,
     match_callback,
     new_job_values,
@@ -191,20 +199,6 @@ _SET_TASK: Final[LiteralString] = (
 _NOTE_ERROR: Final[LiteralString] = (
     "UPDATE jobs SET last_error = %(message)s, updated_at = %(now)s WHERE id = %(id)s"
 )
-_SET_OTHER_TASKS: Final[LiteralString] = (
-    "UPDATE jobs SET other_task_ids = %(other_task_ids)s, updated_at = %(now)s WHERE id = %(id)s"
-)
-_BEGIN_SUBMISSION: Final[LiteralString] = (
-    "UPDATE jobs SET submit_sent_at = %(now)s, submit_count = submit_count + 1,"
-    " submit_callback_url = %(callback_url)s, updated_at = %(now)s"
-    " WHERE id = %(id)s AND state = 'submitting' AND task_id IS NULL"
-    " AND submit_count = %(count)s"
-    " RETURNING " + JOB_COLUMNS
-)
-_END_SUBMISSION: Final[LiteralString] = (
-    "UPDATE jobs SET submit_sent_at = NULL, updated_at = %(now)s"
-    " WHERE id = %(id)s AND task_id IS NULL AND submit_count = %(count)s"
-)
 
 # The compare-and-set: the row changes only from a state the event applies to
 # (``sources(event)``). Under READ COMMITTED a concurrent writer of the same row waits for
@@ -271,26 +265,6 @@ _LIST_CALLBACKS_FOR_TASK: Final[LiteralString] = (
     "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = %(task_id)s"
     " ORDER BY id DESC LIMIT %(limit)s"
 )
-_LIST_CALLBACKS_FOR_JOB: Final[LiteralString] = (
-    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox"
-    " WHERE matched_job_id = %(job_id)s OR job_id = %(job_id)s ORDER BY id DESC LIMIT %(limit)s"
-)
-_LIST_CALLBACKS_FOR_TASK_AND_JOB: Final[LiteralString] = (
-    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = %(task_id)s"
-    " AND (matched_job_id = %(job_id)s OR job_id = %(job_id)s) ORDER BY id DESC LIMIT %(limit)s"
-)
-_INSERT_EVENT: Final[LiteralString] = (
-    "INSERT INTO events (id, type, created_at, job_id, job)"
-    " VALUES (%(id)s, %(type)s, %(created_at)s, %(job_id)s, %(job)s)"
-)
-_LIST_EVENTS: Final[LiteralString] = (
-    "SELECT " + EVENT_COLUMNS + " FROM events WHERE cursor > %(after)s"
-    " ORDER BY cursor LIMIT %(limit)s"
-)
-_PRUNE_EVENTS: Final[LiteralString] = (
-    "DELETE FROM events WHERE cursor IN (SELECT cursor FROM events"
-    " WHERE created_at < %(before)s ORDER BY cursor LIMIT %(limit)s)"
-)
 _LIST_JOBS_FILTERED: Final[LiteralString] = (
     "SELECT " + JOB_COLUMNS + " FROM jobs"
     " WHERE (%(states)s::text[] IS NULL OR state = ANY(%(states)s::text[]))"
@@ -299,6 +273,16 @@ _LIST_JOBS_FILTERED: Final[LiteralString] = (
 _METADATA_MATCH: Final[LiteralString] = (
     " AND kied_metadata_matches(metadata, %(key_N)s, %(value_N)s)"
 )
+_SET_OTHER_TASKS: Final[LiteralString] = for_psycopg(SET_OTHER_TASKS)
+_BEGIN_SUBMISSION: Final[LiteralString] = for_psycopg(BEGIN_SUBMISSION)
+_END_SUBMISSION: Final[LiteralString] = for_psycopg(END_SUBMISSION)
+_LIST_CALLBACKS_FOR_JOB: Final[LiteralString] = for_psycopg(LIST_CALLBACKS_FOR_JOB)
+_LIST_CALLBACKS_FOR_TASK_AND_JOB: Final[LiteralString] = for_psycopg(
+    LIST_CALLBACKS_FOR_TASK_AND_JOB
+)
+_INSERT_EVENT: Final[LiteralString] = for_psycopg(INSERT_EVENT)
+_LIST_EVENTS: Final[LiteralString] = for_psycopg(LIST_EVENTS)
+_PRUNE_EVENTS: Final[LiteralString] = for_psycopg(PRUNE_EVENTS)
 _PING: Final[LiteralString] = "SELECT 1"
 
 

@@ -35,10 +35,17 @@ from kied.store._base import (
     StoredCallback,
 )
 from kied.store._common import (
+    BEGIN_SUBMISSION,
     CALLBACK_COLUMNS,
-    EVENT_COLUMNS,
+    END_SUBMISSION,
+    INSERT_EVENT,
     JOB_COLUMNS,
+    LIST_CALLBACKS_FOR_JOB,
+    LIST_CALLBACKS_FOR_TASK_AND_JOB,
+    LIST_EVENTS,
     NO_REPORT,
+    PRUNE_EVENTS,
+    SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
     check_limit,
@@ -132,19 +139,6 @@ _SET_TASK: Final[LiteralString] = (
 _NOTE_ERROR: Final[LiteralString] = (
     "UPDATE jobs SET last_error = :message, updated_at = :now WHERE id = :id"
 )
-_SET_OTHER_TASKS: Final[LiteralString] = (
-    "UPDATE jobs SET other_task_ids = :other_task_ids, updated_at = :now WHERE id = :id"
-)
-_BEGIN_SUBMISSION: Final[LiteralString] = (
-    "UPDATE jobs SET submit_sent_at = :now, submit_count = submit_count + 1,"
-    " submit_callback_url = :callback_url, updated_at = :now"
-    " WHERE id = :id AND state = 'submitting' AND task_id IS NULL AND submit_count = :count"
-    " RETURNING " + JOB_COLUMNS
-)
-_END_SUBMISSION: Final[LiteralString] = (
-    "UPDATE jobs SET submit_sent_at = NULL, updated_at = :now"
-    " WHERE id = :id AND task_id IS NULL AND submit_count = :count"
-)
 
 # The compare-and-set: the row changes only from a state the event applies to
 # (``sources(event)``, bound as a JSON array). In SET, column names are the old values,
@@ -207,25 +201,6 @@ _LIST_CALLBACKS: Final[LiteralString] = (
 _LIST_CALLBACKS_FOR_TASK: Final[LiteralString] = (
     "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = :task_id"
     " ORDER BY id DESC LIMIT :limit"
-)
-_LIST_CALLBACKS_FOR_JOB: Final[LiteralString] = (
-    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox"
-    " WHERE matched_job_id = :job_id OR job_id = :job_id ORDER BY id DESC LIMIT :limit"
-)
-_LIST_CALLBACKS_FOR_TASK_AND_JOB: Final[LiteralString] = (
-    "SELECT " + CALLBACK_COLUMNS + " FROM callback_inbox WHERE task_id = :task_id"
-    " AND (matched_job_id = :job_id OR job_id = :job_id) ORDER BY id DESC LIMIT :limit"
-)
-_INSERT_EVENT: Final[LiteralString] = (
-    "INSERT INTO events (id, type, created_at, job_id, job)"
-    " VALUES (:id, :type, :created_at, :job_id, :job)"
-)
-_LIST_EVENTS: Final[LiteralString] = (
-    "SELECT " + EVENT_COLUMNS + " FROM events WHERE cursor > :after ORDER BY cursor LIMIT :limit"
-)
-_PRUNE_EVENTS: Final[LiteralString] = (
-    "DELETE FROM events WHERE cursor IN"
-    " (SELECT cursor FROM events WHERE created_at < :before ORDER BY cursor LIMIT :limit)"
 )
 # One metadata condition; the n-th of a query binds :key_n and :value_n. A number's text
 # is SQLite's own (integers read back as Python writes them). Metadata that is not valid
@@ -357,7 +332,7 @@ def _apply(conn: sqlite3.Connection, job_id: JobId, report: Report, now: float) 
 
 
 def _append_event(conn: sqlite3.Connection, kind: EventType, job: Job, now: float) -> None:
-    conn.execute(_INSERT_EVENT, event_values(kind, job, now))
+    conn.execute(INSERT_EVENT, event_values(kind, job, now))
 
 
 def _select_job(conn: sqlite3.Connection, job_id: JobId) -> Job | None:
@@ -408,7 +383,7 @@ def _keep_other_task(
 ) -> None:
     value = other_tasks_value(job, task_id)
     if value is not None:
-        conn.execute(_SET_OTHER_TASKS, {"id": job.id, "other_task_ids": value, "now": now})
+        conn.execute(SET_OTHER_TASKS, {"id": job.id, "other_task_ids": value, "now": now})
 
 
 def _resolve_callback(
@@ -670,7 +645,7 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
 
         def begin(conn: sqlite3.Connection) -> Job | None:
             with _write_transaction(conn):
-                rows = conn.execute(_BEGIN_SUBMISSION, params).fetchall()
+                rows = conn.execute(BEGIN_SUBMISSION, params).fetchall()
                 return job_from_row(rows[0]) if rows else None
 
         return await self._run(begin)
@@ -678,7 +653,7 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
     async def end_submission(self, job_id: JobId, *, count: int, now: float) -> None:
         def end(conn: sqlite3.Connection) -> None:
             with _write_transaction(conn):
-                conn.execute(_END_SUBMISSION, {"id": job_id, "count": count, "now": now})
+                conn.execute(END_SUBMISSION, {"id": job_id, "count": count, "now": now})
 
         await self._run(end)
 
@@ -720,9 +695,9 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
         check_limit(limit)
         params: dict[str, object] = {"task_id": task_id, "job_id": job_id, "limit": limit}
         if task_id is None:
-            sql = _LIST_CALLBACKS if job_id is None else _LIST_CALLBACKS_FOR_JOB
+            sql = _LIST_CALLBACKS if job_id is None else LIST_CALLBACKS_FOR_JOB
         else:
-            sql = _LIST_CALLBACKS_FOR_TASK if job_id is None else _LIST_CALLBACKS_FOR_TASK_AND_JOB
+            sql = _LIST_CALLBACKS_FOR_TASK if job_id is None else LIST_CALLBACKS_FOR_TASK_AND_JOB
         return await self._run(
             lambda conn: [stored_callback_from_row(r) for r in conn.execute(sql, params)]
         )
@@ -731,7 +706,7 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
         check_limit(limit)
         params = {"after": after, "limit": limit}
         return await self._run(
-            lambda conn: [event_from_row(r) for r in conn.execute(_LIST_EVENTS, params)]
+            lambda conn: [event_from_row(r) for r in conn.execute(LIST_EVENTS, params)]
         )
 
     async def prune_events(self, *, before: float, limit: int) -> int:
@@ -739,7 +714,7 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
 
         def prune(conn: sqlite3.Connection) -> int:
             with _write_transaction(conn):
-                return conn.execute(_PRUNE_EVENTS, {"before": before, "limit": limit}).rowcount
+                return conn.execute(PRUNE_EVENTS, {"before": before, "limit": limit}).rowcount
 
         return await self._run(prune)
 

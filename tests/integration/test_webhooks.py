@@ -210,7 +210,8 @@ async def test_a_dead_endpoint_never_slows_another(tmp_path, autojump_clock):
             if d.endpoint == APP
             for a in await stack.store.list_attempts(d.id)
         ]
-        assert len(attempts) <= 8
+        # four given up at 15 s; the next four are still waiting for their answers
+        assert len(attempts) == 4
         assert all(a.error == "no answer within 15 s" for a in attempts)
 
 
