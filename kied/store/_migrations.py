@@ -154,12 +154,43 @@ CREATE TABLE kied_state (
 );
 """
 
+# Hardening. A webhook signature is accepted once: its digest is kept for the signature's
+# window. An HMAC-only callback does not end a job by itself: it asks the leader to confirm
+# the outcome with one status query (confirm_requested_at). Rejected callbacks keep only
+# what diagnosis needs: headers without secrets, and the whole body's hash beside a prefix.
+# A callback kept in the local journal while the database was away is replayed once
+# (journal_id). Retention prunes by these indexes.
+_SQLITE_0005: Final[LiteralString] = """
+CREATE TABLE callback_signatures (
+    digest          TEXT PRIMARY KEY,
+    seen_at         REAL NOT NULL
+);
+
+CREATE INDEX callback_signatures_seen_at ON callback_signatures (seen_at);
+
+ALTER TABLE jobs ADD COLUMN confirm_requested_at REAL;
+
+ALTER TABLE callback_inbox ADD COLUMN headers TEXT;             -- JSON object, or NULL
+
+ALTER TABLE callback_inbox ADD COLUMN body_sha256 TEXT;
+
+ALTER TABLE callback_inbox ADD COLUMN journal_id TEXT;
+
+CREATE UNIQUE INDEX callback_inbox_journal_id ON callback_inbox (journal_id)
+    WHERE journal_id IS NOT NULL;
+
+CREATE INDEX callback_inbox_received_at ON callback_inbox (received_at);
+
+CREATE INDEX jobs_ended_at ON jobs (ended_at) WHERE ended_at IS NOT NULL;
+"""
+
 #: SQLite migrations, oldest first.
 SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (
     _SQLITE_0001,
     _SQLITE_0002,
     _SQLITE_0003,
     _SQLITE_0004,
+    _SQLITE_0005,
 )
 
 # The same tables as SQLite's. JSON is kept as the text Python wrote, as in SQLite: jsonb
@@ -345,12 +376,47 @@ CREATE TABLE kied_state (
 );
 """
 
+# As _SQLITE_0005; a request to confirm is announced like a change of state, so that the
+# leader hears of it whichever instance took the callback.
+_POSTGRES_0005: Final[LiteralString] = """
+CREATE TABLE callback_signatures (
+    digest          text PRIMARY KEY,
+    seen_at         double precision NOT NULL
+);
+
+CREATE INDEX callback_signatures_seen_at ON callback_signatures (seen_at);
+
+ALTER TABLE jobs ADD COLUMN confirm_requested_at double precision;
+
+ALTER TABLE callback_inbox ADD COLUMN headers text;
+
+ALTER TABLE callback_inbox ADD COLUMN body_sha256 text;
+
+ALTER TABLE callback_inbox ADD COLUMN journal_id text;
+
+CREATE UNIQUE INDEX callback_inbox_journal_id ON callback_inbox (journal_id)
+    WHERE journal_id IS NOT NULL;
+
+CREATE INDEX callback_inbox_received_at ON callback_inbox (received_at);
+
+CREATE INDEX jobs_ended_at ON jobs (ended_at) WHERE ended_at IS NOT NULL;
+
+DROP TRIGGER jobs_announce_update ON jobs;
+
+CREATE TRIGGER jobs_announce_update AFTER UPDATE ON jobs
+    FOR EACH ROW
+    WHEN ((OLD.state, OLD.task_id, OLD.kie_state, OLD.confirm_requested_at)
+          IS DISTINCT FROM (NEW.state, NEW.task_id, NEW.kie_state, NEW.confirm_requested_at))
+    EXECUTE FUNCTION kied_announce_job();
+"""
+
 #: PostgreSQL migrations, oldest first.
 POSTGRES_MIGRATIONS: Final[tuple[LiteralString, ...]] = (
     _POSTGRES_0001,
     _POSTGRES_0002,
     _POSTGRES_0003,
     _POSTGRES_0004,
+    _POSTGRES_0005,
 )
 
 #: Migrations by dialect name.
