@@ -1,5 +1,5 @@
 """The ``kied`` command: serve, inspect-callback, simulate, submit, status, jobs, deliveries,
-redeliver, demo.
+redeliver, demo, prune.
 
 This is the entry point: the only place that reads ``os.environ``, configures logging
 and installs signal handlers.
@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 import trio
 
 from kied import __version__
-from kied.errors import ConfigError
+from kied.errors import ConfigError, StoreError
 from kied.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from kied.settings import LogFormat
+    from kied.store import Prunable, PruneKind
 
 __all__ = ["configure_logging", "main"]
 
@@ -43,6 +44,8 @@ commands:
                     [--since T] [--limit N] [--json]
   redeliver         send webhooks again: kied redeliver EVENT_ID, or --failed --since T
   demo              a simulator and a daemon in one process, N jobs, one table (kied demo --help)
+  prune             delete now what the retention settings no longer keep, from the database
+                    kied serve uses: kied prune [--dry-run] (kied prune --help)
 """
 
 
@@ -72,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kied.client_cli import demo
 
         return demo(rest)
+    if command == "prune":
+        return _prune(rest)
     print(f"kied: unknown command {command!r}\n\n{_COMMANDS}", file=sys.stderr)
     return 2
 
@@ -222,6 +227,81 @@ def _inspect_callback(argv: Sequence[str]) -> int:
     )
     print(json.dumps(result_to_json(parsed), ensure_ascii=False, indent=2))
     return 0
+
+
+def _prune(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kied prune",
+        description=(
+            "Delete now, in small batches, what the retention settings no longer keep:"
+            " ended jobs and webhook deliveries (KIED_JOB_RETENTION_DAYS, default 30),"
+            " callbacks (KIED_INBOX_RETENTION_DAYS, default 14) and events"
+            " (KIED_EVENT_RETENTION_DAYS, default 7), from the database kied serve uses"
+            " (KIED_DATABASE_URL). The leader does the same every 10 minutes."
+        ),
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="only count what would be deleted now"
+    )
+    parser.add_argument("--database", help="database URL or SQLite path (KIED_DATABASE_URL)")
+    args = parser.parse_args(list(argv))
+    try:
+        settings = load_settings(
+            os.environ, [] if args.database is None else ["--database", args.database]
+        )
+    except ConfigError as exc:
+        print(f"kied: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("WARNING", settings.log_format)
+    try:
+        rows = trio.run(_prune_async, settings, args.dry_run)
+    except ConfigError as exc:
+        print(f"kied: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"kied prune: {exc}", file=sys.stderr)
+        return 1
+    from kied.core.views import iso
+
+    table = [("kind", "kept", "would delete" if args.dry_run else "deleted", "oldest")]
+    for kind, kept_s, found, deleted in rows:
+        if kept_s is None or found is None:
+            table.append((kind.value, "forever", "-", "-"))
+            continue
+        count = found.count if deleted is None else deleted
+        table.append((kind.value, f"{kept_s / 86400:g} days", str(count), iso(found.oldest) or "-"))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+async def _prune_async(
+    settings: Settings, dry_run: bool
+) -> list[tuple[PruneKind, float | None, Prunable | None, int | None]]:
+    """For each kind: how long it is kept, what was prunable, and how many were deleted
+    (None in a dry run)."""
+    import time
+
+    from kied.pruner import ORDER, Retention, prune_kind
+    from kied.store import open_store
+
+    retention = Retention.of(settings)
+    now = time.time()
+    rows: list[tuple[PruneKind, float | None, Prunable | None, int | None]] = []
+    async with open_store(settings.store, cleanup_s=settings.cleanup_s) as store:
+        for kind in ORDER:
+            kept_s = retention.kept_s(kind)
+            if kept_s is None:
+                rows.append((kind, None, None, None))
+                continue
+            before = now - kept_s
+            found = await store.count_prunable(kind, before=before)
+            deleted = None if dry_run else await prune_kind(store, kind, before=before)
+            rows.append((kind, kept_s, found, deleted))
+    return rows
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,7 +34,7 @@ from kied.errors import LeadershipLostError, StoreError, StoreUnavailableError
 from kied.intake import CallbackIntake
 from kied.leadership import Leader, open_leadership
 from kied.metrics import Metrics
-from kied.pruner import run_pruner
+from kied.pruner import Retention, run_pruner
 from kied.settings import FileLockSettings, NoLockSettings, PostgresStoreSettings, Settings
 from kied.store import JobStore, open_store
 
@@ -242,8 +242,9 @@ class Daemon:
                                 partial(
                                     run_pruner,
                                     store,
-                                    event_retention_s=self.settings.event_retention_s,
+                                    retention=Retention.of(self.settings),
                                     now=self.now,
+                                    metrics=self.metrics,
                                 )
                             )
                     finally:

@@ -238,6 +238,15 @@ class Metrics:
             "Times this instance lost the leadership lock while ACTIVE.",
             registry=registry,
         )
+        self._pruned = Counter(
+            "kied_pruned",
+            "Rows the retention pruner deleted, by kind: jobs, deliveries (webhook"
+            " deliveries, with their attempts), inbox (callbacks), events.",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in ("jobs", "deliveries", "inbox", "events"):
+            self._pruned.labels(kind=kind)
         build = Gauge(
             "kied_build_info", "kied's version, as a label.", ["version"], registry=registry
         )
@@ -308,6 +317,10 @@ class Metrics:
         if age is None:
             age = time.perf_counter() - self._created_at
         self._start_to_listen.set(age)
+
+    def pruned(self, kind: str, count: int) -> None:
+        """The pruner deleted ``count`` rows of ``kind`` (a ``PruneKind`` value)."""
+        self._pruned.labels(kind=kind).inc(count)
 
 
 class _WithoutCreated:

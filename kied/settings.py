@@ -135,6 +135,11 @@ class Settings:
     watchdog_s: float | None = None
     #: sockets passed by socket activation, from fd 3 on; 0: kied binds host:port itself
     listen_fds: int = 0
+    #: how long an ended job is kept (from its end), and webhook deliveries (from when
+    #: they were made); None: forever
+    job_retention_s: float | None = 30 * 86400 * SECONDS
+    #: how long a callback is kept in the inbox (from its arrival); None: forever
+    inbox_retention_s: float | None = 14 * 86400 * SECONDS
 
 
 ENVIRONMENT_HELP = """\
@@ -161,6 +166,10 @@ environment (flags win over the environment):
                        twice; after-wait: create the task again after KIED_RESUBMIT_WAIT
   KIED_RESUBMIT_WAIT   seconds after-wait waits for the lost task's callback; default 300
   KIED_EVENT_RETENTION_DAYS  days the event log keeps an event; default 7
+  KIED_JOB_RETENTION_DAYS    days an ended job and its webhook deliveries are kept;
+                             default 30; 0 or never: forever
+  KIED_INBOX_RETENTION_DAYS  days a received callback is kept; default 14; 0 or never:
+                             forever
   KIED_WEBHOOK_URL     endpoint(s), comma-separated, told of job events (Standard Webhooks)
   KIED_WEBHOOK_SECRET  whsec_BASE64 key(s) webhooks are signed with; several (space- or
                        comma-separated) while rotating; needed for any webhook
@@ -300,6 +309,8 @@ def load_settings(
     hmac_key = environ.get("KIE_WEBHOOK_HMAC_KEY", "").strip()
     public_src = pick(None, "KIED_PUBLIC_URL", "RENDER_EXTERNAL_URL")
     base_src = pick(None, "KIE_BASE_URL")
+    job_retention_s = _retention(pick(None, "KIED_JOB_RETENTION_DAYS"), default_days=30)
+    inbox_retention_s = _retention(pick(None, "KIED_INBOX_RETENTION_DAYS"), default_days=14)
     return Settings(
         host=host,
         port=port,
@@ -324,6 +335,8 @@ def load_settings(
         notify_socket=notify_socket,
         watchdog_s=watchdog_s,
         listen_fds=listen_fds,
+        job_retention_s=job_retention_s,
+        inbox_retention_s=inbox_retention_s,
     )
 
 
@@ -402,6 +415,26 @@ def _days(name: str, value: str) -> float:
     if not 0 < days <= 3650:
         raise ConfigError(name, f"must be more than 0 and at most 3650 days, not {value!r}")
     return days
+
+
+def _retention(src: tuple[str, str] | None, *, default_days: float) -> float | None:
+    """Seconds to keep something, from days; None (forever) for ``0`` or ``never``."""
+    if src is None:
+        return default_days * 86400.0
+    name, value = src
+    if value.lower() == "never":
+        return None
+    try:
+        days = float(value)
+    except ValueError:
+        raise ConfigError(name, f"must be a number of days, 0 or never, not {value!r}") from None
+    if days == 0:
+        return None
+    if not 0 < days <= 3650:
+        raise ConfigError(
+            name, f"must be more than 0 and at most 3650 days, 0 or never, not {value!r}"
+        )
+    return days * 86400.0
 
 
 def _for_us(environ: Mapping[str, str], name: str, pid: int) -> bool:

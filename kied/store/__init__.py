@@ -19,6 +19,8 @@ from kied.store._base import Event as Event
 from kied.store._base import InboxEntry as InboxEntry
 from kied.store._base import JobStore as JobStore
 from kied.store._base import NewDelivery as NewDelivery
+from kied.store._base import Prunable as Prunable
+from kied.store._base import PruneKind as PruneKind
 from kied.store._base import StoredCallback as StoredCallback
 from kied.store._memory import MemoryStore as MemoryStore
 from kied.store._sqlite import SqliteStore as SqliteStore
@@ -38,6 +40,8 @@ __all__ = [
     "JobStore",
     "MemoryStore",
     "NewDelivery",
+    "Prunable",
+    "PruneKind",
     "SqliteStore",
     "StoredCallback",
     "open_store",

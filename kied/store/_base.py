@@ -23,6 +23,8 @@ __all__ = [
     "InboxEntry",
     "JobStore",
     "NewDelivery",
+    "Prunable",
+    "PruneKind",
     "StoredCallback",
 ]
 
@@ -156,6 +158,24 @@ class StoredCallback:
     matched_job_id: JobId | None
 
 
+class PruneKind(StrEnum):
+    """What retention deletes, each by its own time."""
+
+    JOBS = "jobs"  # ended jobs, by ended_at; never an unfinished one
+    DELIVERIES = "deliveries"  # webhook deliveries and their attempts, by created_at
+    INBOX = "inbox"  # callback inbox rows, by received_at
+    EVENTS = "events"  # the event log, by created_at
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prunable:
+    """What pruning one kind would delete now."""
+
+    count: int
+    #: the oldest such row's time (the time it is pruned by); None when there is none
+    oldest: float | None
+
+
 class JobStore(Protocol):
     """Durable jobs and the callback inbox.
 
@@ -268,6 +288,34 @@ class JobStore(Protocol):
 
     async def prune_events(self, *, before: float, limit: int) -> int:
         """Delete at most ``limit`` of the oldest events written before ``before``; how many."""
+        ...
+
+    # -- retention (the leader's pruner, ``kied prune``) ---------------------------------
+
+    async def prune_jobs(self, *, before: float, limit: int) -> list[JobId]:
+        """Delete at most ``limit`` of the jobs that ended before ``before``, the oldest
+        end first, in one transaction; the ids of those deleted.
+
+        An unfinished job is never deleted. Inbox rows matched to a deleted job keep
+        their row, with no match. The ids are for what lives outside the store with the
+        job (files kept for it) to go with it.
+        """
+        ...
+
+    async def prune_deliveries(self, *, before: float, limit: int) -> int:
+        """Delete at most ``limit`` of the webhook deliveries created before ``before``,
+        oldest first, with their attempts, in one transaction; how many. A pending
+        delivery is never deleted."""
+        ...
+
+    async def prune_inbox(self, *, before: float, limit: int) -> int:
+        """Delete at most ``limit`` of the inbox rows received before ``before``, oldest
+        first, in one transaction; how many. A callback still waiting for its job goes
+        too: it is older than any job that could still be created for its task."""
+        ...
+
+    async def count_prunable(self, kind: PruneKind, *, before: float) -> Prunable:
+        """What pruning ``kind`` with ``before`` would delete now, in all batches."""
         ...
 
     # -- webhook deliveries (the leader's notifier) -------------------------------------

@@ -21,7 +21,7 @@ from kied.core.jobs import (
     target,
 )
 from kied.core.views import job_view
-from kied.store._base import CallbackEffect, Event, InboxEntry, StoredCallback
+from kied.store._base import CallbackEffect, Event, InboxEntry, PruneKind, StoredCallback
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BEGIN_SUBMISSION",
     "CALLBACK_COLUMNS",
+    "COUNT_PRUNABLE",
     "END_SUBMISSION",
     "EVENT_COLUMNS",
     "INSERT_EVENT",
@@ -40,7 +41,10 @@ __all__ = [
     "LIST_EVENTS",
     "MAX_OTHER_TASKS",
     "NO_REPORT",
+    "PRUNE_DELIVERIES",
     "PRUNE_EVENTS",
+    "PRUNE_INBOX",
+    "PRUNE_JOBS",
     "SET_OTHER_TASKS",
     "WAITING_CALLBACK_COLUMNS",
     "apply_statements",
@@ -113,6 +117,41 @@ PRUNE_EVENTS: Final[LiteralString] = (
     "DELETE FROM events WHERE cursor IN"
     " (SELECT cursor FROM events WHERE created_at < :before ORDER BY cursor LIMIT :limit)"
 )
+
+# Retention. Each kind is deleted oldest first by the index on its time (migration 5 for
+# jobs and the inbox), a batch per transaction. A job with ended_at is terminal; the state
+# is checked all the same, so that an unfinished job is never deleted. Deleting a job sets
+# its inbox rows' matched_job_id to NULL (ON DELETE SET NULL); deleting a delivery deletes
+# its attempts (ON DELETE CASCADE).
+PRUNE_JOBS: Final[LiteralString] = (
+    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE ended_at < :before"
+    " AND state NOT IN ('submitting', 'pending') ORDER BY ended_at LIMIT :limit) RETURNING id"
+)
+# Deliveries go by their own age, with the jobs' retention: a delivery is made when its
+# job changes, so it goes about when its job does, and the table has no index by job.
+PRUNE_DELIVERIES: Final[LiteralString] = (
+    "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries"
+    " WHERE created_at < :before AND state <> 'pending' ORDER BY created_at LIMIT :limit)"
+)
+PRUNE_INBOX: Final[LiteralString] = (
+    "DELETE FROM callback_inbox WHERE id IN (SELECT id FROM callback_inbox"
+    " WHERE received_at < :before ORDER BY received_at LIMIT :limit)"
+)
+#: What each prune would delete now: the count, and the oldest time.
+COUNT_PRUNABLE: Final[Mapping[PruneKind, LiteralString]] = {
+    PruneKind.JOBS: (
+        "SELECT COUNT(*), MIN(ended_at) FROM jobs WHERE ended_at < :before"
+        " AND state NOT IN ('submitting', 'pending')"
+    ),
+    PruneKind.DELIVERIES: (
+        "SELECT COUNT(*), MIN(created_at) FROM webhook_deliveries"
+        " WHERE created_at < :before AND state <> 'pending'"
+    ),
+    PruneKind.INBOX: (
+        "SELECT COUNT(*), MIN(received_at) FROM callback_inbox WHERE received_at < :before"
+    ),
+    PruneKind.EVENTS: "SELECT COUNT(*), MIN(created_at) FROM events WHERE created_at < :before",
+}
 
 
 def for_psycopg(sql: LiteralString) -> LiteralString:

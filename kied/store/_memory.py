@@ -42,6 +42,8 @@ from kied.store._base import (
     InboxEntry,
     JobStore,
     NewDelivery,
+    Prunable,
+    PruneKind,
     StoredCallback,
 )
 from kied.store._common import (
@@ -140,9 +142,11 @@ class MemoryStore(JobStore):
         self._by_key: dict[str, JobId] = {}
         self._by_task: dict[TaskId, JobId] = {}
         self._inbox: list[_InboxRow] = []
+        self._last_inbox_id = 0  # ids are never reused, as a database's are not
         self._events: list[Event] = []
         self._cursor = 0
         self._deliveries: dict[int, Delivery] = {}
+        self._last_delivery_id = 0
         self._attempts: list[DeliveryAttempt] = []
         self._webhook_cursor = 0
         self._disabled: dict[str, str] = {}
@@ -352,13 +356,14 @@ class MemoryStore(JobStore):
             report = replace(report, result=_json_copy(report.result))
         effect, job, adopted = self._resolve_callback(entry, report)
         row = _InboxRow(
-            id=len(self._inbox) + 1,
+            id=self._last_inbox_id + 1,
             entry=entry,
             report=report,
             effect=effect,
             matched_job_id=None if job is None else job.id,
         )
         self._inbox.append(row)
+        self._last_inbox_id = row.id
         return CallbackRecord(inbox_id=row.id, effect=effect, job=job, adopted=adopted)
 
     def _resolve_callback(
@@ -422,6 +427,77 @@ class MemoryStore(JobStore):
         self._events = [e for e in self._events if e.cursor not in doomed]
         return len(doomed)
 
+    def _prunable_jobs(self, before: float) -> list[Job]:
+        return sorted(
+            (
+                j
+                for j in self._jobs.values()
+                if j.ended_at is not None and j.ended_at < before and j.state in TERMINAL_STATES
+            ),
+            key=lambda j: j.ended_at or 0.0,
+        )
+
+    def _prunable_deliveries(self, before: float) -> list[Delivery]:
+        return sorted(
+            (
+                d
+                for d in self._deliveries.values()
+                if d.created_at < before and d.state is not DeliveryState.PENDING
+            ),
+            key=lambda d: (d.created_at, d.id),
+        )
+
+    def _prunable_inbox(self, before: float) -> list[_InboxRow]:
+        return sorted(
+            (r for r in self._inbox if r.entry.received_at < before),
+            key=lambda r: (r.entry.received_at, r.id),
+        )
+
+    async def prune_jobs(self, *, before: float, limit: int) -> list[JobId]:
+        await self._enter()
+        check_limit(limit)
+        doomed = [j.id for j in self._prunable_jobs(before)[:limit]]
+        for job_id in doomed:
+            job = self._jobs.pop(job_id)
+            if job.task_id is not None:
+                self._by_task.pop(job.task_id, None)
+            if job.idempotency_key is not None:
+                self._by_key.pop(job.idempotency_key, None)
+        gone = set(doomed)
+        for row in self._inbox:
+            if row.matched_job_id in gone:
+                row.matched_job_id = None
+        return doomed
+
+    async def prune_deliveries(self, *, before: float, limit: int) -> int:
+        await self._enter()
+        check_limit(limit)
+        doomed = {d.id for d in self._prunable_deliveries(before)[:limit]}
+        for delivery_id in doomed:
+            del self._deliveries[delivery_id]
+        self._attempts = [a for a in self._attempts if a.delivery_id not in doomed]
+        return len(doomed)
+
+    async def prune_inbox(self, *, before: float, limit: int) -> int:
+        await self._enter()
+        check_limit(limit)
+        doomed = {r.id for r in self._prunable_inbox(before)[:limit]}
+        self._inbox = [r for r in self._inbox if r.id not in doomed]
+        return len(doomed)
+
+    async def count_prunable(self, kind: PruneKind, *, before: float) -> Prunable:
+        await self._enter()
+        times: list[float]
+        if kind is PruneKind.JOBS:
+            times = [j.ended_at or 0.0 for j in self._prunable_jobs(before)]
+        elif kind is PruneKind.DELIVERIES:
+            times = [d.created_at for d in self._prunable_deliveries(before)]
+        elif kind is PruneKind.INBOX:
+            times = [r.entry.received_at for r in self._prunable_inbox(before)]
+        else:
+            times = [e.created_at for e in self._events if e.created_at < before]
+        return Prunable(count=len(times), oldest=min(times, default=None))
+
     async def enqueue_deliveries(self, deliveries: Sequence[NewDelivery], *, cursor: int) -> int:
         await self._enter()
         known = {(d.event_id, d.endpoint) for d in self._deliveries.values()}
@@ -430,7 +506,8 @@ class MemoryStore(JobStore):
             if (new.event_id, new.endpoint) in known:
                 continue
             known.add((new.event_id, new.endpoint))
-            delivery_id = len(self._deliveries) + 1
+            self._last_delivery_id += 1
+            delivery_id = self._last_delivery_id
             self._deliveries[delivery_id] = Delivery(
                 id=delivery_id,
                 event_id=new.event_id,

@@ -45,11 +45,14 @@ from kied.store._base import (
     Event,
     InboxEntry,
     JobStore,
+    Prunable,
+    PruneKind,
     StoredCallback,
 )
 from kied.store._common import (
     BEGIN_SUBMISSION,
     CALLBACK_COLUMNS,
+    COUNT_PRUNABLE,
     END_SUBMISSION,
     INSERT_EVENT,
     JOB_COLUMNS,
@@ -57,7 +60,10 @@ from kied.store._common import (
     LIST_CALLBACKS_FOR_TASK_AND_JOB,
     LIST_EVENTS,
     NO_REPORT,
+    PRUNE_DELIVERIES,
     PRUNE_EVENTS,
+    PRUNE_INBOX,
+    PRUNE_JOBS,
     SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
@@ -283,6 +289,12 @@ _LIST_CALLBACKS_FOR_TASK_AND_JOB: Final[LiteralString] = for_psycopg(
 _INSERT_EVENT: Final[LiteralString] = for_psycopg(INSERT_EVENT)
 _LIST_EVENTS: Final[LiteralString] = for_psycopg(LIST_EVENTS)
 _PRUNE_EVENTS: Final[LiteralString] = for_psycopg(PRUNE_EVENTS)
+_PRUNE_JOBS: Final[LiteralString] = for_psycopg(PRUNE_JOBS)
+_PRUNE_DELIVERIES: Final[LiteralString] = for_psycopg(PRUNE_DELIVERIES)
+_PRUNE_INBOX: Final[LiteralString] = for_psycopg(PRUNE_INBOX)
+_COUNT_PRUNABLE: Final[Mapping[PruneKind, LiteralString]] = {
+    kind: for_psycopg(sql) for kind, sql in COUNT_PRUNABLE.items()
+}
 _PING: Final[LiteralString] = "SELECT 1"
 
 
@@ -998,6 +1010,31 @@ class PostgresStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
             return conn.execute(_PRUNE_EVENTS, {"before": before, "limit": limit}).rowcount
 
         return await self._write(prune)
+
+    async def prune_jobs(self, *, before: float, limit: int) -> list[JobId]:
+        check_limit(limit)
+        params = {"before": before, "limit": limit}
+        rows = await self._write(partial(_fetch_all, _PRUNE_JOBS, params))
+        return [JobId(row[0]) for row in rows]
+
+    async def prune_deliveries(self, *, before: float, limit: int) -> int:
+        return await self._prune(_PRUNE_DELIVERIES, before=before, limit=limit)
+
+    async def prune_inbox(self, *, before: float, limit: int) -> int:
+        return await self._prune(_PRUNE_INBOX, before=before, limit=limit)
+
+    async def _prune(self, sql: LiteralString, *, before: float, limit: int) -> int:
+        check_limit(limit)
+
+        def prune(conn: _Connection) -> int:
+            return conn.execute(sql, {"before": before, "limit": limit}).rowcount
+
+        return await self._write(prune)
+
+    async def count_prunable(self, kind: PruneKind, *, before: float) -> Prunable:
+        rows = await self._read(partial(_fetch_all, _COUNT_PRUNABLE[kind], {"before": before}))
+        count, oldest = rows[0]
+        return Prunable(count=count, oldest=oldest)
 
     async def aclose(self) -> None:
         """Close the pool. Idempotent.

@@ -32,11 +32,14 @@ from kied.store._base import (
     Event,
     InboxEntry,
     JobStore,
+    Prunable,
+    PruneKind,
     StoredCallback,
 )
 from kied.store._common import (
     BEGIN_SUBMISSION,
     CALLBACK_COLUMNS,
+    COUNT_PRUNABLE,
     END_SUBMISSION,
     INSERT_EVENT,
     JOB_COLUMNS,
@@ -44,7 +47,10 @@ from kied.store._common import (
     LIST_CALLBACKS_FOR_TASK_AND_JOB,
     LIST_EVENTS,
     NO_REPORT,
+    PRUNE_DELIVERIES,
     PRUNE_EVENTS,
+    PRUNE_INBOX,
+    PRUNE_JOBS,
     SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
@@ -717,6 +723,38 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
                 return conn.execute(PRUNE_EVENTS, {"before": before, "limit": limit}).rowcount
 
         return await self._run(prune)
+
+    async def prune_jobs(self, *, before: float, limit: int) -> list[JobId]:
+        check_limit(limit)
+
+        def prune(conn: sqlite3.Connection) -> list[JobId]:
+            with _write_transaction(conn):
+                rows = conn.execute(PRUNE_JOBS, {"before": before, "limit": limit}).fetchall()
+                return [JobId(row[0]) for row in rows]
+
+        return await self._run(prune)
+
+    async def prune_deliveries(self, *, before: float, limit: int) -> int:
+        return await self._prune(PRUNE_DELIVERIES, before=before, limit=limit)
+
+    async def prune_inbox(self, *, before: float, limit: int) -> int:
+        return await self._prune(PRUNE_INBOX, before=before, limit=limit)
+
+    async def _prune(self, sql: LiteralString, *, before: float, limit: int) -> int:
+        check_limit(limit)
+
+        def prune(conn: sqlite3.Connection) -> int:
+            with _write_transaction(conn):
+                return conn.execute(sql, {"before": before, "limit": limit}).rowcount
+
+        return await self._run(prune)
+
+    async def count_prunable(self, kind: PruneKind, *, before: float) -> Prunable:
+        sql = COUNT_PRUNABLE[kind]
+        count, oldest = await self._run(
+            lambda conn: conn.execute(sql, {"before": before}).fetchone()
+        )
+        return Prunable(count=count, oldest=oldest)
 
     async def aclose(self) -> None:
         """Close the connection, after any operation already running. Idempotent.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from kied.pruner import BATCH, ROUND_S, run_pruner
+from kied.pruner import BATCH, ROUND_S, Retention, run_pruner
 from kied.testing import MemoryStore, make_new_job
 from tests.integration.test_pollers import open_stack, sim_config, wall_clock
 
@@ -37,7 +37,10 @@ async def test_the_pruner_deletes_old_events_in_batches(autojump_clock):
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: run_pruner(
-                store, event_retention_s=7 * 86400, now=wall_clock, task_status=task_status
+                store,
+                retention=Retention(events_s=7 * 86400),
+                now=wall_clock,
+                task_status=task_status,
             )
         )
         await trio.sleep(1)

@@ -114,6 +114,7 @@ def test_the_exposition_parses_and_has_every_metric_from_the_start():
         "kied_webhook_attempts",
         "kied_lock_acquisitions",
         "kied_lock_losses",
+        "kied_pruned",
         "kied_build_info",
         "kied_mode",
         "kied_pollers",
