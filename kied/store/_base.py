@@ -55,6 +55,9 @@ class CallbackEffect(StrEnum):
     # The job follows another task, or the callback names none: a job ends only from its
     # own task. The task id is kept in the job's ``other_task_ids``.
     OTHER_TASK = "other task"
+    # Authenticated by KIE's signature alone, which does not cover the body: the job's
+    # ``confirm_requested_at`` is set and the leader asks KIE for the task's status.
+    CONFIRMING = "to confirm"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -250,9 +253,27 @@ class JobStore(Protocol):
         The job is found by ``entry.task_id`` first, then by ``entry.job_id``. It changes
         only when the callback's task is the job's own, or when the job has no task yet
         (it adopts the callback's); otherwise the effect is ``OTHER_TASK`` and the task id
-        goes to the job's ``other_task_ids``. The inbox row and the job's change commit
-        together.
+        goes to the job's ``other_task_ids``. A callback that names no task never changes
+        a job. The inbox row and the job's change commit together.
+
+        A callback authenticated by KIE's signature alone (``entry.auth == "hmac"``) does
+        not apply ``report``: its body is not authenticated. The job may adopt its task
+        as above, and an unfinished (or timed out) job gets ``confirm_requested_at =
+        entry.received_at``: the effect is ``CONFIRMING``. So does an early callback of
+        that kind once its job is created or given its task.
         """
+        ...
+
+    async def remember_signature(self, digest: str, *, seen_at: float) -> bool:
+        """Remember a webhook signature's digest; True when it was not known yet.
+
+        One insert that ignores a repeat, so of callbacks that carry the same signature,
+        on any instance, exactly one sees True.
+        """
+        ...
+
+    async def prune_signatures(self, *, before: float, limit: int) -> int:
+        """Forget at most ``limit`` of the oldest signatures seen before ``before``; how many."""
         ...
 
     async def list_callbacks(
