@@ -27,6 +27,7 @@ from kied.testing import raw_callback
 from tests.conftest import wait_for
 from tests.integration.test_daemon import _ready, add_job, get_job, inbox, market_callback
 from tests.integration.test_pollers import WALL0, open_stack, sim_config
+from tests.integration.test_submissions import leave_a_lost_submission, tasks_by_job
 
 if TYPE_CHECKING:
     from tests.integration.test_pollers import Stack
@@ -192,6 +193,34 @@ async def test_a_late_signed_only_callback_is_confirmed_for_a_timed_out_job(
         assert late.ended_at == WALL0 + t0 + 1200
         queries = (await stack.stats(late.task_id))["status_queries"]
         assert queries == wire.queries_before[late.task_id] + 1
+
+
+async def test_a_lost_createtask_adopts_its_signed_only_callbacks_task_and_confirms_it(
+    tmp_path, autojump_clock
+):
+    # The orphan task fails; its callback kied gets says success.
+    wire = Wire(forged_success)
+    config = sim_config(hmac_key=KEY)
+    async with open_stack(
+        tmp_path, config, lead=False, callbacks_on_the_way=wire, webhook_hmac_key=KEY
+    ) as stack:
+        wire.stack = stack
+        job_id = (await stack.submit())["id"]
+        orphan = await leave_a_lost_submission(stack, job_id, duration_s=40.0, outcome="fail")
+        t0 = trio.current_time()
+        stack.lead()
+        done = await stack.wait_terminal(job_id)
+        assert trio.current_time() - t0 == 40.0  # as soon as the orphan called back
+        assert (done.state, done.task_id, done.ended_by, done.result_urls) == (
+            JobState.FAILED,
+            orphan,
+            EndedBy.CALLBACK_CONFIRMED,
+            (),
+        )
+        assert (await stack.stats(orphan))["status_queries"] == 1
+        assert await tasks_by_job(stack) == {job_id: 1}
+        [row] = await stack.store.list_callbacks(task_id=orphan)
+        assert row.effect is CallbackEffect.CONFIRMING
 
 
 # ------------------------------------------------------------------- the daemon over HTTP

@@ -1516,6 +1516,26 @@ async def test_postgres_job_changes_are_announced_as_they_commit(pg_url: str) ->
         await trio.to_thread.run_sync(listener.close)
 
 
+async def test_postgres_a_request_to_confirm_is_announced(pg_url: str) -> None:
+    # The leader hears of it whichever instance took the callback.
+    listener = await trio.to_thread.run_sync(partial(psycopg.connect, pg_url, autocommit=True))
+    try:
+        async with open_store(PostgresStoreSettings(url=pg_url)) as store:
+            job = await _job_in(store, S.PENDING, task_id="t-1")
+            await trio.to_thread.run_sync(listener.execute, "LISTEN kied_jobs")
+            entry = _signed_only("t-1", received_at=1_200.0)
+            record = await store.record_callback(entry, SUCCESS)
+            assert record.effect is CallbackEffect.CONFIRMING
+            await store.record_callback(entry, SUCCESS)  # no newer request: none
+
+        def notes() -> list[str]:
+            return [n.payload for n in listener.notifies(timeout=0.5)]
+
+        assert await trio.to_thread.run_sync(notes) == [job.id]
+    finally:
+        await trio.to_thread.run_sync(listener.close)
+
+
 async def test_postgres_refuses_a_newer_schema(pg_url: str) -> None:
     newer = len(POSTGRES_MIGRATIONS) + 1
     await _admin(pg_url, "INSERT INTO schema_version (version, applied_at) VALUES (%s, 0)", newer)
