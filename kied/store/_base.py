@@ -273,7 +273,12 @@ class JobStore(Protocol):
         ...
 
     async def prune_signatures(self, *, before: float, limit: int) -> int:
-        """Forget at most ``limit`` of the oldest signatures seen before ``before``; how many."""
+        """Forget at most ``limit`` of the oldest signatures seen before ``before``; how many.
+
+        A signature passes only while its timestamp is within ``webhook_max_skew_s`` of
+        the time it arrives, so one seen more than twice that long ago can never pass
+        again: ``before = now - 2 * webhook_max_skew_s`` forgets nothing that matters.
+        """
         ...
 
     async def list_callbacks(

@@ -142,6 +142,46 @@ async def test_a_signed_only_callback_that_kie_confirms_ends_the_job_with_kies_r
         assert health.typical_duration_s("market", "google/nano-banana") == 60
 
 
+class LaggingStatus(httpx.AsyncBaseTransport):
+    """KIE's API, whose status answers still say "generating" ``lag`` more times."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.lag = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.lag == 0 or not request.url.path.endswith("/recordInfo"):
+            return response
+        self.lag -= 1
+        body = json.loads(await response.aread())
+        body["data"] |= {"state": "generating", "resultJson": None}
+        return httpx.Response(response.status_code, json=body)
+
+
+async def test_a_status_that_lags_behind_the_callback_is_asked_again_soon(tmp_path, autojump_clock):
+    def lag_twice(request: httpx.Request) -> httpx.Request:
+        lagging.lag = 2  # the next two status answers do not know the outcome yet
+        return request
+
+    wire = Wire(lag_twice)
+    config = sim_config(hmac_key=KEY)
+    async with open_stack(
+        tmp_path, config, lead=False, callbacks_on_the_way=wire, webhook_hmac_key=KEY
+    ) as stack:
+        wire.stack = stack
+        lagging = LaggingStatus(stack.daemon._kie_transport)
+        stack.daemon._kie_transport = lagging
+        t0 = trio.current_time()
+        stack.lead()
+        done = await stack.wait_terminal((await stack.submit())["id"])
+        # asked at once, then 2 s and 4 s later
+        assert (done.state, done.ended_by) == (JobState.SUCCEEDED, EndedBy.CALLBACK_CONFIRMED)
+        assert done.ended_at == WALL0 + t0 + 60 + 2 + 4
+        queries = (await stack.stats(done.task_id))["status_queries"]
+        assert queries == wire.queries_before[done.task_id] + 3
+
+
 async def test_under_the_callback_token_the_body_is_applied_as_it_comes(tmp_path, autojump_clock):
     # The token rides in kied's own callback URL: the body is authenticated, so even a
     # body that differs from KIE's status is applied without asking KIE.
