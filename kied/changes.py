@@ -27,6 +27,10 @@ __all__ = ["ChangeListener", "JobChanges"]
 
 logger = logging.getLogger(__name__)
 
+#: Jobs that ended when their callback came: a confirmed callback's outcome is read from
+#: KIE at once, so its duration is the callback's.
+_BY_CALLBACK = frozenset({EndedBy.CALLBACK, EndedBy.CALLBACK_CONFIRMED})
+
 
 class ChangeListener(Protocol):
     """Someone who acts on every job change (the poller supervisor)."""
@@ -75,7 +79,7 @@ class JobChanges:
 
     def seen(self, job: Job) -> None:
         """``job`` changed, here or on another instance: wake whoever waits on it."""
-        if job.state in TERMINAL_STATES and job.ended_by is EndedBy.CALLBACK and job.ended_at:
+        if job.state in TERMINAL_STATES and job.ended_by in _BY_CALLBACK and job.ended_at:
             # How long jobs take when their callbacks work: seen from every instance.
             self._health.job_finished(
                 job.family, job.model, job.ended_at - job.created_at, by="callback"

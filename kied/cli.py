@@ -269,7 +269,7 @@ def _prune(argv: Sequence[str]) -> int:
             table.append((kind.value, "forever", "-", "-"))
             continue
         count = found.count if deleted is None else deleted
-        table.append((kind.value, f"{kept_s / 86400:g} days", str(count), iso(found.oldest) or "-"))
+        table.append((kind.value, _kept(kept_s), str(count), iso(found.oldest) or "-"))
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     for row in table:
         print(
@@ -306,3 +306,9 @@ async def _prune_async(
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
+
+
+def _kept(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:g} days"
+    return f"{seconds / 60:g} min"

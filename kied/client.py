@@ -191,7 +191,7 @@ class Job:
     kie_state: str | None
     result_urls: tuple[str, ...]
     error: JobError | None
-    ended_by: str | None  # callback, poll, submit, deadline, cancel
+    ended_by: str | None  # callback, callback_confirmed, poll, submit, deadline, cancel
     late: bool
     created_at: datetime | None
     updated_at: datetime | None
@@ -320,7 +320,7 @@ class CallbackRecord:
     problem: str | None  # why the body could not be read, if it could not
     authenticated: bool
     auth: str | None  # token, hmac, token+hmac, open, or why it was rejected
-    effect: str | None  # changed, no-op, no job, rejected, not applicable, other task
+    effect: str | None  # changed, no-op, no job, rejected, not applicable, other task, to confirm
     body_size: int
     content_type: str | None
     body: str  # as received, decoded as UTF-8 and cut to 64 KiB

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
-from kied.core.auth import check_callback_auth
+from kied.core.auth import REPLAYED, AuthVerdict, check_callback_auth
 from kied.core.callbacks import CallbackOutcome, Outcome, ParseLimits, Unrecognised, parse_callback
 from kied.core.jobs import TERMINAL_STATES, EndedBy, JobId, Report, TaskId
 from kied.core.outcomes import outcome_report
@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 _TOKEN_HEADER = "x-kie-callback-token"
 _SECRET_PARAMS = frozenset({"token"})
+#: what a callback's write may have changed, for whoever waits on the job: its state, or
+#: a request to confirm its task's status (the leader's poller acts on it)
+_TOLD_EFFECTS = frozenset({CallbackEffect.CHANGED, CallbackEffect.CONFIRMING})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +126,13 @@ class CallbackIntake:
             now=received_at,
             max_skew_s=self._settings.webhook_max_skew_s,
         )
+        store = await self._store()
+        if verdict.signature_digest is not None and not await store.remember_signature(
+            verdict.signature_digest, seen_at=received_at
+        ):
+            # A valid signature is accepted once: a second callback carrying it, whatever
+            # its body, is a replay.
+            verdict = AuthVerdict(authenticated=False, detail=REPLAYED)
         job_param = query.get("job", "").strip()
         entry = InboxEntry(
             received_at=received_at,
@@ -139,12 +149,11 @@ class CallbackIntake:
             authenticated=verdict.authenticated,
             auth=verdict.detail,
         )
-        store = await self._store()
         record = await store.record_callback(entry, report_for(parsed))
         self._metrics.callback_recorded(
             outcome=parsed.outcome.value, auth=verdict.detail, effect=record.effect.value
         )
-        changed = record.job if record.effect == CallbackEffect.CHANGED else None
+        changed = record.job if record.effect in _TOLD_EFFECTS else None
         self._on_callback(verdict.authenticated)
         logger.info(
             "[KIE_CALLBACK] task %s job %s: %s, %s (%s)",
@@ -187,7 +196,8 @@ class CallbackIntake:
                 raw.body_size,
             )
         if changed is not None:
-            self._changes.wrote(changed, ended=changed.state in TERMINAL_STATES)
+            ended = record.effect is CallbackEffect.CHANGED and changed.state in TERMINAL_STATES
+            self._changes.wrote(changed, ended=ended)
         return record
 
 

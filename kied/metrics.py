@@ -49,6 +49,8 @@ _MODES: Final = ("ACTIVE", "PASSIVE")
 _JOB_ENDS: Final = (
     (JobState.SUCCEEDED, EndedBy.CALLBACK),
     (JobState.SUCCEEDED, EndedBy.POLL),
+    (JobState.SUCCEEDED, EndedBy.CALLBACK_CONFIRMED),
+    (JobState.FAILED, EndedBy.CALLBACK_CONFIRMED),
     (JobState.FAILED, EndedBy.CALLBACK),
     (JobState.FAILED, EndedBy.POLL),
     (JobState.FAILED, EndedBy.SUBMIT),

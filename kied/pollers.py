@@ -24,6 +24,7 @@ from kied.core.jobs import (
     EventKind,
     Job,
     JobId,
+    JobState,
     Report,
     TaskId,
 )
@@ -74,6 +75,10 @@ _ANSWER_BOUND_S = _SEND_BOUND_S + 5.0
 _LOST_RECHECK_S = 30.0
 #: ``error.code`` of a job whose createTask answer was lost and whose task never called back
 LOST_SUBMISSION = "submission_lost"
+#: a confirming status query that finds no outcome yet is asked again after this, then
+#: twice as long, this many times (KIE's status may lag behind its callback)
+_CONFIRM_RETRY_S = 2.0
+_CONFIRM_RETRIES = 4
 
 
 class _SupersededError(Exception):
@@ -158,6 +163,11 @@ class PollerSupervisor:
         #: jobs whose createTask answer was lost, waiting for their task: since when
         self._lost: dict[JobId, float] = {}
         self._wakeups: dict[JobId, trio.Event] = {}
+        #: the newest request to confirm each polled job's task status (a callback whose
+        #: body is not authenticated), as last seen in storage
+        self._confirms: dict[JobId, float] = {}
+        #: timed-out jobs whose late callback is being confirmed now
+        self._late_confirms: set[JobId] = set()
         #: status queries sent, by result, for operators
         self.status_queries: dict[str, int] = {}
 
@@ -181,7 +191,10 @@ class PollerSupervisor:
             scope = self._scopes.get(job.id)
             if scope is not None:
                 scope.cancel(reason=f"job {job.state.value}")
-        elif job.state in ACTIVE_STATES:
+            if job.state is JobState.TIMED_OUT:
+                self._confirm_late(job)
+        elif job.state in ACTIVE_STATES and self._nursery is not None:
+            self._note_confirm(job)  # kept while the job's poller runs
             self._start(job)
 
     def stop_creating(self, deadline: float) -> None:
@@ -255,9 +268,15 @@ class PollerSupervisor:
         if started:
             logger.info("[GEN] polling %d unfinished job(s)", started)
 
+    def _note_confirm(self, job: Job) -> None:
+        requested = job.confirm_requested_at
+        if requested is not None and requested > self._confirms.get(job.id, -math.inf):
+            self._confirms[job.id] = requested
+
     def _start(self, job: Job) -> bool:
         if self._nursery is None or job.id in self._scopes:
             return False
+        self._note_confirm(job)
         scope = trio.CancelScope()
         self._scopes[job.id] = scope
         self._nursery.start_soon(self._poll, job, scope)
@@ -288,6 +307,7 @@ class PollerSupervisor:
             self._lost.pop(job.id, None)
             if self._scopes.get(job.id) is scope:
                 del self._scopes[job.id]
+                self._confirms.pop(job.id, None)
             logger.debug("[GEN] poller for job %s stopped", job.id)
 
     async def _poll_until_terminal(self, job: Job) -> None:
@@ -310,14 +330,25 @@ class PollerSupervisor:
         next_at = trio.current_time() + max(0.0, first - since_created)
         failures = 0
         kie_state = job.kie_state
+        #: the confirm request the last status query answered (see _confirm_due)
+        confirmed: float | None = None
+        unconfirmed = 0  # confirming queries in a row that found no outcome yet
         while True:
-            await trio.sleep_until(next_at)
+            await self._wait_to_poll(job.id, next_at, confirmed)
             # Few pollers at a time go from storage to KIE: the rate limit lets ten status
             # queries through a second, and the rest wait here without holding anything.
             async with self._query_slots:
                 current = await self._store.get_job(job.id)  # storage first
                 if current is None or current.state not in ACTIVE_STATES:
                     return
+                self._note_confirm(current)
+                if self._confirm_due(job.id, confirmed):
+                    unconfirmed = 0
+                confirming = unconfirmed < _CONFIRM_RETRIES and (
+                    unconfirmed > 0 or self._confirm_due(job.id, confirmed)
+                )
+                # This query answers every request made before it is sent.
+                confirmed = self._confirms.get(job.id)
                 try:
                     status = await self._kie.get_status(family, task_id)
                 except UpstreamError as exc:
@@ -340,7 +371,7 @@ class PollerSupervisor:
             if reading is not None:
                 report = outcome_report(
                     reading.outcome,
-                    source=EndedBy.POLL,
+                    source=EndedBy.CALLBACK_CONFIRMED if confirming else EndedBy.POLL,
                     kie_state=reading.kie_state,
                     result_urls=reading.result_urls,
                     error_code=reading.error_code,
@@ -357,12 +388,82 @@ class PollerSupervisor:
                     if progressed is not None:
                         self._changes.wrote(progressed, ended=False)
             elapsed = self._now() - job.created_at
-            next_at = trio.current_time() + next_poll_delay(
+            delay = next_poll_delay(
                 elapsed,
                 policy,
                 jitter=self._rng.random(),
                 callbacks_healthy=self._callbacks_expected(),
             )
+            if confirming:
+                # KIE's status may lag behind its callback a little: ask again soon.
+                delay = min(delay, _CONFIRM_RETRY_S * 2**unconfirmed)
+                unconfirmed += 1
+            next_at = trio.current_time() + delay
+
+    def _confirm_due(self, job_id: JobId, confirmed: float | None) -> bool:
+        """Whether a callback asked to confirm the job's task status since the request
+        ``confirmed`` was answered. Requests are compared with requests, never with this
+        instance's clock, so another instance's clock does not matter."""
+        requested = self._confirms.get(job_id)
+        return requested is not None and (confirmed is None or requested > confirmed)
+
+    async def _wait_to_poll(self, job_id: JobId, next_at: float, confirmed: float | None) -> None:
+        """Sleep until ``next_at`` (trio time), or until a callback asks to confirm."""
+        while not self._confirm_due(job_id, confirmed):
+            if trio.current_time() >= next_at:
+                break
+            wake = self._wake_event(job_id)
+            with trio.move_on_at(next_at):
+                await wake.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _confirm_late(self, job: Job) -> None:
+        """A timed-out job's callback asked to confirm its task's status: query KIE once,
+        as a poller would, since a late outcome still replaces ``timed_out``."""
+        requested = job.confirm_requested_at
+        if (
+            self._nursery is None
+            or requested is None
+            or job.task_id is None
+            or job.ended_at is None
+            or requested <= job.ended_at  # asked while the job was still polled
+            or job.id in self._late_confirms
+        ):
+            return
+        self._late_confirms.add(job.id)
+        self._nursery.start_soon(self._query_late, job, job.task_id)
+
+    async def _query_late(self, job: Job, task_id: TaskId) -> None:
+        try:
+            await self._confirm_once(job, task_id)
+        except Exception:
+            # A fact about this job, never the supervisor's end.
+            logger.exception("[GEN] confirming the late callback of job %s failed", job.id)
+        finally:
+            self._late_confirms.discard(job.id)
+
+    async def _confirm_once(self, job: Job, task_id: TaskId) -> None:
+        try:
+            async with self._query_slots:
+                status = await self._kie.get_status(Family(job.family), task_id)
+        except UpstreamError as exc:
+            self._count(_failure(exc))
+            await self._note(job.id, f"status query for a late callback failed: {exc}")
+            return
+        reading = status.reading
+        self._count("unknown task" if reading is None else reading.outcome.value)
+        if reading is None:
+            return
+        report = outcome_report(
+            reading.outcome,
+            source=EndedBy.CALLBACK_CONFIRMED,
+            kie_state=reading.kie_state,
+            result_urls=reading.result_urls,
+            error_code=reading.error_code,
+            error_message=reading.error_message,
+        )
+        if report is not None and report.event in _OUTCOMES:
+            await self._finish(job, report)
 
     async def _submit(self, job: Job, family: Family) -> Job | None:
         """Create the KIE task for a stored job; the job with its task id, or None if it ended.

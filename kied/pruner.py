@@ -11,6 +11,8 @@ except events, which are always pruned):
 - the callback inbox, from arrival: ``KIED_INBOX_RETENTION_DAYS``, 14 days by default;
   a callback that came before its job and is still waiting for it goes too.
 - the event log: ``KIED_EVENT_RETENTION_DAYS``, 7 days by default.
+- webhook signatures seen (the replay cache): twice the signatures' 5-minute window;
+  older ones are refused by their timestamp anyway.
 
 Each batch is one short transaction of at most :data:`BATCH` rows, oldest first, and
 batches are spaced out, so callbacks and pollers never wait behind a long delete.
@@ -45,7 +47,13 @@ BATCH_PAUSE_S = 0.05
 #: pause between two rounds
 ROUND_S = 600.0
 #: the order of a round: jobs first, so that their rows in other tables age out after them
-ORDER: Final = (PruneKind.JOBS, PruneKind.DELIVERIES, PruneKind.INBOX, PruneKind.EVENTS)
+ORDER: Final = (
+    PruneKind.JOBS,
+    PruneKind.DELIVERIES,
+    PruneKind.INBOX,
+    PruneKind.EVENTS,
+    PruneKind.SIGNATURES,
+)
 
 _DAY_S: Final = 86400.0
 
@@ -57,6 +65,8 @@ class Retention:
     events_s: float | None = 7 * _DAY_S
     jobs_s: float | None = 30 * _DAY_S
     inbox_s: float | None = 14 * _DAY_S
+    #: webhook signatures seen: a replay is refused by its timestamp's window after this
+    signatures_s: float | None = 600.0
 
     @classmethod
     def of(cls, settings: Settings) -> Retention:
@@ -65,6 +75,7 @@ class Retention:
             events_s=settings.event_retention_s,
             jobs_s=settings.job_retention_s,
             inbox_s=settings.inbox_retention_s,
+            signatures_s=2 * settings.webhook_max_skew_s,
         )
 
     def kept_s(self, kind: PruneKind) -> float | None:
@@ -73,6 +84,8 @@ class Retention:
             return self.events_s
         if kind is PruneKind.INBOX:
             return self.inbox_s
+        if kind is PruneKind.SIGNATURES:
+            return self.signatures_s
         return self.jobs_s
 
 
@@ -93,6 +106,8 @@ async def prune_kind(
             count = await store.prune_deliveries(before=before, limit=BATCH)
         elif kind is PruneKind.INBOX:
             count = await store.prune_inbox(before=before, limit=BATCH)
+        elif kind is PruneKind.SIGNATURES:
+            count = await store.prune_signatures(before=before, limit=BATCH)
         else:
             count = await store.prune_events(before=before, limit=BATCH)
         deleted += count

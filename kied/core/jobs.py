@@ -82,6 +82,9 @@ class EventType(StrEnum):
 
 class EndedBy(StrEnum):
     CALLBACK = "callback"
+    #: a callback signed by KIE (its body not authenticated) named the task, and the
+    #: outcome is what KIE's status said when asked at once
+    CALLBACK_CONFIRMED = "callback_confirmed"
     POLL = "poll"
     SUBMIT = "submit"  # createTask itself was refused
     DEADLINE = "deadline"
@@ -223,6 +226,10 @@ class Job:
     #: tasks KIE reported for this job that it does not follow (a createTask answer or a
     #: callback that lost the race to another task): kept, never applied
     other_task_ids: tuple[str, ...] = ()
+    #: when a callback whose body authentication does not cover (KIE's signature alone)
+    #: last asked for the task's status to be confirmed with KIE; the leader's poller
+    #: queries KIE once for each request newer than its last query
+    confirm_requested_at: float | None = None
 
     @property
     def terminal(self) -> bool:

@@ -57,6 +57,9 @@ class CallbackEffect(StrEnum):
     # The job follows another task, or the callback names none: a job ends only from its
     # own task. The task id is kept in the job's ``other_task_ids``.
     OTHER_TASK = "other task"
+    # Authenticated by KIE's signature alone, which does not cover the body: the job's
+    # ``confirm_requested_at`` is set and the leader asks KIE for the task's status.
+    CONFIRMING = "to confirm"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +168,8 @@ class PruneKind(StrEnum):
     DELIVERIES = "deliveries"  # webhook deliveries and their attempts, by created_at
     INBOX = "inbox"  # callback inbox rows, by received_at
     EVENTS = "events"  # the event log, by created_at
+    #: webhook signatures seen (the replay cache), by seen_at; kept for twice their window
+    SIGNATURES = "signatures"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -270,8 +275,31 @@ class JobStore(Protocol):
         The job is found by ``entry.task_id`` first, then by ``entry.job_id``. It changes
         only when the callback's task is the job's own, or when the job has no task yet
         (it adopts the callback's); otherwise the effect is ``OTHER_TASK`` and the task id
-        goes to the job's ``other_task_ids``. The inbox row and the job's change commit
-        together.
+        goes to the job's ``other_task_ids``. A callback that names no task never changes
+        a job. The inbox row and the job's change commit together.
+
+        A callback authenticated by KIE's signature alone (``entry.auth == "hmac"``) does
+        not apply ``report``: its body is not authenticated. The job may adopt its task
+        as above, and an unfinished (or timed out) job gets ``confirm_requested_at =
+        entry.received_at``: the effect is ``CONFIRMING``. So does an early callback of
+        that kind once its job is created or given its task.
+        """
+        ...
+
+    async def remember_signature(self, digest: str, *, seen_at: float) -> bool:
+        """Remember a webhook signature's digest; True when it was not known yet.
+
+        One insert that ignores a repeat, so of callbacks that carry the same signature,
+        on any instance, exactly one sees True.
+        """
+        ...
+
+    async def prune_signatures(self, *, before: float, limit: int) -> int:
+        """Forget at most ``limit`` of the oldest signatures seen before ``before``; how many.
+
+        A signature passes only while its timestamp is within ``webhook_max_skew_s`` of
+        the time it arrives, so one seen more than twice that long ago can never pass
+        again: ``before = now - 2 * webhook_max_skew_s`` forgets nothing that matters.
         """
         ...
 

@@ -7,6 +7,7 @@ import re
 import uuid
 from typing import TYPE_CHECKING, Any, Final, LiteralString
 
+from kied.core.auth import body_is_authenticated
 from kied.core.jobs import (
     TERMINAL_STATES,
     EndedBy,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BEGIN_SUBMISSION",
     "CALLBACK_COLUMNS",
+    "CONFIRMABLE_STATES",
     "COUNT_PRUNABLE",
     "END_SUBMISSION",
     "EVENT_COLUMNS",
@@ -45,10 +47,14 @@ __all__ = [
     "PRUNE_EVENTS",
     "PRUNE_INBOX",
     "PRUNE_JOBS",
+    "PRUNE_SIGNATURES",
+    "REMEMBER_SIGNATURE",
+    "REQUEST_CONFIRM",
     "SET_OTHER_TASKS",
     "WAITING_CALLBACK_COLUMNS",
     "apply_statements",
     "check_limit",
+    "confirms_only",
     "entry_values",
     "event_from_row",
     "event_values",
@@ -69,7 +75,7 @@ JOB_COLUMNS: Final[LiteralString] = (
     "id, family, model, task_id, state, request, metadata, idempotency_key, created_at,"
     " updated_at, deadline_at, kie_state, result_urls, result, error_code, error_message,"
     " ended_by, ended_at, late, last_error, submit_sent_at, submit_count, submit_callback_url,"
-    " other_task_ids"
+    " other_task_ids, confirm_requested_at"
 )
 CALLBACK_COLUMNS: Final[LiteralString] = (
     "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
@@ -151,6 +157,9 @@ COUNT_PRUNABLE: Final[Mapping[PruneKind, LiteralString]] = {
         "SELECT COUNT(*), MIN(received_at) FROM callback_inbox WHERE received_at < :before"
     ),
     PruneKind.EVENTS: "SELECT COUNT(*), MIN(created_at) FROM events WHERE created_at < :before",
+    PruneKind.SIGNATURES: (
+        "SELECT COUNT(*), MIN(seen_at) FROM callback_signatures WHERE seen_at < :before"
+    ),
 }
 
 
@@ -163,7 +172,29 @@ def for_psycopg(sql: LiteralString) -> LiteralString:
 
 #: An inbox row's id and the report it carried, for a callback that came before its job.
 WAITING_CALLBACK_COLUMNS: Final[LiteralString] = (
-    "id, event, kie_state, result_urls, result, error_code, error_message"
+    "id, event, kie_state, result_urls, result, error_code, error_message, auth"
+)
+
+#: States in which a callback's request to confirm its task's status is kept: those a
+#: KIE outcome may still change.
+CONFIRMABLE_STATES: Final = frozenset({JobState.SUBMITTING, JobState.PENDING, JobState.TIMED_OUT})
+
+# A callback authenticated by KIE's signature alone asks the leader to confirm its
+# task's status with KIE; a newer request replaces an older one, and nothing else changes.
+REQUEST_CONFIRM: Final[LiteralString] = (
+    "UPDATE jobs SET confirm_requested_at = :now WHERE id = :id"
+    " AND state IN ('submitting', 'pending', 'timed_out')"
+    " AND (confirm_requested_at IS NULL OR confirm_requested_at < :now)"
+)
+
+REMEMBER_SIGNATURE: Final[LiteralString] = (
+    "INSERT INTO callback_signatures (digest, seen_at) VALUES (:digest, :seen_at)"
+    " ON CONFLICT (digest) DO NOTHING"
+)
+
+PRUNE_SIGNATURES: Final[LiteralString] = (
+    "DELETE FROM callback_signatures WHERE digest IN (SELECT digest FROM callback_signatures"
+    " WHERE seen_at < :before ORDER BY seen_at LIMIT :limit)"
 )
 
 
@@ -343,6 +374,7 @@ def job_from_row(row: Iterable[Any]) -> Job:
         submit_count,
         submit_callback_url,
         other_task_ids,
+        confirm_requested_at,
     ) = row
     return Job(
         id=JobId(job_id),
@@ -369,6 +401,7 @@ def job_from_row(row: Iterable[Any]) -> Job:
         submit_count=submit_count,
         submit_callback_url=submit_callback_url,
         other_task_ids=tuple(json.loads(other_task_ids)),
+        confirm_requested_at=confirm_requested_at,
     )
 
 
@@ -434,10 +467,11 @@ def stored_callback_from_row(row: Iterable[Any]) -> StoredCallback:
     )
 
 
-def waiting_report(row: Iterable[Any]) -> tuple[int, Report]:
-    """The inbox id and the report in a row of :data:`WAITING_CALLBACK_COLUMNS`."""
-    inbox_id, event, kie_state, result_urls, result, error_code, error_message = row
-    return inbox_id, Report(
+def waiting_report(row: Iterable[Any]) -> tuple[int, Report, bool]:
+    """The inbox id and the report in a row of :data:`WAITING_CALLBACK_COLUMNS`, and
+    whether the report is only a hint to confirm (see :func:`confirms_only`)."""
+    inbox_id, event, kie_state, result_urls, result, error_code, error_message, auth = row
+    report = Report(
         event=EventKind(event),
         source=EndedBy.CALLBACK,
         kie_state=kie_state,
@@ -446,3 +480,10 @@ def waiting_report(row: Iterable[Any]) -> tuple[int, Report]:
         error_code=error_code,
         error_message=error_message,
     )
+    return inbox_id, report, confirms_only(auth)
+
+
+def confirms_only(auth: str) -> bool:
+    """Whether a callback authenticated as ``auth`` only asks for its task's status to be
+    confirmed, instead of being applied: its body is not authenticated."""
+    return not body_is_authenticated(auth)

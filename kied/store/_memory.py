@@ -47,8 +47,10 @@ from kied.store._base import (
     StoredCallback,
 )
 from kied.store._common import (
+    CONFIRMABLE_STATES,
     MAX_OTHER_TASKS,
     check_limit,
+    confirms_only,
     match_callback,
     metadata_matches,
     new_event_id,
@@ -150,6 +152,7 @@ class MemoryStore(JobStore):
         self._attempts: list[DeliveryAttempt] = []
         self._webhook_cursor = 0
         self._disabled: dict[str, str] = {}
+        self._signatures: dict[str, float] = {}
         self._closed = False
 
     async def _enter(self) -> None:
@@ -199,11 +202,24 @@ class MemoryStore(JobStore):
                 and row.report is not None
                 and row.report.event in _OUTCOME_EVENTS
             ):
+                row.matched_job_id = job_id
+                if confirms_only(row.entry.auth):
+                    row.effect = self._request_confirm(job_id, now)
+                    return
                 report = replace(row.report, source=EndedBy.CALLBACK)
                 changed = self._apply(job_id, report, now)
                 row.effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
-                row.matched_job_id = job_id
                 return
+
+    def _request_confirm(self, job_id: JobId, now: float) -> CallbackEffect:
+        """Ask the leader to confirm the task's status; ``CONFIRMING``, or ``NO_OP`` when
+        nothing KIE says can change the job any more."""
+        job = self._jobs[job_id]
+        if job.state not in CONFIRMABLE_STATES:
+            return CallbackEffect.NO_OP
+        if job.confirm_requested_at is None or job.confirm_requested_at < now:
+            self._set(replace(job, confirm_requested_at=now))
+        return CallbackEffect.CONFIRMING
 
     async def ping(self) -> None:
         await self._enter()
@@ -393,6 +409,8 @@ class MemoryStore(JobStore):
         if refused is not None:
             self._keep_other_task(job, entry.task_id, now)
             return refused, _detached(self._jobs[job.id]), False
+        if confirms_only(entry.auth):
+            return self._request_confirm(job.id, now), _detached(self._jobs[job.id]), adopted
         changed = self._apply(job.id, report, now)
         if changed is not None:
             return CallbackEffect.CHANGED, changed, adopted
@@ -413,6 +431,21 @@ class MemoryStore(JobStore):
             StoredCallback(id=r.id, entry=r.entry, effect=r.effect, matched_job_id=r.matched_job_id)
             for r in rows[:limit]
         ]
+
+    async def remember_signature(self, digest: str, *, seen_at: float) -> bool:
+        await self._enter()
+        if digest in self._signatures:
+            return False
+        self._signatures[digest] = seen_at
+        return True
+
+    async def prune_signatures(self, *, before: float, limit: int) -> int:
+        await self._enter()
+        check_limit(limit)
+        old = sorted((at, d) for d, at in self._signatures.items() if at < before)[:limit]
+        for _, digest in old:
+            del self._signatures[digest]
+        return len(old)
 
     async def list_events(self, *, after: int = 0, limit: int = 100) -> list[Event]:
         await self._enter()
@@ -494,8 +527,10 @@ class MemoryStore(JobStore):
             times = [d.created_at for d in self._prunable_deliveries(before)]
         elif kind is PruneKind.INBOX:
             times = [r.entry.received_at for r in self._prunable_inbox(before)]
-        else:
+        elif kind is PruneKind.EVENTS:
             times = [e.created_at for e in self._events if e.created_at < before]
+        else:
+            times = [at for at in self._signatures.values() if at < before]
         return Prunable(count=len(times), oldest=min(times, default=None))
 
     async def enqueue_deliveries(self, deliveries: Sequence[NewDelivery], *, cursor: int) -> int:

@@ -52,6 +52,7 @@ from kied.store._base import (
 from kied.store._common import (
     BEGIN_SUBMISSION,
     CALLBACK_COLUMNS,
+    CONFIRMABLE_STATES,
     COUNT_PRUNABLE,
     END_SUBMISSION,
     INSERT_EVENT,
@@ -64,10 +65,14 @@ from kied.store._common import (
     PRUNE_EVENTS,
     PRUNE_INBOX,
     PRUNE_JOBS,
+    PRUNE_SIGNATURES,
+    REMEMBER_SIGNATURE,
+    REQUEST_CONFIRM,
     SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
     check_limit,
+    confirms_only,
     entry_values,
     event_from_row,
     event_values,
@@ -295,6 +300,9 @@ _PRUNE_INBOX: Final[LiteralString] = for_psycopg(PRUNE_INBOX)
 _COUNT_PRUNABLE: Final[Mapping[PruneKind, LiteralString]] = {
     kind: for_psycopg(sql) for kind, sql in COUNT_PRUNABLE.items()
 }
+_REQUEST_CONFIRM: Final[LiteralString] = for_psycopg(REQUEST_CONFIRM)
+_REMEMBER_SIGNATURE: Final[LiteralString] = for_psycopg(REMEMBER_SIGNATURE)
+_PRUNE_SIGNATURES: Final[LiteralString] = for_psycopg(PRUNE_SIGNATURES)
 _PING: Final[LiteralString] = "SELECT 1"
 
 
@@ -555,11 +563,26 @@ def _apply_waiting_callback(
     ).fetchone()
     if row is None:
         return None
-    inbox_id, report = waiting_report(row)
-    changed = _apply(conn, job_id, _report_params(report), now)
-    effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
+    inbox_id, report, confirm = waiting_report(row)
+    if confirm:
+        effect, changed = _request_confirm(conn, job_id, now)
+    else:
+        changed = _apply(conn, job_id, _report_params(report), now)
+        effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
     conn.execute(_SET_CALLBACK_EFFECT, {"id": inbox_id, "effect": effect.value, "job_id": job_id})
     return changed
+
+
+def _request_confirm(
+    conn: _Connection, job_id: JobId, now: float
+) -> tuple[CallbackEffect, Job | None]:
+    """Ask the leader to confirm the task's status: ``CONFIRMING`` and the job, or
+    ``NO_OP`` when nothing KIE says can change the job any more."""
+    conn.execute(_REQUEST_CONFIRM, {"id": job_id, "now": now})
+    job = _select_job(conn, job_id)
+    if job is None or job.state not in CONFIRMABLE_STATES:
+        return CallbackEffect.NO_OP, job
+    return CallbackEffect.CONFIRMING, job
 
 
 def _create_job(conn: _Connection, params: Mapping[str, Any]) -> tuple[Job, bool]:
@@ -653,6 +676,9 @@ def _resolve_callback(
     if refused is not None:
         _keep_other_task(conn, job, entry.task_id, now)
         return refused, _select_job(conn, job.id), False
+    if confirms_only(entry.auth):
+        effect, confirming = _request_confirm(conn, job.id, now)
+        return effect, confirming, adopted
     changed = _apply(conn, job.id, report, now)
     if changed is not None:
         return CallbackEffect.CHANGED, changed, adopted
@@ -1002,6 +1028,23 @@ class PostgresStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
         return [
             event_from_row(r) for r in await self._read(partial(_fetch_all, _LIST_EVENTS, params))
         ]
+
+    async def remember_signature(self, digest: str, *, seen_at: float) -> bool:
+        params = {"digest": digest, "seen_at": seen_at}
+
+        def remember(conn: _Connection) -> bool:
+            return conn.execute(_REMEMBER_SIGNATURE, params).rowcount == 1
+
+        return await self._write(remember)
+
+    async def prune_signatures(self, *, before: float, limit: int) -> int:
+        check_limit(limit)
+        params = {"before": before, "limit": limit}
+
+        def prune(conn: _Connection) -> int:
+            return conn.execute(_PRUNE_SIGNATURES, params).rowcount
+
+        return await self._write(prune)
 
     async def prune_events(self, *, before: float, limit: int) -> int:
         check_limit(limit)

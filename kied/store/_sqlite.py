@@ -39,6 +39,7 @@ from kied.store._base import (
 from kied.store._common import (
     BEGIN_SUBMISSION,
     CALLBACK_COLUMNS,
+    CONFIRMABLE_STATES,
     COUNT_PRUNABLE,
     END_SUBMISSION,
     INSERT_EVENT,
@@ -51,10 +52,14 @@ from kied.store._common import (
     PRUNE_EVENTS,
     PRUNE_INBOX,
     PRUNE_JOBS,
+    PRUNE_SIGNATURES,
+    REMEMBER_SIGNATURE,
+    REQUEST_CONFIRM,
     SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
     check_limit,
+    confirms_only,
     entry_values,
     event_from_row,
     event_values,
@@ -360,10 +365,23 @@ def _apply_waiting_callback(
     ).fetchone()
     if row is None:
         return
-    inbox_id, report = waiting_report(row)
-    changed = _apply(conn, job_id, report, now)
-    effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
+    inbox_id, report, confirm = waiting_report(row)
+    if confirm:
+        effect = _request_confirm(conn, job_id, now)
+    else:
+        changed = _apply(conn, job_id, report, now)
+        effect = CallbackEffect.NO_OP if changed is None else CallbackEffect.CHANGED
     conn.execute(_SET_CALLBACK_EFFECT, {"id": inbox_id, "effect": effect, "job_id": job_id})
+
+
+def _request_confirm(conn: sqlite3.Connection, job_id: JobId, now: float) -> CallbackEffect:
+    """Ask the leader to confirm the task's status; ``CONFIRMING``, or ``NO_OP`` when
+    nothing KIE says can change the job any more."""
+    conn.execute(REQUEST_CONFIRM, {"id": job_id, "now": now})
+    job = _select_job(conn, job_id)
+    if job is None or job.state not in CONFIRMABLE_STATES:
+        return CallbackEffect.NO_OP
+    return CallbackEffect.CONFIRMING
 
 
 def _record_callback(
@@ -423,6 +441,8 @@ def _resolve_callback(
     if refused is not None:
         _keep_other_task(conn, job, entry.task_id, now)
         return refused, _select_job(conn, job.id), False
+    if confirms_only(entry.auth):
+        return _request_confirm(conn, job.id, now), _select_job(conn, job.id), adopted
     changed = _apply(conn, job.id, report, now)
     if changed is not None:
         return CallbackEffect.CHANGED, changed, adopted
@@ -714,6 +734,23 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
         return await self._run(
             lambda conn: [event_from_row(r) for r in conn.execute(LIST_EVENTS, params)]
         )
+
+    async def remember_signature(self, digest: str, *, seen_at: float) -> bool:
+        params = {"digest": digest, "seen_at": seen_at}
+
+        def remember(conn: sqlite3.Connection) -> bool:
+            return conn.execute(REMEMBER_SIGNATURE, params).rowcount == 1
+
+        return await self._db_write(remember)
+
+    async def prune_signatures(self, *, before: float, limit: int) -> int:
+        check_limit(limit)
+        params = {"before": before, "limit": limit}
+
+        def prune(conn: sqlite3.Connection) -> int:
+            return conn.execute(PRUNE_SIGNATURES, params).rowcount
+
+        return await self._db_write(prune)
 
     async def prune_events(self, *, before: float, limit: int) -> int:
         check_limit(limit)

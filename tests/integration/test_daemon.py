@@ -345,11 +345,15 @@ async def test_kie_signed_callbacks(settings, start_daemon):
             },
         )
     await daemon.shutdown()
-    assert (await get_job(settings, "j-sig")).state is JobState.SUCCEEDED
+    # Signed alone, the body is not authenticated: KIE is asked before the job ends
+    # (tests/integration/test_callback_trust.py; KIE is not reachable here).
+    job = await get_job(settings, "j-sig")
+    assert job.state is JobState.PENDING
+    assert job.confirm_requested_at is not None
     rows = list(reversed(await inbox(settings)))
-    assert [r.entry.auth for r in rows] == [
-        "rejected: webhook timestamp outside the window",
-        "hmac",
+    assert [(r.entry.auth, r.effect) for r in rows] == [
+        ("rejected: webhook timestamp outside the window", CallbackEffect.REJECTED),
+        ("hmac", CallbackEffect.CONFIRMING),
     ]
 
 

@@ -161,6 +161,7 @@ async def test_callbacks_and_job_ends_are_counted_exactly(settings, start_daemon
             "rejected": 4,
             "not applicable": 2,
             "other task": 0,
+            "to confirm": 0,
         }
         assert _nonzero(effects) == _tally(2)
         assert m.value("kied_callbacks_unstored_total") == 0
@@ -175,7 +176,14 @@ async def test_callbacks_and_job_ends_are_counted_exactly(settings, start_daemon
             ("cancelled", "cancel"): 1,
         }
         durations = m.by("kied_job_duration_seconds_count", "ended_by")
-        assert durations == {"callback": 3, "poll": 0, "submit": 0, "deadline": 0, "cancel": 1}
+        assert durations == {
+            "callback": 3,
+            "callback_confirmed": 0,
+            "poll": 0,
+            "submit": 0,
+            "deadline": 0,
+            "cancel": 1,
+        }
         assert m.types["kied_job_duration_seconds"] == "histogram"
 
         assert m.value("kied_build_info", version=__version__) == 1

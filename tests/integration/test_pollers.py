@@ -26,7 +26,7 @@ from kied.store import CallbackEffect
 from kied.testing import MemoryStore, raw_callback
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
 
 WALL0 = 1_767_225_600.0
@@ -114,13 +114,20 @@ async def open_stack(
     *,
     lead: bool = True,
     webhook_transport: httpx.AsyncBaseTransport | None = None,
+    callbacks_on_the_way: Callable[[httpx.Request], Awaitable[list[httpx.Request]]] | None = None,
     **setting_changes: Any,
 ) -> AsyncIterator[Stack]:
+    """``callbacks_on_the_way``: what happens to each callback between KIE and kied: the
+    requests kied gets in its place (none, a changed one, or several)."""
     store = MemoryStore()
     holder: dict[str, Daemon] = {}
 
     async def deliver(request: httpx.Request) -> httpx.Response:
-        await holder["daemon"].callbacks.handle(await raw_callback(request))
+        arriving = (
+            [request] if callbacks_on_the_way is None else await callbacks_on_the_way(request)
+        )
+        for arrived in arriving:
+            await holder["daemon"].callbacks.handle(await raw_callback(arrived))
         return httpx.Response(200, json={"status": "received"})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(deliver)) as hooks:

@@ -353,6 +353,7 @@ def test_kied_prune_counts_then_deletes_on_a_sqlite_file(tmp_path: Path) -> None
         "deliveries  30 days    0             -",
         f"inbox       14 days    1             {iso(now - 20 * DAY)}",
         "events      3650 days  0             -",
+        "signatures  10 min     0             -",
     ]
     pruned = _kied_prune(env={**env, "KIED_INBOX_RETENTION_DAYS": "never"}, cwd=tmp_path)
     assert (pruned.returncode, pruned.stderr) == (0, "")

@@ -41,6 +41,7 @@ from kied.store import (
     CallbackEffect,
     CallbackRecord,
     DeliveryState,
+    InboxEntry,
     JobStore,
     SqliteStore,
     open_store,
@@ -691,6 +692,141 @@ async def test_a_job_cannot_adopt_a_task_another_job_follows(store: JobStore) ->
     after = await store.get_job(second.id)
     assert after is not None
     assert (after.task_id, after.state) == (None, S.SUBMITTING)
+
+
+# ------------------------------------------------------------------- KIE's signature alone
+
+
+def _signed_only(task_id: str | None, **kw: Any) -> InboxEntry:
+    """A callback authenticated by KIE's signature alone: its body is a hint."""
+    return replace(make_inbox_entry(task_id=task_id, **kw), auth="hmac")
+
+
+async def test_a_signed_only_callback_asks_to_confirm_instead_of_applying(
+    store: JobStore,
+) -> None:
+    job = await _job_in(store, S.PENDING, task_id="t-1")
+    success = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    record = await store.record_callback(_signed_only("t-1", received_at=1_200.0), success)
+    assert record.effect is CallbackEffect.CONFIRMING
+    expected = replace(job, confirm_requested_at=1_200.0)
+    assert record.job == expected
+    assert await store.get_job(job.id) == expected
+    # a newer request replaces an older one; an older one changes nothing
+    await store.record_callback(_signed_only("t-1", received_at=1_300.0), success)
+    await store.record_callback(_signed_only("t-1", received_at=1_250.0), success)
+    after = await store.get_job(job.id)
+    assert after == replace(job, confirm_requested_at=1_300.0)
+    assert [j.confirm_requested_at for j in await store.unfinished_jobs()] == [1_300.0]
+    rows = await store.list_callbacks(task_id=TaskId("t-1"))
+    assert [(r.effect, r.matched_job_id) for r in rows] == [(CallbackEffect.CONFIRMING, job.id)] * 3
+    # the poller's answer ends the job; then there is nothing left to confirm
+    ended = await store.apply(job.id, _report(E.FAILED), now=1_400.0)
+    assert ended is not None
+    late = await store.record_callback(_signed_only("t-1", received_at=1_500.0), success)
+    assert (late.effect, late.job) == (CallbackEffect.NO_OP, ended)
+
+
+async def test_a_signed_only_callback_for_a_timed_out_job_asks_to_confirm(
+    store: JobStore,
+) -> None:
+    job = await _job_in(store, S.TIMED_OUT, task_id="t-1")
+    record = await store.record_callback(
+        _signed_only("t-1", received_at=1_200.0), _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    )
+    assert record.effect is CallbackEffect.CONFIRMING
+    assert record.job == replace(job, confirm_requested_at=1_200.0)
+
+
+async def test_a_job_waiting_for_createtask_adopts_a_signed_only_callbacks_task_unconfirmed(
+    store: JobStore,
+) -> None:
+    job = await _job_in(store, S.SUBMITTING)
+    entry = _signed_only("t-a", job_id=job.id, received_at=1_100.0)
+    record = await store.record_callback(entry, _report(E.SUCCEEDED, source=EndedBy.CALLBACK))
+    assert record.job is not None
+    assert (record.effect, record.adopted) == (CallbackEffect.CONFIRMING, True)
+    assert (record.job.task_id, record.job.state, record.job.confirm_requested_at) == (
+        "t-a",
+        S.SUBMITTING,
+        1_100.0,
+    )
+    assert record.job.result_urls == ()
+    assert await store.get_job(job.id) == record.job
+    assert await _types(store, job.id) == ["job.created", "job.submitted"]
+
+
+async def test_an_early_signed_only_callback_asks_to_confirm_once_its_job_has_the_task(
+    store: JobStore,
+) -> None:
+    success = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    early = await store.record_callback(_signed_only("t-early", received_at=1_050.0), success)
+    assert early.effect is CallbackEffect.NO_JOB
+    created, _ = await store.create_job(make_new_job(task_id="t-early", created_at=1_100.0))
+    assert (created.state, created.confirm_requested_at, created.result_urls) == (
+        S.PENDING,
+        1_100.0,
+        (),
+    )
+    [stored] = await store.list_callbacks(task_id=TaskId("t-early"))
+    assert (stored.effect, stored.matched_job_id) == (CallbackEffect.CONFIRMING, created.id)
+
+    waiting = await _job_in(store, S.SUBMITTING)
+    await store.record_callback(_signed_only("t-two", received_at=1_150.0), success)
+    attachment = await store.attach_task(waiting.id, TaskId("t-two"), now=1_160.0)
+    assert attachment is not None
+    assert not attachment.ended
+    assert (attachment.job.state, attachment.job.confirm_requested_at) == (S.PENDING, 1_160.0)
+    [stored] = await store.list_callbacks(task_id=TaskId("t-two"))
+    assert (stored.effect, stored.matched_job_id) == (CallbackEffect.CONFIRMING, waiting.id)
+
+
+async def test_a_signed_only_callback_never_reaches_a_job_that_follows_another_task(
+    store: JobStore,
+) -> None:
+    mine = await _job_in(store, S.PENDING, task_id="t-mine")
+    waiting = await _job_in(store, S.SUBMITTING)
+    success = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    record = await store.record_callback(_signed_only("t-other", job_id=mine.id), success)
+    assert record.effect is CallbackEffect.OTHER_TASK
+    assert await store.get_job(mine.id) == replace(
+        mine, other_task_ids=("t-other",), updated_at=1_000.0
+    )
+    # a callback naming no task changes no job, not even one waiting for its task
+    for entry in (make_inbox_entry(task_id=None, job_id=waiting.id), _signed_only(None)):
+        record = await store.record_callback(replace(entry, job_id=waiting.id), success)
+        assert record.effect is CallbackEffect.OTHER_TASK
+    assert await store.get_job(waiting.id) == waiting
+
+
+async def test_a_signature_is_remembered_once(store: JobStore) -> None:
+    assert await store.remember_signature("d1", seen_at=1_000.0)
+    assert not await store.remember_signature("d1", seen_at=1_001.0)
+    assert await store.remember_signature("d2", seen_at=1_002.0)
+    # results of concurrent tries: exactly one is new
+    results: list[bool] = []
+
+    async def attempt() -> None:
+        results.append(await store.remember_signature("d3", seen_at=1_003.0))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(attempt)
+    assert sorted(results) == [False, False, False, False, True]
+
+
+async def test_old_signatures_are_pruned_in_batches(store: JobStore) -> None:
+    for i in range(5):
+        assert await store.remember_signature(f"d{i}", seen_at=1_000.0 + i)
+    assert await store.prune_signatures(before=1_003.0, limit=2) == 2
+    assert await store.prune_signatures(before=1_003.0, limit=2) == 1
+    assert await store.prune_signatures(before=1_003.0, limit=2) == 0
+    # the pruned are forgotten, the others still known
+    assert await store.remember_signature("d0", seen_at=1_010.0)
+    assert not await store.remember_signature("d3", seen_at=1_010.0)
+    assert not await store.remember_signature("d4", seen_at=1_010.0)
+    with pytest.raises(ValueError, match="limit"):
+        await store.prune_signatures(before=0.0, limit=-1)
 
 
 async def test_one_submission_at_a_time(store: JobStore) -> None:
@@ -1376,6 +1512,26 @@ async def test_postgres_job_changes_are_announced_as_they_commit(pg_url: str) ->
             return [n.payload for n in listener.notifies(timeout=0.5)]
 
         assert await trio.to_thread.run_sync(notes) == [job.id] * 4 + [other.id]
+    finally:
+        await trio.to_thread.run_sync(listener.close)
+
+
+async def test_postgres_a_request_to_confirm_is_announced(pg_url: str) -> None:
+    # The leader hears of it whichever instance took the callback.
+    listener = await trio.to_thread.run_sync(partial(psycopg.connect, pg_url, autocommit=True))
+    try:
+        async with open_store(PostgresStoreSettings(url=pg_url)) as store:
+            job = await _job_in(store, S.PENDING, task_id="t-1")
+            await trio.to_thread.run_sync(listener.execute, "LISTEN kied_jobs")
+            entry = _signed_only("t-1", received_at=1_200.0)
+            record = await store.record_callback(entry, SUCCESS)
+            assert record.effect is CallbackEffect.CONFIRMING
+            await store.record_callback(entry, SUCCESS)  # no newer request: none
+
+        def notes() -> list[str]:
+            return [n.payload for n in listener.notifies(timeout=0.5)]
+
+        assert await trio.to_thread.run_sync(notes) == [job.id]
     finally:
         await trio.to_thread.run_sync(listener.close)
 

@@ -55,7 +55,9 @@ async def tasks_by_job(stack: Stack) -> Counter[str]:
     return jobs
 
 
-async def leave_a_lost_submission(stack: Stack, job_id: str, *, duration_s: float) -> str:
+async def leave_a_lost_submission(
+    stack: Stack, job_id: str, *, duration_s: float, outcome: str = "success"
+) -> str:
     """What a leader killed while createTask was in flight leaves: the submission it
     recorded, and the task KIE created for it, whose answer nobody read."""
     job = await stack.job(job_id)
@@ -69,7 +71,7 @@ async def leave_a_lost_submission(stack: Stack, job_id: str, *, duration_s: floa
         SimFamily.MARKET,
         json.dumps(body).encode(),
         authorization="Bearer test-key",
-        overrides=TaskOverrides(duration_s=duration_s, outcome="success"),
+        overrides=TaskOverrides(duration_s=duration_s, outcome=outcome),
     )
     return str(json.loads(reply.body)["data"]["taskId"])
 

@@ -6,7 +6,7 @@ import hmac
 
 import pytest
 
-from kied.core.auth import check_callback_auth, kie_signature
+from kied.core.auth import body_is_authenticated, check_callback_auth, kie_signature
 
 NOW = 1_767_225_600.0
 
@@ -91,3 +91,44 @@ def test_both_mechanisms_must_pass():
     assert not verdict(
         token="a", given_token="b", hmac_key=b"k", timestamp=ts, signature=good
     ).authenticated
+
+
+def test_a_verified_signature_has_a_digest_to_accept_it_once():
+    ts = str(int(NOW))
+    v = verdict(hmac_key=b"k", timestamp=ts, signature=sign(b"k", "t1", ts))
+    expected = hashlib.sha256(f"t1.{ts}.{sign(b'k', 't1', ts)}".encode()).hexdigest()
+    assert v.signature_digest == expected
+    # the same signature with a padded timestamp header is the same signature
+    assert verdict(hmac_key=b"k", timestamp=f" {ts} ", signature=sign(b"k", "t1", ts)) == v
+    # another timestamp is another signature
+    later = str(int(NOW) + 1)
+    other = verdict(hmac_key=b"k", timestamp=later, signature=sign(b"k", "t1", later))
+    assert other.signature_digest not in (None, expected)
+    # no signature checked, no digest
+    assert verdict(token="a", given_token="a").signature_digest is None
+    assert verdict(hmac_key=b"k", timestamp=ts, signature="%%%").signature_digest is None
+
+
+def test_another_spelling_of_the_same_mac_has_the_same_digest():
+    # base64 leaves the low bits of the last character before "=" unused: four spellings
+    # decode to one MAC. A replay must not pass as new by changing them.
+    ts = str(int(NOW))
+    good = sign(b"k", "t1", ts)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = alphabet.index(good[-2])
+    respelt = good[:-2] + alphabet[last ^ 1] + "="
+    assert respelt != good
+    assert base64.b64decode(respelt) == base64.b64decode(good)
+    v = verdict(hmac_key=b"k", timestamp=ts, signature=respelt)
+    assert v.authenticated
+    assert (
+        v.signature_digest == verdict(hmac_key=b"k", timestamp=ts, signature=good).signature_digest
+    )
+
+
+@pytest.mark.parametrize(
+    ("detail", "covered"),
+    [("open", True), ("token", True), ("token+hmac", True), ("hmac", False)],
+)
+def test_only_a_signature_alone_leaves_the_body_unauthenticated(detail, covered):
+    assert body_is_authenticated(detail) is covered
