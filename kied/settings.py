@@ -242,7 +242,8 @@ def load_settings(
 
     def pick(flag: str | None, *names: str) -> tuple[str, str] | None:
         if flag is not None:
-            return ("--" + names[0].lower().removeprefix("kied_").replace("_", "-"), flag)
+            flag_name = names[0].lower().removeprefix("kied_").removesuffix("_url")
+            return ("--" + flag_name.replace("_", "-"), flag)
         for name in names:
             value = environ.get(name)
             if value is not None and value.strip() != "":

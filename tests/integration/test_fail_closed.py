@@ -182,13 +182,13 @@ def _pg(dbname: str, *, user: str | None = None) -> str:
         ),
         pytest.param(
             lambda: "postgresql://kied:p@ss@db.internal:x/kied",
-            r"kied: --database-url: has more than one @ before the host; write an @ in the user"
+            r"kied: --database: has more than one @ before the host; write an @ in the user"
             r" or password as %40 \(postgresql://kied:\*\*\*@db\.internal:x/kied\)",
             id="malformed URL",
         ),
         pytest.param(
             lambda: "postgresql://kied:pw-SECRET@db.internal:54x/kied",
-            r"kied: --database-url: has port '54x', not a number 1-65535"
+            r"kied: --database: has port '54x', not a number 1-65535"
             r" \(postgresql://kied:\*\*\*@db\.internal:54x/kied\)",
             id="port not a number",
         ),
