@@ -16,13 +16,15 @@ import httpx
 import pytest
 import trio
 
-from kied.daemon import Daemon
+from kied.daemon import Daemon, run
+from kied.errors import StoreMisconfiguredError
 from kied.settings import (
     NoLockSettings,
     PostgresStoreSettings,
     Settings,
     SqliteStoreSettings,
 )
+from kied.store import SqliteStore
 from kied.web import create_app
 from tests.pg import PgServer
 from tests.procs import PYTHON, kied, read_url, stop
@@ -359,3 +361,24 @@ async def test_readyz_tells_the_detail_to_loopback_clients_only(tmp_path, caplog
     assert far.json() == {"status": "unavailable", "reason": "storage unavailable"}
     assert "127.0.0.1" in near.json()["reason"]
     assert "127.0.0.1" in caplog.text  # the detail is in the log
+
+
+async def test_a_sqlite_directory_that_is_a_file_is_misconfigured_not_retried(tmp_path):
+    (tmp_path / "file").write_text("not a directory\n")
+    path = tmp_path / "file" / "kied.db"
+    with pytest.raises(StoreMisconfiguredError, match=r"Not a directory|File exists"):
+        await SqliteStore.connect(path)
+
+
+async def test_the_daemon_stops_on_storage_that_can_never_open(tmp_path, autojump_clock):
+    (tmp_path / "file").write_text("not a directory\n")
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        store=SqliteStoreSettings(path=tmp_path / "file" / "kied.db"),
+        lock=NoLockSettings(),
+        kie_base_url="http://127.0.0.1:9",
+    )
+    with trio.fail_after(60), pytest.raises(BaseExceptionGroup) as caught:
+        await run(settings, stop=trio.Event())
+    assert caught.value.subgroup(StoreMisconfiguredError) is not None
