@@ -139,7 +139,10 @@ def test_a_passed_socket_on_all_addresses_is_refused_without_tokens(tmp_path):
             stderr=subprocess.PIPE,
             text=True,
         )
-        _out, err = proc.communicate(timeout=30)
+        try:
+            _out, err = proc.communicate(timeout=30)
+        finally:
+            stop(proc)  # when it did not stop by itself
     finally:
         listener.close()
     assert proc.returncode == 2, err
@@ -235,7 +238,10 @@ def test_an_unreachable_database_is_retried_with_few_lines(tmp_path):
         assert proc.poll() is None  # still serving, still retrying
     finally:
         proc.send_signal(15)
-        _out, log = proc.communicate(timeout=20)
+        try:
+            _out, log = proc.communicate(timeout=20)
+        finally:
+            stop(proc)
     assert proc.returncode == 0
     retries = [
         line
@@ -267,7 +273,10 @@ def test_debug_log_over_http2_holds_no_secret_and_no_raw_control_character(tmp_p
             assert r.status_code == 200
     finally:
         proc.send_signal(15)
-        _out, log = proc.communicate(timeout=20)
+        try:
+            _out, log = proc.communicate(timeout=20)
+        finally:
+            stop(proc)
     assert "hpack" not in log  # the header codec said nothing at DEBUG
     assert "[KIE_CALLBACK]" in log
     for secret in (API_TOKEN, CALLBACK_TOKEN, "kie-key-SECRET"):
