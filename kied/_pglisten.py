@@ -10,6 +10,7 @@ milliseconds, and a passive instance wakes its long-polling API requests.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Final
 
 import psycopg
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 CHANNEL: Final = "kied_jobs"
 _RETRY_MAX_S: Final = 5.0
+#: at most one line this often about a connection that stays lost
+_QUIET_S: Final = 60.0
 
 
 def _connect(url: str) -> psycopg.Connection[TupleRow]:
@@ -57,6 +60,7 @@ async def run_job_listener(
     Cancellation: stops at once; the connection is closed.
     """
     delay = 0.1
+    logged_at = -math.inf
     started = False
     while True:
         conn: psycopg.Connection[TupleRow] | None = None
@@ -77,11 +81,14 @@ async def run_job_listener(
                 if pgconn.status != pq.ConnStatus.OK:
                     raise psycopg.OperationalError("the listening connection was closed")
         except psycopg.Error as exc:
-            logger.warning(
-                "[GEN] job change listener lost its connection (%s); reconnecting in %.1f s",
-                str(exc).strip(),
-                delay,
-            )
+            # Each step of the back-off is logged; at its cap, once a minute at most.
+            if delay < _RETRY_MAX_S or trio.current_time() - logged_at >= _QUIET_S:
+                logged_at = trio.current_time()
+                logger.warning(
+                    "[GEN] job change listener lost its connection (%s); reconnecting in %.1f s",
+                    " ".join(str(exc).split()),
+                    delay,
+                )
         finally:
             if conn is not None and not conn.closed:
                 conn.close()

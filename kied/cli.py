@@ -8,27 +8,41 @@ and installs signal handlers.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import sys
+import tempfile
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 import trio
 
 from kied import __version__
-from kied.errors import ConfigError, StoreError
-from kied.settings import Settings, load_settings
+from kied.errors import ConfigError, StoreError, StoreMisconfiguredError
+from kied.settings import (
+    FileLockSettings,
+    PostgresStoreSettings,
+    Settings,
+    SqliteStoreSettings,
+    check_exposure,
+    load_settings,
+    masked_url,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
+    from pathlib import Path
 
     from kied.settings import LogFormat
     from kied.store import Prunable, PruneKind
 
-__all__ = ["configure_logging", "main"]
+__all__ = ["configure_logging", "main", "secrets_of"]
 
 logger = logging.getLogger("kied")
 
@@ -81,15 +95,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+def configure_logging(
+    level: str, log_format: LogFormat = "text", *, secrets: Iterable[str] = ()
+) -> None:
     """Lines on stderr: plain text, or one JSON object per line for log shippers.
 
     Under systemd the journal adds its own timestamps, so text lines carry none.
+
+    Args:
+        level: the least level logged.
+        log_format: ``text`` or ``json``.
+        secrets: values no line may show (tokens, keys, the database password); each is
+            written ``***`` wherever it appears, at every level.
+
+    A text line never holds a raw control character: a newline, ESC or the like in a
+    message (a callback's ``?job=``, say) is written escaped (``\\n``, ``\\x1b``), so a
+    message cannot forge a line of its own or drive the terminal; lines of a traceback
+    after the first are indented. JSON lines are escaped by JSON itself.
     """
+    redact = _Redactor(secrets)
+    handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JsonFormatter())
-        logging.basicConfig(level=level, handlers=[handler], force=True)
+        handler.setFormatter(_JsonFormatter(redact))
     else:
         under_journal = "JOURNAL_STREAM" in os.environ
         fmt = (
@@ -97,18 +124,95 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
             if under_journal
             else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
-        logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+        handler.setFormatter(_TextFormatter(fmt, redact))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    quiet = max(logging.WARNING, logging.getLevelName(level))
     # httpx logs every request at INFO: status queries would drown the daemon's own lines.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # The HTTP/2 header codec (hpack, h2) and the HTTP/1 one (h11, httpcore) log headers
+    # at DEBUG, bearer tokens among them: never below WARNING.
+    for name in ("httpx", "httpcore", "hpack", "h2", "h11"):
+        logging.getLogger(name).setLevel(quiet)
+
+
+class _Redactor:
+    """Writes ``***`` for each secret, as given and as it appears in a URL or JSON."""
+
+    #: shorter values are not secrets worth the name, and would mask ordinary words
+    _SHORTEST = 4
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        forms: set[str] = set()
+        for secret in secrets:
+            if len(secret) < self._SHORTEST:
+                continue
+            forms.update(
+                (secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1])
+            )
+        # Longest first, so that a secret inside another is not half-replaced.
+        ordered = sorted(forms, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def __call__(self, text: str) -> str:
+        return text if self._pattern is None else self._pattern.sub("***", text)
+
+
+#: C0 controls, DEL, C1 controls and lone surrogates: none belongs in a log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\t"}
+
+
+def _escape_control(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with each control character written as an escape (a tab stays a tab)."""
+
+    def escaped(match: re.Match[str]) -> str:
+        char = match.group()
+        if keep_newlines and char == "\n":
+            return char
+        if char in _NAMED:
+            return _NAMED[char]
+        code = ord(char)
+        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+    return _CONTROL.sub(escaped, text)
+
+
+class _TextFormatter(logging.Formatter):
+    """One line per record, secrets hidden and control characters escaped."""
+
+    def __init__(self, fmt: str, redact: _Redactor) -> None:
+        super().__init__(fmt)
+        self._redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = _escape_control(self._redact(record.getMessage()))
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        blocks = []
+        if record.exc_info:
+            blocks.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            blocks.append(self.formatStack(record.stack_info))
+        for block in blocks:
+            # Indented: a line of a traceback never reads as a record of its own.
+            text = _escape_control(self._redact(block), keep_newlines=True)
+            line += "".join("\n  " + part for part in text.split("\n"))
+        return line
 
 
 # Every attribute a plain record has; anything else on a record came from ``extra=``.
 _PLAIN_RECORD = logging.LogRecord("", logging.INFO, "", 0, "", None, None)
 _RECORD_ATTRIBUTES = frozenset(vars(_PLAIN_RECORD)) | {"message", "asctime"}
+#: What ``json.dumps(ensure_ascii=False)`` leaves raw: C1 controls and lone surrogates.
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
 
 
 class _JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message and the ``extra`` fields."""
+
+    def __init__(self, redact: _Redactor | None = None) -> None:
+        super().__init__()
+        self._redact = redact or _Redactor(())
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -126,21 +230,62 @@ class _JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        line = self._redact(json.dumps(entry, ensure_ascii=False, default=str))
+        return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret ``settings`` holds, as text: what no log line may show."""
+    found = [
+        settings.api_token,
+        settings.callback_token,
+        settings.kie_api_key,
+        settings.metrics_token,
+        settings.webhook_hmac_key.decode("utf-8", "replace") if settings.webhook_hmac_key else None,
+    ]
+    for key in settings.webhook_keys:
+        encoded = base64.b64encode(key).decode()
+        found += [encoded, "whsec_" + encoded]
+    if isinstance(settings.store, PostgresStoreSettings):
+        found += _database_passwords(settings.store.url)
+    return [secret for secret in found if secret]
+
+
+def _database_passwords(url: str) -> list[str]:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    found = [password, unquote(password)] if password else []
+    # A key=value connection string: password=SECRET or password='SECRET'.
+    found += re.findall(r"\bpassword\s*=\s*'((?:[^'\\]|\\.)*)'", url)
+    found += re.findall(r"\bpassword\s*=\s*([^\s']\S*)", url)
+    return found
 
 
 def _serve(argv: Sequence[str]) -> int:
     try:
         settings = load_settings(os.environ, argv)
+        open_warning = check_exposure(settings, _listening_addresses(settings))
+        _check_data_directories(settings)
     except ConfigError as exc:
         print(f"kied: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, secrets=secrets_of(settings))
+    if open_warning is not None:
+        logger.warning("[HTTP] %s", open_warning)
     failure: OSError | None = None
+    misconfigured: StoreMisconfiguredError | None = None
     try:
         trio.run(_serve_async, settings)
+    except* StoreMisconfiguredError as group:
+        misconfigured = _first_leaf(group)
     except* OSError as group:
         failure = _first_leaf(group)
+    if misconfigured is not None:
+        # Permanent: exit 2, which systemd does not restart (RestartPreventExitStatus=2).
+        print(f"kied: {_database_problem(settings, misconfigured)}", file=sys.stderr)
+        return 2
     if failure is not None:
         # One line for the user; the log above has the detail.
         where = (
@@ -151,6 +296,81 @@ def _serve(argv: Sequence[str]) -> int:
         print(f"kied: cannot serve on {where}: {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def _database_problem(settings: Settings, exc: StoreMisconfiguredError) -> str:
+    """One line naming the database setting, with no password in it."""
+    store = settings.store
+    where = masked_url(store.url) if isinstance(store, PostgresStoreSettings) else str(store.path)
+    text = f"KIED_DATABASE_URL: {where}: {exc}"
+    for secret in secrets_of(settings):
+        text = text.replace(secret, "***")
+    return _escape_control(" ".join(text.split()))
+
+
+def _listening_addresses(settings: Settings) -> list[str]:
+    """The addresses kied will listen on; ``""`` for a passed socket it cannot read."""
+    if not settings.listen_fds:
+        return [settings.host]
+    addresses = []
+    for fd in range(3, 3 + settings.listen_fds):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            addresses.append("")
+            continue
+        try:
+            name = sock.getsockname()
+        except OSError:
+            name = ""
+        finally:
+            sock.detach()  # the descriptor stays open, for the server
+        if sock.family == socket.AF_UNIX:
+            addresses.append("localhost")  # a Unix socket is reached from this machine only
+        elif isinstance(name, tuple):
+            addresses.append(str(name[0]))
+        else:
+            addresses.append("")
+    return addresses
+
+
+def _check_data_directories(settings: Settings) -> None:
+    """Refuse a SQLite file, or a lock file, that kied could never write.
+
+    Raises:
+        ConfigError: the directory is a file, cannot be created, or cannot be written.
+    """
+    store = settings.store
+    if isinstance(store, SqliteStoreSettings):
+        _check_writable(store.path, "KIED_DATABASE_URL")
+    if isinstance(settings.lock, FileLockSettings):
+        _check_writable(settings.lock.path, "KIED_LOCK")
+
+
+def _check_writable(path: Path, setting: str) -> None:
+    directory = path.parent
+    for parent in (directory, *directory.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(setting, f"{path}: {parent} is a file, not a directory")
+            break
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # A file made and removed: the one test that holds for root, read-only mounts and
+        # file systems that refuse new files alike.
+        fd, probe = tempfile.mkstemp(prefix=".kied-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            setting, f"{path}: cannot write in {directory}: {exc.strerror or exc}"
+        ) from None
+    try:
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except OSError as exc:
+        raise ConfigError(setting, f"{path}: cannot write it: {exc.strerror or exc}") from None
 
 
 async def _serve_async(settings: Settings) -> None:
@@ -172,12 +392,14 @@ async def _serve_async(settings: Settings) -> None:
             nursery.cancel_scope.cancel()
 
 
-def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _first_leaf(group: BaseExceptionGroup[_E]) -> _E:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    assert isinstance(exc, OSError)
-    return exc
+    return cast("_E", exc)
 
 
 def _inspect_callback(argv: Sequence[str]) -> int:

@@ -25,12 +25,18 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from kied import __version__
+from kied._backoff import Backoff
 from kied._sdnotify import SystemdNotifier, run_watchdog
 from kied.api import JobsService
 from kied.changes import JobChanges
 from kied.core.jobs import JobId
 from kied.core.schedule import CallbackHealth
-from kied.errors import LeadershipLostError, StoreError, StoreUnavailableError
+from kied.errors import (
+    LeadershipLostError,
+    StoreError,
+    StoreMisconfiguredError,
+    StoreUnavailableError,
+)
 from kied.intake import CallbackIntake
 from kied.leadership import Leader, open_leadership
 from kied.metrics import Metrics
@@ -193,12 +199,13 @@ class Daemon:
         Reports started at once: the daemon serves while storage is still opening.
         """
         task_status.started()
-        delay = 0.5
+        backoff = Backoff(0.5, _STORE_RETRY_MAX_S)
         while True:
             try:
                 async with open_store(self.settings.store) as store:
                     self._store = store
                     self._store_ready.set()
+                    backoff.succeeded()
                     logger.info("[GEN] storage ready: %s", _describe_store(self.settings))
                     self.report_status()
                     try:
@@ -207,12 +214,18 @@ class Daemon:
                         self._store = None
                         self._store_problem = "storage is closed"
                         self.report_status()
+            except StoreMisconfiguredError as exc:
+                # Retrying cannot help, and a restart neither: the daemon stops (exit 2).
+                self._store_problem = str(exc)
+                self.report_status()
+                raise
             except StoreError as exc:
                 self._store_problem = str(exc)
                 self.report_status()
-                logger.error("[GEN] storage unavailable, retrying in %.1f s: %s", delay, exc)
+                delay, log = backoff.failed()
+                if log:
+                    logger.error("[GEN] storage unavailable, retrying in %.1f s: %s", delay, exc)
                 await trio.sleep(delay)
-                delay = min(delay * 2, _STORE_RETRY_MAX_S)
 
     async def run_leadership(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

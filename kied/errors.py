@@ -7,6 +7,8 @@
     ├── IllegalTransitionError   a job event that the state table does not allow
     ├── StoreError
     │   ├── StoreUnavailableError  the database cannot be reached or answered with an error
+    │   │   └── StoreMisconfiguredError  it never will: unknown database or role, bad
+    │   │                                password, a data directory kied cannot write
     │   └── ConflictError          a write lost to a concurrent one (compare-and-set)
     ├── LeadershipLostError      the leadership lock was lost while ACTIVE
     └── UpstreamError            KIE answered badly or not at all
@@ -26,6 +28,7 @@ __all__ = [
     "KiedError",
     "LeadershipLostError",
     "StoreError",
+    "StoreMisconfiguredError",
     "StoreUnavailableError",
     "UpstreamBusyError",
     "UpstreamError",
@@ -57,6 +60,14 @@ class StoreError(KiedError):
 
 class StoreUnavailableError(StoreError):
     """The database could not be reached, or refused the operation."""
+
+
+class StoreMisconfiguredError(StoreUnavailableError):
+    """The database refuses kied for good: trying again cannot help until the setting changes.
+
+    An unknown database or role, a wrong password, no ``pg_hba.conf`` entry, or a SQLite
+    file in a directory that is not one or cannot be written. The message holds no password.
+    """
 
 
 class ConflictError(StoreError):

@@ -7,11 +7,12 @@ which is pure. A bad value raises :class:`~kied.errors.ConfigError` naming the s
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os.path
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from kied.core.jobs import EventType
 from kied.core.webhooks import DEFAULT_SCHEDULE_S, parse_secret
@@ -31,7 +32,10 @@ __all__ = [
     "ResubmitPolicy",
     "Settings",
     "SqliteStoreSettings",
+    "check_exposure",
+    "is_loopback",
     "load_settings",
+    "masked_url",
     "serve_parser",
 ]
 
@@ -140,6 +144,12 @@ class Settings:
     job_retention_s: float | None = 30 * 86400 * SECONDS
     #: how long a callback is kept in the inbox (from its arrival); None: forever
     inbox_retention_s: float | None = 14 * 86400 * SECONDS
+    #: the operator means kied to listen beyond this machine without an API token or
+    #: without callback authentication (``KIED_ALLOW_OPEN=1``); otherwise it refuses to
+    #: start that way
+    allow_open: bool = False
+    #: bearer token ``GET /metrics`` requires; None: loopback clients, or KIED_API_TOKEN
+    metrics_token: str | None = field(default=None, repr=False)
 
 
 ENVIRONMENT_HELP = """\
@@ -152,13 +162,16 @@ environment (flags win over the environment):
   KIED_LOCK            postgres (an advisory lock; default with a PostgreSQL database),
                        file (a lock file beside the SQLite file; default otherwise),
                        file:PATH, none
-  KIED_CALLBACK_TOKEN  secret a callback must carry as ?token= or X-KIE-Callback-Token
+  KIED_CALLBACK_TOKEN  secret a callback must carry as ?token= or X-KIE-Callback-Token;
+                       it, or KIE_WEBHOOK_HMAC_KEY, is needed when listening beyond this
+                       machine (see KIED_ALLOW_OPEN)
   KIE_WEBHOOK_HMAC_KEY KIE's webhookHmacKey: callbacks must carry a valid X-Webhook-Signature
   KIE_API_KEY          KIE API key
   KIE_BASE_URL         default https://api.kie.ai
   KIED_PUBLIC_URL      this daemon's public URL, for the callback URL given to KIE
   RENDER_EXTERNAL_URL  used when KIED_PUBLIC_URL is not set
-  KIED_API_TOKEN       bearer token the /v1 API requires when set
+  KIED_API_TOKEN       bearer token the /v1 API requires; needed when listening beyond
+                       this machine (see KIED_ALLOW_OPEN)
   KIED_JOB_TIMEOUT     seconds a job may take before it is timed_out; default 900
   KIED_RESUBMIT        never (default) or after-wait: what a leader does with a createTask
                        whose answer was lost (kied stopped, or KIE did not answer). never:
@@ -180,6 +193,10 @@ environment (flags win over the environment):
                        18000,36000,36000
   KIED_LOG_LEVEL       DEBUG, INFO (default), WARNING, ERROR
   KIED_LOG_FORMAT      text (default) or json: one JSON object per line
+  KIED_ALLOW_OPEN      1: listen beyond this machine without KIED_API_TOKEN or without
+                       callback authentication on purpose; kied refuses to otherwise
+  KIED_METRICS_TOKEN   bearer token GET /metrics requires; unset: /metrics answers
+                       loopback clients, and others that send KIED_API_TOKEN
 set by systemd:
   NOTIFY_SOCKET        where READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 are sent
   WATCHDOG_USEC        the watchdog timeout; kied pings at half of it (WATCHDOG_PID: for whom)
@@ -234,7 +251,8 @@ def load_settings(
 
     def pick(flag: str | None, *names: str) -> tuple[str, str] | None:
         if flag is not None:
-            return ("--" + names[0].lower().removeprefix("kied_").replace("_", "-"), flag)
+            flag_name = names[0].lower().removeprefix("kied_").removesuffix("_url")
+            return ("--" + flag_name.replace("_", "-"), flag)
         for name in names:
             value = environ.get(name)
             if value is not None and value.strip() != "":
@@ -306,6 +324,9 @@ def load_settings(
     watchdog_s = _watchdog_s(environ, own_pid) if notify_socket is not None else None
     listen_fds = _listen_fds(environ, own_pid)
 
+    allow_open = _flag(pick(None, "KIED_ALLOW_OPEN"))
+    metrics_token = _secret(environ, "KIED_METRICS_TOKEN")
+
     hmac_key = environ.get("KIE_WEBHOOK_HMAC_KEY", "").strip()
     public_src = pick(None, "KIED_PUBLIC_URL", "RENDER_EXTERNAL_URL")
     base_src = pick(None, "KIE_BASE_URL")
@@ -337,6 +358,8 @@ def load_settings(
         listen_fds=listen_fds,
         job_retention_s=job_retention_s,
         inbox_retention_s=inbox_retention_s,
+        allow_open=allow_open,
+        metrics_token=metrics_token,
     )
 
 
@@ -509,6 +532,7 @@ def _store(
     name, value = src
     scheme = urlsplit(value).scheme.lower()
     if scheme in ("postgres", "postgresql"):
+        _check_postgres_url(name, value)
         return PostgresStoreSettings(url=value)
     if scheme == "sqlite":
         if not value.lower().startswith("sqlite:///") or len(value) <= len("sqlite:///"):
@@ -524,6 +548,105 @@ def _store(
     if path.endswith("/"):
         raise ConfigError(name, f"names a directory, not a database file: {value!r}")
     return SqliteStoreSettings(path=Path(os.path.abspath(path)))
+
+
+def masked_url(url: str) -> str:
+    """A database URL with its password hidden, fit for a log line or an error."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+
+
+def _check_postgres_url(name: str, value: str) -> None:
+    """Refuse a PostgreSQL URL libpq would misread: kied would then retry it for ever."""
+    userinfo, _, hosts = urlsplit(value).netloc.rpartition("@")
+    if "@" in userinfo:
+        # postgresql://u:p@ss@host/db: libpq takes "ss@host" for the host name.
+        raise ConfigError(
+            name,
+            "has more than one @ before the host; write an @ in the user or password as %40"
+            f" ({masked_url(value)})",
+        )
+    for host_port in hosts.split(","):
+        if host_port.startswith("["):  # [IPv6]:port
+            _, _, rest = host_port.partition("]")
+            port = rest.removeprefix(":")
+        else:
+            port = host_port.partition(":")[2]
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(
+                name, f"has port {port!r}, not a number 1-65535 ({masked_url(value)})"
+            )
+
+
+def _flag(src: tuple[str, str] | None) -> bool:
+    if src is None:
+        return False
+    name, value = src
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"must be 1 or 0, not {value!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address kied binds or a peer's address) is this machine only."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def check_exposure(settings: Settings, addresses: Sequence[str]) -> str | None:
+    """Refuse to listen beyond this machine with the API or the callbacks unauthenticated.
+
+    Args:
+        settings: the validated settings.
+        addresses: the addresses kied listens on (``settings.host``, or those of the
+            sockets systemd passed; ``""`` when they cannot be known).
+
+    Returns:
+        A warning to log when kied runs open on loopback or on purpose; else None.
+
+    Raises:
+        ConfigError: kied would listen on a non-loopback address without an API token,
+            or without callback authentication, and ``KIED_ALLOW_OPEN`` is not set.
+    """
+    missing: list[tuple[str, str]] = []
+    if settings.api_token is None:
+        missing.append(("KIED_API_TOKEN", "without an API token"))
+    if settings.callback_token is None and settings.webhook_hmac_key is None:
+        missing.append(
+            (
+                "KIED_CALLBACK_TOKEN",
+                "without callback authentication (KIED_CALLBACK_TOKEN or KIE_WEBHOOK_HMAC_KEY)",
+            )
+        )
+    if not missing:
+        return None
+    exposed = [a for a in addresses if not is_loopback(a)]
+    what = " and ".join(problem for _, problem in missing)
+    if settings.allow_open:
+        return f"running open on purpose (KIED_ALLOW_OPEN=1): {what}"
+    if exposed:
+        name = missing[0][0]
+        where = exposed[0] or "the sockets systemd passed"
+        raise ConfigError(
+            name,
+            f"listening on {where} {what}; set {'them' if len(missing) > 1 else 'it'},"
+            " or KIED_ALLOW_OPEN=1 to run open on purpose",
+        )
+    return f"running open on loopback, for development: {what}"
 
 
 def _lock(

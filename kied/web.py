@@ -21,9 +21,10 @@ from kied.core.views import iso
 from kied.core.webhooks import safe_url
 from kied.intake import CallbackIntake, RawCallback
 from kied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kied.settings import is_loopback
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     from kied.metrics import Metrics
     from kied.settings import Settings
@@ -87,16 +88,29 @@ def create_app(
     async def healthz() -> dict[str, Any]:
         return status.health()
 
+    last_unready: list[str] = []
+
     @app.get("/readyz")
     async def readyz() -> tuple[dict[str, Any], int]:
         reason = await status.readiness()
         if reason is None:
+            last_unready.clear()
             return {"status": "ready"}, 200
+        if last_unready != [reason]:
+            # The detail (host names, the driver's words) is for the log, once per change.
+            logger.warning("[HTTP] not ready: %s", reason)
+            last_unready[:] = [reason]
+        if not is_loopback(request.remote_addr or ""):
+            reason = "storage unavailable"
         return {"status": "unavailable", "reason": reason}, 503
 
+    metrics_auth = _metrics_authorizer(settings)
+
     @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        # Unauthenticated, for the operator's scraper: keep it off the public internet.
+    async def metrics_endpoint() -> Response | tuple[dict[str, Any], int]:
+        refusal = metrics_auth()
+        if refusal is not None:
+            return refusal
         return Response(metrics.exposition(), status=200, content_type=METRICS_CONTENT_TYPE)
 
     async def callback() -> tuple[dict[str, Any], int]:
@@ -136,6 +150,33 @@ def create_app(
         return {"error": "internal error", "detail": "see the daemon's log"}, 500
 
     return app
+
+
+def _metrics_authorizer(
+    settings: Settings,
+) -> Callable[[], tuple[dict[str, Any], int] | None]:
+    """Who may read ``/metrics``: with ``KIED_METRICS_TOKEN``, whoever sends it; without it,
+    loopback clients, and others that send ``KIED_API_TOKEN``."""
+    if settings.metrics_token is not None:
+        accepted = [f"Bearer {settings.metrics_token}".encode()]
+        hint = "send Authorization: Bearer KIED_METRICS_TOKEN"
+    else:
+        accepted = [f"Bearer {settings.api_token}".encode()] if settings.api_token else []
+        hint = (
+            "from another machine, send Authorization: Bearer KIED_API_TOKEN"
+            " or set KIED_METRICS_TOKEN"
+        )
+
+    def refusal() -> tuple[dict[str, Any], int] | None:
+        if settings.metrics_token is None and is_loopback(request.remote_addr or ""):
+            return None
+        given = request.headers.get("authorization", "").encode()
+        # Every accepted value is compared, in constant time, whatever the first said.
+        if any([hmac.compare_digest(given, token) for token in accepted]):
+            return None
+        return {"error": "unauthorized", "detail": hint}, 401
+
+    return refusal
 
 
 def _add_jobs_api(app: QuartTrio, jobs: JobsService, api_token: str | None) -> None:

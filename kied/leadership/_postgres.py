@@ -20,6 +20,7 @@ import psycopg
 import trio
 from psycopg import pq
 
+from kied._backoff import Backoff
 from kied._pgconn import connection_info
 from kied.errors import LeadershipLostError
 
@@ -43,6 +44,8 @@ _STILL_HELD: Final = (
     " AND pid = pg_backend_pid() AND classid = %s AND objid = %s AND objsubid = 1)"
 )
 _CONNECT_TIMEOUT_S: Final = 5
+#: the longest wait between attempts to reach a server that cannot be reached
+_UNREACHABLE_RETRY_MAX_S: Final = 5.0
 
 
 def _connect(url: str) -> psycopg.Connection[TupleRow]:
@@ -125,21 +128,32 @@ async def open_pg_leadership(settings: PgLockSettings, url: str) -> AsyncIterato
     limiter = trio.CapacityLimiter(1)
     try:
         waiting_logged = False
+        # A server that cannot be reached is tried again less and less often, and logged
+        # once per step: not four lines a second for as long as it is down.
+        backoff = Backoff(settings.retry_s, _UNREACHABLE_RETRY_MAX_S)
         while True:
+            delay = settings.retry_s
             try:
                 if conn is None or conn.closed:
                     conn = await trio.to_thread.run_sync(_connect, url, limiter=limiter)
+                    backoff.succeeded()
                 if await trio.to_thread.run_sync(_try_lock, conn, limiter=limiter):
                     break
                 if not waiting_logged:
                     logger.info("[LOCK] another instance leads; PASSIVE until its lock is free")
                     waiting_logged = True
             except psycopg.Error as exc:
-                logger.warning("[LOCK] cannot reach PostgreSQL for the lock: %s", str(exc).strip())
+                delay, log = backoff.failed()
+                if log:
+                    logger.warning(
+                        "[LOCK] cannot reach PostgreSQL for the lock, retrying in %.1f s: %s",
+                        delay,
+                        " ".join(str(exc).split()),
+                    )
                 if conn is not None:
                     conn.close()
                     conn = None
-            await trio.sleep(settings.retry_s)
+            await trio.sleep(delay)
         yield PgLeader(conn, trio.current_time(), settings)
     finally:
         if conn is not None and not conn.closed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import select
 import time
 from collections.abc import Mapping
@@ -37,7 +38,12 @@ from kied.core.jobs import (
     is_late,
     sources,
 )
-from kied.errors import ConflictError, StoreError, StoreUnavailableError
+from kied.errors import (
+    ConflictError,
+    StoreError,
+    StoreMisconfiguredError,
+    StoreUnavailableError,
+)
 from kied.store._base import (
     Attached,
     CallbackEffect,
@@ -329,8 +335,31 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+#: SQLSTATEs of a server that will refuse kied until its setting changes: invalid catalog
+#: name (3D000), invalid authorization (28000: unknown role, no pg_hba.conf entry) and
+#: invalid password (28P01).
+_MISCONFIGURED_STATES: Final = frozenset({"3D000", "28000", "28P01"})
+#: libpq reports a refused connection without its SQLSTATE; these are its (English) words.
+_MISCONFIGURED_WORDS: Final = re.compile(
+    r'FATAL: +(database ".*" does not exist|role ".*" does not exist'
+    r"|password authentication failed|no pg_hba\.conf entry)"
+    r'|invalid (integer value ".*" for connection option|port number)'
+)
+
+
+def _misconfigured(exc: psycopg.Error) -> bool:
+    """Whether the server refused the connection for good (see ``_MISCONFIGURED_STATES``)."""
+    if exc.sqlstate in _MISCONFIGURED_STATES:
+        return True
+    return isinstance(exc, psycopg.OperationalError) and bool(
+        _MISCONFIGURED_WORDS.search(_one_line(exc))
+    )
+
+
 def _store_error(exc: psycopg.Error) -> StoreError:
     """kied's error for a driver error; the caller raises it ``from exc``."""
+    if _misconfigured(exc):
+        return StoreMisconfiguredError(f"PostgreSQL: {_one_line(exc)}")
     if isinstance(exc, psycopg.errors.UniqueViolation):
         # Another writer stored the same key first (the task id of a job, mostly).
         return ConflictError(f"PostgreSQL: {_one_line(exc)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from kied.core.jobs import (
     is_late,
     sources,
 )
-from kied.errors import ConflictError, StoreUnavailableError
+from kied.errors import ConflictError, StoreMisconfiguredError, StoreUnavailableError
 from kied.store._base import (
     Attached,
     CallbackEffect,
@@ -248,6 +249,12 @@ _OUTCOME_EVENTS_JSON: Final = _json_array([EventKind.SUCCEEDED, EventKind.FAILED
 # ---------------------------------------------------------------------------- helpers
 
 
+#: What the file system answers for a data directory that will never hold the database.
+_MISCONFIGURED_ERRNOS = frozenset(
+    {errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EROFS, errno.EACCES, errno.EPERM}
+)
+
+
 @contextmanager
 def _map_store_errors() -> Iterator[None]:
     """Turn the driver's (and the file system's) errors into ``StoreUnavailableError``."""
@@ -256,6 +263,9 @@ def _map_store_errors() -> Iterator[None]:
     except sqlite3.Error as exc:
         raise StoreUnavailableError(f"SQLite: {exc}") from exc
     except OSError as exc:
+        if exc.errno in _MISCONFIGURED_ERRNOS:
+            # The directory is a file, read-only, or not ours: waiting will not change that.
+            raise StoreMisconfiguredError(f"SQLite file: {exc}") from exc
         raise StoreUnavailableError(f"SQLite file: {exc}") from exc
 
 

@@ -182,7 +182,8 @@ def test_service_unit_fits_kied():
     assert f"TimeoutStopSec={one('TimeoutStopSec')}" in README
 
     socket_unit = unit_entries(SYSTEMD / "kied.socket")
-    assert socket_unit["Socket"]["ListenStream"] == ["8080"]
+    # Loopback by default: on all addresses kied would need its tokens.
+    assert socket_unit["Socket"]["ListenStream"] == ["127.0.0.1:8080"]
 
 
 def test_env_example_names_only_settings_kied_knows():
