@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from kied.settings import Settings
     from kied.store import JobStore
 
-__all__ = ["LOST_SUBMISSION", "KieApi", "PollerSupervisor"]
+__all__ = ["LOST_SUBMISSION", "UNKNOWN_TASK", "KieApi", "PollerSupervisor"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ _ANSWER_BOUND_S = _SEND_BOUND_S + 5.0
 _LOST_RECHECK_S = 30.0
 #: ``error.code`` of a job whose createTask answer was lost and whose task never called back
 LOST_SUBMISSION = "submission_lost"
+#: ``error.code`` of a job whose task KIE did not know for ``unknown_task_grace_s``
+UNKNOWN_TASK = "unknown_task"
+#: ... and when asked at least this many times in a row: one odd answer fails no job
+_UNKNOWN_ANSWERS = 3
 
 
 class _SupersededError(Exception):
@@ -310,6 +314,10 @@ class PollerSupervisor:
         next_at = trio.current_time() + max(0.0, first - since_created)
         failures = 0
         kie_state = job.kie_state
+        # Since when, and how many times in a row, KIE has answered that it has no record
+        # of the task (it may take a moment to know a task it has just created).
+        unknown_since: float | None = None
+        unknown_answers = 0
         while True:
             await trio.sleep_until(next_at)
             # Few pollers at a time go from storage to KIE: the rate limit lets ten status
@@ -337,7 +345,29 @@ class PollerSupervisor:
             failures = 0
             reading = status.reading
             self._count("unknown task" if reading is None else reading.outcome.value)
-            if reading is not None:
+            if reading is None:
+                unknown_answers += 1
+                if unknown_since is None:
+                    unknown_since = trio.current_time()
+                    await self._note(
+                        job.id,
+                        f"KIE does not know task {task_id}"
+                        f" (status query answered {status.answer or 'no record'})",
+                    )
+                give_up_at = unknown_since + self._settings.unknown_task_grace_s
+                if trio.current_time() >= give_up_at and unknown_answers >= _UNKNOWN_ANSWERS:
+                    unknown = self._unknown_report(task_id, unknown_answers, status)
+                    logger.warning(
+                        "[GEN] job %s failed: %s",
+                        job.id,
+                        unknown.error_message,
+                        extra={"action": "unknown_task", "job_id": job.id, "task_id": task_id},
+                    )
+                    await self._finish(job, unknown)
+                    return
+            else:
+                unknown_since = None
+                unknown_answers = 0
                 report = outcome_report(
                     reading.outcome,
                     source=EndedBy.POLL,
@@ -363,6 +393,22 @@ class PollerSupervisor:
                 jitter=self._rng.random(),
                 callbacks_healthy=self._callbacks_expected(),
             )
+            if unknown_since is not None and trio.current_time() < give_up_at:
+                # Asked again at the end of the grace, so an unknown task ends on time.
+                next_at = min(next_at, give_up_at)
+
+    def _unknown_report(self, task_id: TaskId, answers: int, status: TaskStatus) -> Report:
+        grace_s = self._settings.unknown_task_grace_s
+        return Report(
+            event=EventKind.FAILED,
+            source=EndedBy.POLL,
+            error_code=UNKNOWN_TASK,
+            error_message=(
+                f"KIE does not know task {task_id}: {answers} status queries in a row over"
+                f" {grace_s:g} s (KIED_UNKNOWN_TASK_GRACE) answered that it has no record of"
+                f" it, the last: {status.answer or 'no record'}"
+            ),
+        )
 
     async def _submit(self, job: Job, family: Family) -> Job | None:
         """Create the KIE task for a stored job; the job with its task id, or None if it ended.

@@ -135,6 +135,9 @@ class Settings:
     watchdog_s: float | None = None
     #: sockets passed by socket activation, from fd 3 on; 0: kied binds host:port itself
     listen_fds: int = 0
+    #: a job whose task KIE has not known for this long (and three status queries in a
+    #: row) is failed with ``unknown_task`` rather than queried until its deadline
+    unknown_task_grace_s: float = 120 * SECONDS
 
 
 ENVIRONMENT_HELP = """\
@@ -171,6 +174,8 @@ environment (flags win over the environment):
                        18000,36000,36000
   KIED_LOG_LEVEL       DEBUG, INFO (default), WARNING, ERROR
   KIED_LOG_FORMAT      text (default) or json: one JSON object per line
+  KIED_UNKNOWN_TASK_GRACE  seconds KIE may not know a job's task (status query: no record)
+                       before the job fails with unknown_task; default 120
 set by systemd:
   NOTIFY_SOCKET        where READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 are sent
   WATCHDOG_USEC        the watchdog timeout; kied pings at half of it (WATCHDOG_PID: for whom)
@@ -300,6 +305,8 @@ def load_settings(
     hmac_key = environ.get("KIE_WEBHOOK_HMAC_KEY", "").strip()
     public_src = pick(None, "KIED_PUBLIC_URL", "RENDER_EXTERNAL_URL")
     base_src = pick(None, "KIE_BASE_URL")
+    grace_src = pick(None, "KIED_UNKNOWN_TASK_GRACE")
+    unknown_task_grace_s = 120.0 if grace_src is None else _positive_seconds(*grace_src)
     return Settings(
         host=host,
         port=port,
@@ -324,6 +331,7 @@ def load_settings(
         notify_socket=notify_socket,
         watchdog_s=watchdog_s,
         listen_fds=listen_fds,
+        unknown_task_grace_s=unknown_task_grace_s,
     )
 
 
