@@ -73,6 +73,9 @@ def json_problem(value: JsonValue, *, at: str) -> tuple[str, str] | None:
     are the names. Nesting deeper than :data:`MAX_DEPTH` is named by the outermost place
     (``at``, or a key of ``value``), since the full name would be as deep.
     """
+    if not _has_problem(value):
+        return None
+    # There is one: walk again, naming places this time.
     stack: list[tuple[JsonValue, str, int, str]] = [(value, at, 0, at)]
     while stack:
         node, path, depth, outer = stack.pop()
@@ -101,3 +104,29 @@ def json_problem(value: JsonValue, *, at: str) -> tuple[str, str] | None:
                     children.append((child, name, depth + 1, outer or name))
             stack.extend(reversed(children))
     return None
+
+
+def _has_problem(value: JsonValue) -> bool:
+    """Whether :func:`json_problem` finds anything: one pass, level by level, naming nothing."""
+    level = [value]
+    depth = 0
+    while level:
+        below: list[JsonValue] = []
+        for node in level:
+            if isinstance(node, str):
+                if _UNSTORABLE.search(node) is not None:
+                    return True
+            elif isinstance(node, float):
+                if not math.isfinite(node):
+                    return True
+            elif isinstance(node, dict):
+                if depth >= MAX_DEPTH or any(_UNSTORABLE.search(key) for key in node):
+                    return True
+                below.extend(node.values())
+            elif isinstance(node, list):
+                if depth >= MAX_DEPTH:
+                    return True
+                below.extend(node)
+        level = below
+        depth += 1
+    return False

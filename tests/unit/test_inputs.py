@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kied.core.inputs import MAX_DEPTH, json_problem, read_json, text_problem, visible
 
@@ -65,3 +69,36 @@ def test_nesting_is_bounded_and_named_by_the_outermost_place():
     assert json_problem([nested(MAX_DEPTH)], at="")[0] == "[0]"
     assert json_problem(nested(MAX_DEPTH + 1), at="input")[0] == "input"
     assert json_problem([[nested(MAX_DEPTH)]], at="")[0] == "[0]"
+
+
+odd_text = st.text(alphabet=st.characters(exclude_categories=()) | st.sampled_from("\x00\ud800"))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | odd_text,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(odd_text, children, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.integers(min_value=0, max_value=MAX_DEPTH + 2))
+def test_a_problem_is_named_exactly_when_there_is_one(value, wrap):
+    for _ in range(wrap):
+        value = [value]
+    strings = []
+    stack = [(value, 0)]
+    bad = False
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, list | dict):
+            bad = bad or depth >= MAX_DEPTH
+            children = list(node.values()) if isinstance(node, dict) else node
+            strings.extend(node if isinstance(node, dict) else [])
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(node, str):
+            strings.append(node)
+        elif isinstance(node, float) and not math.isfinite(node):
+            bad = True
+    expected = bad or any(text_problem(s) for s in strings)
+    assert (json_problem(value, at="body") is not None) == expected
