@@ -134,7 +134,8 @@ class CallbackIntake:
             query=_redact(raw.query_string),
             remote=None if raw.remote is None else visible(raw.remote),
             task_id=TaskId(task_id) if task_id else None,
-            found_by=parsed.found_by if isinstance(parsed, CallbackOutcome) else None,
+            # A path through the body's keys, which may hold anything.
+            found_by=visible(parsed.found_by) if isinstance(parsed, CallbackOutcome) else None,
             job_id=JobId(job_param) if job_param else None,
             outcome=parsed.outcome.value,
             problem=parsed.reason if isinstance(parsed, Unrecognised) else None,
