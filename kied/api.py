@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
@@ -18,6 +17,7 @@ from urllib.parse import urlencode, urlsplit
 import trio
 
 from kied.core.families import Family
+from kied.core.inputs import json_problem, read_json, text_problem, visible
 from kied.core.jobs import (
     TERMINAL_STATES,
     EndedBy,
@@ -36,14 +36,14 @@ from kied.store import DeliveryState
 
 if TYPE_CHECKING:
     import builtins
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Callable, Mapping
 
     from kied.changes import JobChanges
     from kied.core import JsonObject, JsonValue
     from kied.settings import Settings
     from kied.store import Delivery, DeliveryAttempt, Event, JobStore, StoredCallback
 
-__all__ = ["BadRequestError", "JobsService", "callback_url", "job_to_json"]
+__all__ = ["BadRequestError", "JobsService", "callback_url", "job_to_json", "read_body"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,25 @@ class BadRequestError(Exception):
         super().__init__(f"{field}: {detail}")
         self.field = field
         self.detail = detail
+
+
+def read_body(data: bytes) -> JsonValue:
+    """A request body read as JSON (:func:`kied.core.inputs.read_json`).
+
+    Raises:
+        BadRequestError: not JSON, or nested too deeply (``body``).
+    """
+    try:
+        return read_json(data)
+    except ValueError as exc:
+        raise BadRequestError("body", str(exc)) from None
+
+
+def _check_text(field: str, text: str) -> None:
+    """Text from a path or a query, which kied would look up or store."""
+    problem = text_problem(text)
+    if problem is not None:
+        raise BadRequestError(field, problem)
 
 
 def job_to_json(job: Job) -> dict[str, Any]:
@@ -149,11 +168,13 @@ class JobsService:
         return job, created
 
     async def get(self, job_id: str) -> Job | None:
+        _check_text("job_id", job_id)
         store = await self._store()
         return await store.get_job(JobId(job_id))
 
     async def wait(self, job_id: str, wait_s: float) -> Job | None:
         """The job once it is terminal, or as it stands after ``wait_s``."""
+        _check_text("job_id", job_id)
         store = await self._store()
         deadline = trio.current_time() + min(wait_s, MAX_WAIT_S)
         while True:
@@ -180,9 +201,12 @@ class JobsService:
             for state in states:
                 if state not in JobState.__members__.values():
                     raise BadRequestError("state", f"unknown state {state!r}")
-        for key in metadata or {}:
+        for key, value in (metadata or {}).items():
+            field = f"metadata.{visible(key)}"
             if not key or len(key) > _MAX_KEY:
-                raise BadRequestError(f"metadata.{key}", "a metadata key is 1 to 200 characters")
+                raise BadRequestError(field, "a metadata key is 1 to 200 characters")
+            _check_text(field, key)
+            _check_text(field, value)
         if metadata is not None and len(metadata) > _MAX_METADATA_FILTERS:
             raise BadRequestError("metadata", f"at most {_MAX_METADATA_FILTERS} metadata filters")
         store = await self._store()
@@ -192,6 +216,7 @@ class JobsService:
         self, job_id: str, *, limit: int = 100
     ) -> builtins.list[StoredCallback] | None:
         """The job's callback trail, newest first; None when there is no such job."""
+        _check_text("job_id", job_id)
         store = await self._store()
         job = await store.get_job(JobId(job_id))
         if job is None:
@@ -224,6 +249,8 @@ class JobsService:
         if state is not None and state not in DeliveryState.__members__.values():
             choices = ", ".join(s.value for s in DeliveryState)
             raise BadRequestError("state", f"unknown state {state!r}: one of {choices}")
+        if event_id is not None:
+            _check_text("event_id", event_id)
         store = await self._store()
         found = await store.list_deliveries(
             state=None if state is None else DeliveryState(state),
@@ -250,6 +277,8 @@ class JobsService:
             raise BadRequestError("failed_since", "give an event_id or failed_since, not both")
         if event_id is not None and not event_id.strip():
             raise BadRequestError("event_id", "must be an event id (evt_…)")
+        if event_id is not None:
+            _check_text("event_id", event_id)
         store = await self._store()
         count = await store.redeliver(event_id=event_id, failed_since=failed_since, now=self._now())
         logger.info(
@@ -269,6 +298,7 @@ class JobsService:
 
     async def cancel(self, job_id: str) -> tuple[Job | None, bool]:
         """Stop tracking a job; ``(job, changed)``. A job that already ended is left as it is."""
+        _check_text("job_id", job_id)
         store = await self._store()
         changed = await store.apply(
             JobId(job_id), Report(event=EventKind.CANCEL, source=EndedBy.CANCEL), now=self._now()
@@ -314,8 +344,12 @@ def _read_webhook(body: Mapping[str, object], *, can_sign: bool) -> JsonObject |
 def _read_submission(
     body: object, *, default_timeout_s: float, can_sign: bool = False
 ) -> _Submission:
-    if not isinstance(body, Mapping):
+    if not isinstance(body, dict):
         raise BadRequestError("body", "must be a JSON object")
+    # Every string is stored (or sent to KIE) somewhere: none may hold what cannot be.
+    problem = json_problem(body, at="")
+    if problem is not None:
+        raise BadRequestError(*problem)
     known = {
         "model",
         "family",

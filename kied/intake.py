@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from kied.core.auth import REPLAYED, AuthVerdict, check_callback_auth
 from kied.core.callbacks import CallbackOutcome, Outcome, ParseLimits, Unrecognised, parse_callback
+from kied.core.inputs import visible
 from kied.core.jobs import TERMINAL_STATES, EndedBy, JobId, Report, TaskId
 from kied.core.outcomes import outcome_report
 from kied.store import CallbackEffect, CallbackRecord, InboxEntry, JobStore
@@ -133,16 +134,18 @@ class CallbackIntake:
             # A valid signature is accepted once: a second callback carrying it, whatever
             # its body, is a replay.
             verdict = AuthVerdict(authenticated=False, detail=REPLAYED)
-        job_param = query.get("job", "").strip()
+        # Kept whatever it holds: what no text column takes is written as visible escapes.
+        job_param = visible(query.get("job", "").strip())
         entry = InboxEntry(
             received_at=received_at,
             body=raw.body,
             body_size=raw.body_size,
-            content_type=raw.content_type,
+            content_type=None if raw.content_type is None else visible(raw.content_type),
             query=_redact(raw.query_string),
-            remote=raw.remote,
+            remote=None if raw.remote is None else visible(raw.remote),
             task_id=TaskId(task_id) if task_id else None,
-            found_by=parsed.found_by if isinstance(parsed, CallbackOutcome) else None,
+            # A path through the body's keys, which may hold anything.
+            found_by=visible(parsed.found_by) if isinstance(parsed, CallbackOutcome) else None,
             job_id=JobId(job_param) if job_param else None,
             outcome=parsed.outcome.value,
             problem=parsed.reason if isinstance(parsed, Unrecognised) else None,

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from kied.settings import Settings
     from kied.store import JobStore
 
-__all__ = ["LOST_SUBMISSION", "KieApi", "PollerSupervisor"]
+__all__ = ["LOST_SUBMISSION", "UNKNOWN_TASK", "KieApi", "PollerSupervisor"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,10 @@ LOST_SUBMISSION = "submission_lost"
 #: twice as long, this many times (KIE's status may lag behind its callback)
 _CONFIRM_RETRY_S = 2.0
 _CONFIRM_RETRIES = 4
+#: ``error.code`` of a job whose task KIE did not know for ``unknown_task_grace_s``
+UNKNOWN_TASK = "unknown_task"
+#: ... and when asked at least this many times in a row: one odd answer fails no job
+_UNKNOWN_ANSWERS = 3
 
 
 class _SupersededError(Exception):
@@ -333,6 +337,10 @@ class PollerSupervisor:
         #: the confirm request the last status query answered (see _confirm_due)
         confirmed: float | None = None
         unconfirmed = 0  # confirming queries in a row that found no outcome yet
+        # Since when, and how many times in a row, KIE has answered that it has no record
+        # of the task (it may take a moment to know a task it has just created).
+        unknown_since: float | None = None
+        unknown_answers = 0
         while True:
             await self._wait_to_poll(job.id, next_at, confirmed)
             # Few pollers at a time go from storage to KIE: the rate limit lets ten status
@@ -368,7 +376,29 @@ class PollerSupervisor:
             failures = 0
             reading = status.reading
             self._count("unknown task" if reading is None else reading.outcome.value)
-            if reading is not None:
+            if reading is None:
+                unknown_answers += 1
+                if unknown_since is None:
+                    unknown_since = trio.current_time()
+                    await self._note(
+                        job.id,
+                        f"KIE does not know task {task_id}"
+                        f" (status query answered {status.answer or 'no record'})",
+                    )
+                give_up_at = unknown_since + self._settings.unknown_task_grace_s
+                if trio.current_time() >= give_up_at and unknown_answers >= _UNKNOWN_ANSWERS:
+                    unknown = self._unknown_report(task_id, unknown_answers, status)
+                    logger.warning(
+                        "[GEN] job %s failed: %s",
+                        job.id,
+                        unknown.error_message,
+                        extra={"action": "unknown_task", "job_id": job.id, "task_id": task_id},
+                    )
+                    await self._finish(job, unknown)
+                    return
+            else:
+                unknown_since = None
+                unknown_answers = 0
                 report = outcome_report(
                     reading.outcome,
                     source=EndedBy.CALLBACK_CONFIRMED if confirming else EndedBy.POLL,
@@ -399,6 +429,9 @@ class PollerSupervisor:
                 delay = min(delay, _CONFIRM_RETRY_S * 2**unconfirmed)
                 unconfirmed += 1
             next_at = trio.current_time() + delay
+            if unknown_since is not None and trio.current_time() < give_up_at:
+                # Asked again at the end of the grace, so an unknown task ends on time.
+                next_at = min(next_at, give_up_at)
 
     def _confirm_due(self, job_id: JobId, confirmed: float | None) -> bool:
         """Whether a callback asked to confirm the job's task status since the request
@@ -464,6 +497,19 @@ class PollerSupervisor:
         )
         if report is not None and report.event in _OUTCOMES:
             await self._finish(job, report)
+
+    def _unknown_report(self, task_id: TaskId, answers: int, status: TaskStatus) -> Report:
+        grace_s = self._settings.unknown_task_grace_s
+        return Report(
+            event=EventKind.FAILED,
+            source=EndedBy.POLL,
+            error_code=UNKNOWN_TASK,
+            error_message=(
+                f"KIE does not know task {task_id}: {answers} status queries in a row over"
+                f" {grace_s:g} s (KIED_UNKNOWN_TASK_GRACE) answered that it has no record of"
+                f" it, the last: {status.answer or 'no record'}"
+            ),
+        )
 
     async def _submit(self, job: Job, family: Family) -> Job | None:
         """Create the KIE task for a stored job; the job with its task id, or None if it ended.

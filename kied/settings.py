@@ -150,6 +150,9 @@ class Settings:
     allow_open: bool = False
     #: bearer token ``GET /metrics`` requires; None: loopback clients, or KIED_API_TOKEN
     metrics_token: str | None = field(default=None, repr=False)
+    #: a job whose task KIE has not known for this long (and three status queries in a
+    #: row) is failed with ``unknown_task`` rather than queried until its deadline
+    unknown_task_grace_s: float = 120 * SECONDS
 
 
 ENVIRONMENT_HELP = """\
@@ -197,6 +200,8 @@ environment (flags win over the environment):
                        callback authentication on purpose; kied refuses to otherwise
   KIED_METRICS_TOKEN   bearer token GET /metrics requires; unset: /metrics answers
                        loopback clients, and others that send KIED_API_TOKEN
+  KIED_UNKNOWN_TASK_GRACE  seconds KIE may not know a job's task (status query: no record)
+                       before the job fails with unknown_task; default 120
 set by systemd:
   NOTIFY_SOCKET        where READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 are sent
   WATCHDOG_USEC        the watchdog timeout; kied pings at half of it (WATCHDOG_PID: for whom)
@@ -332,6 +337,8 @@ def load_settings(
     base_src = pick(None, "KIE_BASE_URL")
     job_retention_s = _retention(pick(None, "KIED_JOB_RETENTION_DAYS"), default_days=30)
     inbox_retention_s = _retention(pick(None, "KIED_INBOX_RETENTION_DAYS"), default_days=14)
+    grace_src = pick(None, "KIED_UNKNOWN_TASK_GRACE")
+    unknown_task_grace_s = 120.0 if grace_src is None else _positive_seconds(*grace_src)
     return Settings(
         host=host,
         port=port,
@@ -360,6 +367,7 @@ def load_settings(
         inbox_retention_s=inbox_retention_s,
         allow_open=allow_open,
         metrics_token=metrics_token,
+        unknown_task_grace_s=unknown_task_grace_s,
     )
 
 

@@ -16,7 +16,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from kied._times import parse_instant
-from kied.api import MAX_WAIT_S, BadRequestError, JobsService, job_to_json
+from kied.api import MAX_WAIT_S, BadRequestError, JobsService, job_to_json, read_body
 from kied.core.views import iso
 from kied.core.webhooks import safe_url
 from kied.intake import CallbackIntake, RawCallback
@@ -196,9 +196,7 @@ def _add_jobs_api(app: QuartTrio, jobs: JobsService, api_token: str | None) -> N
 
     @app.post("/v1/jobs")
     async def submit() -> tuple[dict[str, Any], int]:
-        body = await request.get_json(force=True, silent=True)
-        if body is None:
-            return _bad("body", "must be a JSON object")
+        body = read_body(await request.body)
         job, created = await jobs.submit(body)
         return job_to_json(job), 201 if created else 200
 
@@ -284,7 +282,7 @@ def _add_deliveries_api(app: QuartTrio, jobs: JobsService) -> None:
 
     @app.post("/v1/deliveries/redeliver")
     async def redeliver() -> tuple[dict[str, Any], int]:
-        body = await request.get_json(force=True, silent=True)
+        body = read_body(await request.body)
         if not isinstance(body, dict):
             return _bad("body", 'must be a JSON object: {"event_id": …} or {"failed_since": …}')
         unknown = sorted(set(body) - {"event_id", "failed_since"})

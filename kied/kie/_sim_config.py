@@ -38,6 +38,7 @@ _FLAG: Final[Mapping[str, str]] = {
     "malformed_kinds": "--malformed-kinds",
     "stuck": "--stuck",
     "create_delay_s": "--create-delay",
+    "record_lag_s": "--record-lag",
     "status_errors": "--status-errors",
     "status_error_kinds": "--status-error-kinds",
     "hmac_key": "--hmac-key",
@@ -85,6 +86,9 @@ class SimulatorConfig:
     stuck: float = 0.0
     #: how long every create request waits for its answer; the task exists from the start
     create_delay_s: float = 0.0
+    #: for this long after it is created, a task is unknown to status queries (``recordInfo
+    #: is null``), as KIE's records can lag behind its createTask answers
+    record_lag_s: float = 0.0
     status_errors: float = 0.0
     status_error_kinds: tuple[StatusErrorKind, ...] = tuple(StatusErrorKind)
     #: sign callbacks the way KIE does when webhook HMAC is switched on
@@ -121,6 +125,7 @@ class SimulatorConfig:
         for name in (
             "late_delay_s",
             "create_delay_s",
+            "record_lag_s",
             "callback_retry_delay_s",
             "graceful_timeout_s",
         ):
@@ -217,6 +222,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="answer each create request this many seconds late; the task is created, and its "
         "clock started, at once, so a short task's callback can come before the answer, and a "
         "client that gives up meanwhile leaves the task behind (default: 0)",
+    )
+    tasks.add_argument(
+        "--record-lag",
+        metavar="SECONDS",
+        help='status queries answer "recordInfo is null" for a task this many seconds after it'
+        " is created (default: 0)",
     )
     tasks.add_argument(
         "--seed", help="seed for every random draw, for reproducible runs (default: random)"
@@ -347,6 +358,7 @@ def parse_simulator_args(argv: Sequence[str]) -> SimulatorConfig:
     for name, attr in (
         ("late_delay_s", "late_delay"),
         ("create_delay_s", "create_delay"),
+        ("record_lag_s", "record_lag"),
         ("callback_timeout_s", "callback_timeout"),
         ("callback_retry_delay_s", "callback_retry_delay"),
         ("graceful_timeout_s", "graceful_timeout"),

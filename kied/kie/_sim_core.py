@@ -270,9 +270,9 @@ class Simulator:
             if task is not None:
                 task.status_errors += 1
             return status_error_reply(kind)
-        if task is None:
-            return Reply.envelope(422, "recordInfo is null")
         now_t = trio.current_time()
+        if task is None or now_t - task.created_t < self.config.record_lag_s:
+            return Reply.envelope(422, "recordInfo is null")
         self._catch_up(task, now_t)
         data = status_data(task, progress=task.progress(now_t), base_url=self.base_url)
         return Reply.envelope(200, "success", data)

@@ -146,6 +146,9 @@ class TaskStatus:
     #: None when KIE does not know the task (yet): ``{"code": 422, "msg": "recordInfo is
     #: null"}``, Veo's "record is null", a 404, or an answer with no ``data``
     reading: StatusReading | None
+    #: with no reading: KIE's answer, as said in logs and in the job's ``last_error`` (not
+    #: compared: two answers that both say "no record" say the same)
+    answer: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +283,11 @@ class KieClient:
         answer = await self._exchange("GET", spec.status_path, what, params={"taskId": task_id})
         data = _data(answer, what, status_query=True)
         if isinstance(data, _NoRecord) or data is None:
-            return TaskStatus(reading=None)
+            said = answer.message
+            if answer.envelope is not None:
+                code = "" if answer.code is None else f", code {answer.code}"
+                said = f"HTTP {answer.http_status}{code}: {said}"
+            return TaskStatus(reading=None, answer=said)
         return TaskStatus(reading=read_status(family, data))
 
     async def _exchange(

@@ -9,7 +9,8 @@ demonstrated, tested and benchmarked without spending credits.
 
 Like KIE, it wants ``Authorization: Bearer <key>`` (any non-empty key) and answers errors as
 HTTP 200 with the error in the envelope's ``code``: 401 without a key, ``{"code": 422, "msg":
-"recordInfo is null", "data": null}`` for an unknown task id.
+"recordInfo is null", "data": null}`` for an unknown task id (and, with ``--record-lag``, for
+a task it created only moments ago).
 
 Besides KIE's endpoints it serves a small control surface:
 
