@@ -142,14 +142,16 @@ def create_app(
         return _bad(exc.field, exc.detail)
 
     @app.before_request
-    async def bound_body() -> tuple[dict[str, Any], int] | None:
+    async def bound_body() -> tuple[dict[str, Any], int, dict[str, str]] | None:
         length = request.content_length
         if length is not None and length > max_request_bytes and not _is_callback(request.path):
             return _too_large(max_request_bytes)
         return None
 
     @app.errorhandler(RequestEntityTooLarge)
-    async def too_large(exc: RequestEntityTooLarge) -> tuple[dict[str, Any], int]:
+    async def too_large(
+        exc: RequestEntityTooLarge,
+    ) -> tuple[dict[str, Any], int, dict[str, str]]:
         return _too_large(max_request_bytes)
 
     @app.errorhandler(StoreUnavailableError)
@@ -479,12 +481,17 @@ def _is_callback(path: str) -> bool:
     return path.startswith(_CALLBACK_PREFIX)
 
 
-def _too_large(limit: int) -> tuple[dict[str, Any], int]:
-    return {
-        "error": "request too large",
-        "detail": f"a request body may hold at most {limit} bytes (KIED_MAX_REQUEST_BYTES)",
-        "limit": limit,
-    }, 413
+def _too_large(limit: int) -> tuple[dict[str, Any], int, dict[str, str]]:
+    # The rest of the body is not read: the connection cannot carry another request.
+    return (
+        {
+            "error": "request too large",
+            "detail": f"a request body may hold at most {limit} bytes (KIED_MAX_REQUEST_BYTES)",
+            "limit": limit,
+        },
+        413,
+        {"Connection": "close"},
+    )
 
 
 def _bad(field: str, detail: str) -> tuple[dict[str, Any], int]:
