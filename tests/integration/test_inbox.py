@@ -213,7 +213,7 @@ async def test_callbacks_during_an_outage_are_journaled_and_stored_once_when_it_
     ]
     journal = open_journal(tmp_path / "journal", max_bytes=1 << 20)
     good = {"X-KIE-Callback-Token": TOKEN}
-    async with in_process(config, store, journal) as (daemon, http):
+    async with in_process(config, store, journal) as (_, http):
         store.down = True
         for i in range(3):
             for _ in range(2):  # KIE may send one twice: both are kept
@@ -260,8 +260,8 @@ async def test_callbacks_during_an_outage_are_journaled_and_stored_once_when_it_
     journal.close()
 
 
-class Crash(Exception):
-    pass
+class CrashError(Exception):
+    """The process dies here."""
 
 
 def _journaled(i: int) -> tuple[InboxEntry, Report]:
@@ -285,9 +285,9 @@ async def test_a_replay_interrupted_midway_applies_nothing_twice(tmp_path: Path)
         await store.record_callback(entry, report)
         written += 1
         if written == 2:  # stored, but the process dies before the journal knows it
-            raise Crash
+            raise CrashError
 
-    with pytest.raises(Crash):
+    with pytest.raises(CrashError):
         await journal.replay(record_then_crash)
     assert journal.replaying_path.exists()
     # The process starts again: what was being replayed is replayed first, all of it.
