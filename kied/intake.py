@@ -44,6 +44,8 @@ _MAX_HEADERS = 64
 _MAX_HEADER_VALUE = 256
 #: How much of an unauthenticated callback's body is kept (its size and hash are kept too).
 REJECTED_BODY_KEPT = 1024
+#: How long a callback waits for storage before it is kept in the journal instead.
+CALLBACK_STORE_WAIT_S = 3.0
 #: Drops are logged at most this often.
 _DROP_LOG_S = 60.0
 
@@ -188,20 +190,29 @@ class CallbackIntake:
         if journal is not None and journal.waiting:
             # Storage was down and entries wait for it: this one follows them.
             return await self._keep(journal, entry, report)
-        try:
+        if journal is None:
             store = await self._store()
             record = await store.record_callback(entry, report)
-        except StoreUnavailableError as exc:
-            if journal is None:
-                raise
-            logger.warning(
-                "[KIE_CALLBACK] storage unavailable, callback kept in the journal: %s",
-                exc,
-                extra={"action": "callback_journaled"},
-            )
-            # Written or not, the journal's entry is stored once: it carries the
-            # same journal_id, and storage keeps one row per journal_id.
-            return await self._keep(journal, entry, report)
+        else:
+            # Written or not, the journal's entry is stored once: it carries the same
+            # journal_id, and storage keeps one row per journal_id. So storage that does
+            # not answer in time is as good as down: KIE waits 15 s for its 200.
+            problem = f"no answer within {CALLBACK_STORE_WAIT_S:g} s"
+            written = None
+            with trio.move_on_after(CALLBACK_STORE_WAIT_S):
+                try:
+                    store = await self._store()
+                    written = await store.record_callback(entry, report)
+                except StoreUnavailableError as exc:
+                    problem = str(exc)
+            if written is None:
+                logger.warning(
+                    "[KIE_CALLBACK] storage unavailable, callback kept in the journal: %s",
+                    problem,
+                    extra={"action": "callback_journaled"},
+                )
+                return await self._keep(journal, entry, report)
+            record = written
         self._metrics.callback_recorded(
             outcome=parsed.outcome.value, auth=verdict.detail, effect=record.effect.value
         )

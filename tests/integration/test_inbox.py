@@ -260,6 +260,44 @@ async def test_callbacks_during_an_outage_are_journaled_and_stored_once_when_it_
     journal.close()
 
 
+class LateStore(MemoryStore):
+    """A MemoryStore that writes a callback at once but answers only 10 s later."""
+
+    async def record_callback(self, entry: Any, report: Any) -> Any:
+        record = await super().record_callback(entry, report)
+        await trio.sleep(10)
+        return record
+
+
+async def test_a_callback_storage_is_slow_to_answer_is_journaled_and_stored_once(
+    tmp_path, autojump_clock
+):
+    config = stack_settings(tmp_path, callback_token=TOKEN)
+    store = LateStore()
+    job, _ = await store.create_job(make_new_job(task_id="t-1", created_at=time.time()))
+    journal = open_journal(tmp_path / "journal", max_bytes=1 << 20)
+    async with in_process(config, store, journal) as (_, http):
+        started = trio.current_time()
+        r = await http.post(
+            "/callbacks/kie",
+            content=market_callback("t-1"),
+            headers={"X-KIE-Callback-Token": TOKEN},
+        )
+        assert r.json() == {"status": "received", "stored": True, "journal": True}
+        # (The clock jumps on while the journal's fsync runs in its thread.)
+        assert 3.0 <= trio.current_time() - started < 5.0
+
+        async def replayed() -> bool:
+            return not journal.waiting
+
+        await wait_for(replayed, within_s=60)
+        assert len(await store.list_callbacks()) == 1
+        after = await store.get_job(job.id)
+        assert after is not None
+        assert after.state is JobState.SUCCEEDED
+    journal.close()
+
+
 class CrashError(Exception):
     """The process dies here."""
 
