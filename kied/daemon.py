@@ -5,6 +5,7 @@
     run()
     ├── HTTP server (Hypercorn trio serve + Quart-Trio app)   started first
     ├── storage: opened after the port, retried while it fails
+    ├── journal: callbacks kept while storage was down, written to it once it answers
     ├── watchdog: WATCHDOG=1 to systemd at half its WatchdogSec=, when it asks
     └── leadership: loop { acquire lock -> ACTIVE; lose it -> PASSIVE }
           └── while ACTIVE: the leader's nursery, cancelled when the lock is lost
@@ -38,6 +39,7 @@ from kied.errors import (
     StoreUnavailableError,
 )
 from kied.intake import CallbackIntake
+from kied.journal import CallbackJournal, journal_directory, open_journal
 from kied.leadership import Leader, open_leadership
 from kied.metrics import Metrics
 from kied.pruner import Retention, run_pruner
@@ -56,8 +58,11 @@ __all__ = ["Daemon", "Mode", "hypercorn_config", "run"]
 
 logger = logging.getLogger(__name__)
 
-#: How long a request waits for storage that is still opening before it gives up.
-_STORE_WAIT_S = 10.0
+#: How long a request waits for storage that is still opening before it gives up; once
+#: opening it has failed, a request is answered at once.
+_STORE_WAIT_S = 5.0
+#: How often the journal is checked for entries to write to storage.
+_JOURNAL_CHECK_S = 0.5
 _STORE_RETRY_MAX_S = 30.0
 _READY_PROBE_S = 2.0
 
@@ -78,8 +83,10 @@ class Daemon:
         kie_transport: httpx.AsyncBaseTransport | None = None,
         store: JobStore | None = None,
         webhook_transport: httpx.AsyncBaseTransport | None = None,
+        journal: CallbackJournal | None = None,
     ) -> None:
         self.settings = settings
+        self.journal = journal
         self._webhook_transport = webhook_transport
         self.now = now
         self.mode = Mode.PASSIVE
@@ -90,6 +97,7 @@ class Daemon:
         if store is not None:
             self._store_ready.set()
         self._store_problem = "storage is opening"
+        self._store_failed = False
         self._started_at = trio.current_time()
         self._supervisor: PollerSupervisor | None = None
         self.health_of_callbacks = CallbackHealth()
@@ -105,6 +113,7 @@ class Daemon:
             metrics=self.metrics,
             changes=self.changes,
             on_callback=self._callback_seen,
+            journal=journal,
         )
         self.jobs = JobsService(settings, store=self.store, now=now, changes=self.changes)
         self.systemd = SystemdNotifier(settings.notify_socket)
@@ -182,14 +191,33 @@ class Daemon:
         """The open store, waiting a bounded time while it is still opening.
 
         Raises:
-            StoreUnavailableError: storage did not open in time.
+            StoreUnavailableError: storage did not open in time, or is known to be down:
+                it failed to open, or callbacks wait in the journal for it to answer.
         """
-        if self._store is None:
+        if self._store is None and not self._store_failed:
             with trio.move_on_after(_STORE_WAIT_S):
                 await self._store_ready.wait()
         if self._store is None:
             raise StoreUnavailableError(self._store_problem)
+        if self.journal is not None and self.journal.waiting:
+            raise StoreUnavailableError("storage did not answer; callbacks wait in the journal")
         return self._store
+
+    async def run_journal(self) -> None:
+        """Write the journal's callbacks to storage whenever it answers, until cancelled."""
+        journal = self.journal
+        if journal is None:
+            return
+        while True:
+            store = self._store
+            if journal.waiting and store is not None:
+                try:
+                    with trio.fail_after(_READY_PROBE_S):
+                        await store.ping()
+                    await self.callbacks.replay(journal, store)
+                except (StoreError, trio.TooSlowError) as exc:
+                    logger.debug("[GEN] journal waits for storage: %s", exc or "no answer")
+            await trio.sleep(_JOURNAL_CHECK_S)
 
     async def run_storage(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -204,6 +232,7 @@ class Daemon:
             try:
                 async with open_store(self.settings.store) as store:
                     self._store = store
+                    self._store_failed = False
                     self._store_ready.set()
                     backoff.succeeded()
                     logger.info("[GEN] storage ready: %s", _describe_store(self.settings))
@@ -221,6 +250,7 @@ class Daemon:
                 raise
             except StoreError as exc:
                 self._store_problem = str(exc)
+                self._store_failed = True
                 self.report_status()
                 delay, log = backoff.failed()
                 if log:
@@ -402,7 +432,43 @@ async def run(
     Cancellation: cancelling ``run`` skips the graceful drain; prefer ``stop``.
     Resource handling: owns the listening socket, storage and the lock.
     """
-    daemon = Daemon(settings, now=now, kie_transport=kie_transport)
+    journal = None
+    directory = journal_directory(settings)
+    try:
+        journal = open_journal(directory, max_bytes=settings.journal_max_bytes)
+    except OSError as exc:
+        logger.error(
+            "[GEN] no callback journal in %s (%s): callbacks that come while storage is"
+            " down will not be kept; set KIED_JOURNAL_DIR",
+            directory,
+            exc,
+        )
+    else:
+        logger.info("[GEN] callback journal: %s", journal.path)
+    try:
+        await _run(
+            settings,
+            stop=stop,
+            now=now,
+            kie_transport=kie_transport,
+            journal=journal,
+            task_status=task_status,
+        )
+    finally:
+        if journal is not None:
+            journal.close()
+
+
+async def _run(
+    settings: Settings,
+    *,
+    stop: trio.Event,
+    now: Callable[[], float],
+    kie_transport: httpx.AsyncBaseTransport | None,
+    journal: CallbackJournal | None,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    daemon = Daemon(settings, now=now, kie_transport=kie_transport, journal=journal)
     app = create_app(callbacks=daemon.callbacks, jobs=daemon.jobs, status=daemon, settings=settings)
     http_done = trio.Event()
 
@@ -427,6 +493,7 @@ async def run(
                 # In this nursery, so that the pings go on while requests drain.
                 storage.start_soon(run_watchdog, daemon.systemd, settings.watchdog_s / 2)
             await storage.start(daemon.run_storage)
+            storage.start_soon(daemon.run_journal)
             if isinstance(settings.store, PostgresStoreSettings):
                 storage.start_soon(daemon.run_job_listener, settings.store.url)
             async with trio.open_nursery() as leadership:

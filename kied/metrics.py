@@ -249,6 +249,26 @@ class Metrics:
         )
         for kind in ("jobs", "deliveries", "inbox", "events"):
             self._pruned.labels(kind=kind)
+        self._dropped = Counter(
+            "kied_callbacks_dropped",
+            "Callbacks answered 200 but kept nowhere, by why: rejected_budget (more"
+            " unauthenticated callbacks than KIED_REJECTED_PER_MINUTE), journal_full"
+            " (storage down and the journal at KIED_JOURNAL_MAX_BYTES), journal_error.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("rejected_budget", "journal_full", "journal_error"):
+            self._dropped.labels(reason=reason)
+        self._journaled = Counter(
+            "kied_callbacks_journaled",
+            "Callbacks kept in the local journal while storage was down.",
+            registry=registry,
+        )
+        self._replayed = Counter(
+            "kied_journal_replayed",
+            "Journal entries written to storage once it answered again.",
+            registry=registry,
+        )
         build = Gauge(
             "kied_build_info", "kied's version, as a label.", ["version"], registry=registry
         )
@@ -323,6 +343,15 @@ class Metrics:
     def pruned(self, kind: str, count: int) -> None:
         """The pruner deleted ``count`` rows of ``kind`` (a ``PruneKind`` value)."""
         self._pruned.labels(kind=kind).inc(count)
+
+    def callback_dropped(self, reason: str) -> None:
+        self._dropped.labels(reason=reason).inc()
+
+    def callback_journaled(self) -> None:
+        self._journaled.inc()
+
+    def journal_replayed(self, count: int) -> None:
+        self._replayed.inc(count)
 
 
 class _WithoutCreated:

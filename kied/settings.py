@@ -153,6 +153,15 @@ class Settings:
     #: a job whose task KIE has not known for this long (and three status queries in a
     #: row) is failed with ``unknown_task`` rather than queried until its deadline
     unknown_task_grace_s: float = 120 * SECONDS
+    #: unauthenticated callbacks stored per minute at most (beyond: answered, counted, dropped)
+    rejected_per_minute: int = 600
+    #: bound on the body of any /v1 request (413 beyond it)
+    max_request_bytes: int = 1 * MIB
+    #: where callbacks are kept while storage is down; None: beside the SQLite file, or
+    #: $STATE_DIRECTORY (else ./var) with PostgreSQL
+    journal_dir: Path | None = None
+    #: bound on the journal's size (beyond: answered, counted, dropped)
+    journal_max_bytes: int = 256 * MIB
 
 
 ENVIRONMENT_HELP = """\
@@ -202,6 +211,11 @@ environment (flags win over the environment):
                        loopback clients, and others that send KIED_API_TOKEN
   KIED_UNKNOWN_TASK_GRACE  seconds KIE may not know a job's task (status query: no record)
                        before the job fails with unknown_task; default 120
+  KIED_REJECTED_PER_MINUTE  unauthenticated callbacks kept per minute; default 600
+  KIED_MAX_REQUEST_BYTES    bound on a /v1 request's body (413 beyond); default 1048576
+  KIED_JOURNAL_DIR     where callbacks wait while the database is down; default beside
+                       the SQLite file, else $STATE_DIRECTORY when set, else ./var
+  KIED_JOURNAL_MAX_BYTES    bound on that journal; default 268435456 (256 MiB)
 set by systemd:
   NOTIFY_SOCKET        where READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 are sent
   WATCHDOG_USEC        the watchdog timeout; kied pings at half of it (WATCHDOG_PID: for whom)
@@ -339,6 +353,20 @@ def load_settings(
     inbox_retention_s = _retention(pick(None, "KIED_INBOX_RETENTION_DAYS"), default_days=14)
     grace_src = pick(None, "KIED_UNKNOWN_TASK_GRACE")
     unknown_task_grace_s = 120.0 if grace_src is None else _positive_seconds(*grace_src)
+
+    rejected_src = pick(None, "KIED_REJECTED_PER_MINUTE")
+    rejected_per_minute = 600 if rejected_src is None else _count(*rejected_src, low=0)
+    request_src = pick(None, "KIED_MAX_REQUEST_BYTES")
+    max_request_bytes = MIB if request_src is None else _count(*request_src, low=1024)
+    journal_src = pick(None, "KIED_JOURNAL_DIR")
+    journal_dir = None if journal_src is None else Path(os.path.abspath(journal_src[1]))
+    if journal_dir is None and isinstance(store, PostgresStoreSettings):
+        state_dir = environ.get("STATE_DIRECTORY", "").split(":")[0].strip()
+        journal_dir = Path(os.path.abspath(state_dir or "var"))
+    journal_max_src = pick(None, "KIED_JOURNAL_MAX_BYTES")
+    journal_max_bytes = (
+        256 * MIB if journal_max_src is None else _count(*journal_max_src, low=64 * 1024)
+    )
     return Settings(
         host=host,
         port=port,
@@ -368,6 +396,10 @@ def load_settings(
         allow_open=allow_open,
         metrics_token=metrics_token,
         unknown_task_grace_s=unknown_task_grace_s,
+        rejected_per_minute=rejected_per_minute,
+        max_request_bytes=max_request_bytes,
+        journal_dir=journal_dir,
+        journal_max_bytes=journal_max_bytes,
     )
 
 
@@ -379,6 +411,16 @@ def _port(name: str, value: str) -> int:
     if not 0 <= port <= 65535:
         raise ConfigError(name, f"must be a port number 0-65535, not {value!r}")
     return port
+
+
+def _count(name: str, value: str, *, low: int) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigError(name, f"must be a whole number, not {value!r}") from None
+    if count < low:
+        raise ConfigError(name, f"must be {low} or more, not {value!r}")
+    return count
 
 
 def _positive_seconds(name: str, value: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import hashlib
 import hmac
 import json
 import logging
@@ -13,12 +14,14 @@ from urllib.parse import urlsplit
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from quart_trio.wrappers import TrioRequest
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from kied._times import parse_instant
 from kied.api import MAX_WAIT_S, BadRequestError, JobsService, job_to_json, read_body
 from kied.core.views import iso
 from kied.core.webhooks import safe_url
+from kied.errors import StoreUnavailableError
 from kied.intake import CallbackIntake, RawCallback
 from kied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kied.settings import is_loopback
@@ -47,6 +50,9 @@ _METADATA_PREFIX = "metadata."
 _MAX_METADATA_KEY = 200
 #: The callback trail shows at most this much of each body.
 _CALLBACK_BODY_SHOWN = 64 * 1024
+#: What a client told that storage is unavailable is asked to wait before trying again.
+_RETRY_AFTER_S = 5
+_CALLBACK_PREFIX = "/callbacks/"
 
 
 class DaemonStatus(Protocol):
@@ -79,7 +85,10 @@ def create_app(
         settings: limits for callback bodies, and the API token.
     """
     app = QuartTrio("kied")
-    app.config["MAX_CONTENT_LENGTH"] = None  # the callback route bounds bodies itself
+    # The callback route bounds bodies itself; every other body is refused beyond this.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.request_class = _BoundedRequest
+    max_request_bytes = settings.max_request_bytes
     max_callback_bytes = settings.max_callback_bytes
     oversized_keep_bytes = settings.oversized_keep_bytes
     metrics = status.metrics
@@ -117,7 +126,7 @@ def create_app(
         answer: dict[str, Any]
         try:
             raw = await _read_callback(max_callback_bytes, oversized_keep_bytes)
-            record = await callbacks.handle(raw)
+            receipt = await callbacks.handle(raw)
         except Exception:
             # KIE retries anything but 200, without end: the answer is 200 whatever
             # happened here, and the failure is logged loudly instead.
@@ -125,7 +134,13 @@ def create_app(
             metrics.callback_unstored()
             answer = {"status": "received", "stored": False}
         else:
-            answer = {"status": "received", "stored": True, "id": record.inbox_id}
+            if receipt.record is not None:
+                answer = {"status": "received", "stored": True, "id": receipt.record.inbox_id}
+            elif receipt.journal_id is not None:
+                # Kept on disk, fsynced; written to storage once it answers again.
+                answer = {"status": "received", "stored": True, "journal": True}
+            else:
+                answer = {"status": "received", "stored": False, "dropped": receipt.dropped}
         code = 200
         metrics.callback_answered(code)
         return answer, code
@@ -139,6 +154,28 @@ def create_app(
     @app.errorhandler(BadRequestError)
     async def bad_request(exc: BadRequestError) -> tuple[dict[str, Any], int]:
         return _bad(exc.field, exc.detail)
+
+    @app.before_request
+    async def bound_body() -> tuple[dict[str, Any], int, dict[str, str]] | None:
+        length = request.content_length
+        if length is not None and length > max_request_bytes and not _is_callback(request.path):
+            return _too_large(max_request_bytes)
+        return None
+
+    @app.errorhandler(RequestEntityTooLarge)
+    async def too_large(
+        exc: RequestEntityTooLarge,
+    ) -> tuple[dict[str, Any], int, dict[str, str]]:
+        return _too_large(max_request_bytes)
+
+    @app.errorhandler(StoreUnavailableError)
+    async def unavailable(exc: StoreUnavailableError) -> tuple[dict[str, Any], int, dict[str, str]]:
+        logger.warning("[HTTP] %s %s: storage unavailable: %s", request.method, request.path, exc)
+        return (
+            {"error": "storage unavailable", "detail": "try again later"},
+            503,
+            {"Retry-After": str(_RETRY_AFTER_S)},
+        )
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
@@ -468,6 +505,34 @@ def _without_secrets(text: str | None, endpoint: str) -> str | None:
     return text
 
 
+class _BoundedRequest(TrioRequest):
+    """A request whose body is bounded by ``MAX_CONTENT_LENGTH``, except a callback's:
+    the callback route reads and bounds its body itself. Beyond the bound nothing more is
+    buffered."""
+
+    def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any) -> None:
+        if _is_callback(path):
+            kwargs["max_content_length"] = None
+        super().__init__(method, scheme, path, *args, **kwargs)
+
+
+def _is_callback(path: str) -> bool:
+    return path.startswith(_CALLBACK_PREFIX)
+
+
+def _too_large(limit: int) -> tuple[dict[str, Any], int, dict[str, str]]:
+    # The rest of the body is not read: the connection cannot carry another request.
+    return (
+        {
+            "error": "request too large",
+            "detail": f"a request body may hold at most {limit} bytes (KIED_MAX_REQUEST_BYTES)",
+            "limit": limit,
+        },
+        413,
+        {"Connection": "close"},
+    )
+
+
 def _bad(field: str, detail: str) -> tuple[dict[str, Any], int]:
     return {"error": "invalid request", "field": field, "detail": detail}, 400
 
@@ -479,16 +544,19 @@ def _not_found(job_id: str) -> tuple[dict[str, Any], int]:
 async def _read_callback(max_bytes: int, keep_oversized: int) -> RawCallback:
     kept = b""
     size = 0
+    digest = hashlib.sha256()
     with trio.move_on_after(_BODY_READ_S):
         length = request.content_length
         if length is not None and length <= max_bytes:
             # The usual case: a small body of known length, read in one piece.
             kept = await request.body
             size = len(kept)
+            digest.update(kept)
         else:
             parts = bytearray()
             async for chunk in request.body:
                 size += len(chunk)
+                digest.update(chunk)
                 if len(parts) <= max_bytes:
                     parts += chunk[: max_bytes + 1 - len(parts)]
                 if size > _DRAIN_LIMIT:
@@ -505,4 +573,5 @@ async def _read_callback(max_bytes: int, keep_oversized: int) -> RawCallback:
         headers=headers,
         content_type=request.headers.get("content-type"),
         remote=request.remote_addr,
+        body_sha256=digest.hexdigest(),
     )

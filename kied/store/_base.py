@@ -46,6 +46,11 @@ class InboxEntry:
     problem: str | None  # why the body could not be read: "oversized", "invalid JSON", ...
     authenticated: bool
     auth: str  # "token", "hmac", "token+hmac", "open", or why it was rejected
+    #: the request's headers (lower-case names), secrets shown as ``***``
+    headers: Mapping[str, str] | None = None
+    body_sha256: str | None = None  # of the whole body as sent, hex
+    #: the entry's id in the local journal; a second entry with the same id is not stored
+    journal_id: str | None = None
 
 
 class CallbackEffect(StrEnum):

@@ -38,6 +38,7 @@ __all__ = [
     "EVENT_COLUMNS",
     "INSERT_EVENT",
     "JOB_COLUMNS",
+    "JOURNALED_CALLBACK",
     "LIST_CALLBACKS_FOR_JOB",
     "LIST_CALLBACKS_FOR_TASK_AND_JOB",
     "LIST_EVENTS",
@@ -79,7 +80,8 @@ JOB_COLUMNS: Final[LiteralString] = (
 )
 CALLBACK_COLUMNS: Final[LiteralString] = (
     "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
-    " outcome, problem, authenticated, auth, effect, matched_job_id"
+    " outcome, problem, authenticated, auth, effect, matched_job_id, headers, body_sha256,"
+    " journal_id"
 )
 EVENT_COLUMNS: Final[LiteralString] = "cursor, id, type, created_at, job_id, job"
 # Statements both databases read alike, written with SQLite's :name parameters;
@@ -113,6 +115,11 @@ LIST_CALLBACKS_FOR_TASK_AND_JOB: Final[LiteralString] = (
 INSERT_EVENT: Final[LiteralString] = (
     "INSERT INTO events (id, type, created_at, job_id, job)"
     " VALUES (:id, :type, :created_at, :job_id, :job)"
+)
+
+#: The inbox row a journal entry was stored as, if it was.
+JOURNALED_CALLBACK: Final[LiteralString] = (
+    "SELECT id, effect, matched_job_id FROM callback_inbox WHERE journal_id = :journal_id"
 )
 
 LIST_EVENTS: Final[LiteralString] = (
@@ -421,6 +428,9 @@ def entry_values(entry: InboxEntry) -> dict[str, Any]:
         "problem": entry.problem,
         "authenticated": entry.authenticated,
         "auth": entry.auth,
+        "headers": None if entry.headers is None else json.dumps(dict(entry.headers)),
+        "body_sha256": entry.body_sha256,
+        "journal_id": entry.journal_id,
     }
 
 
@@ -443,6 +453,9 @@ def stored_callback_from_row(row: Iterable[Any]) -> StoredCallback:
         auth,
         effect,
         matched,
+        headers,
+        body_sha256,
+        journal_id,
     ) = row
     entry = InboxEntry(
         received_at=received_at,
@@ -458,6 +471,9 @@ def stored_callback_from_row(row: Iterable[Any]) -> StoredCallback:
         problem=problem,
         authenticated=bool(authenticated),
         auth=auth,
+        headers=None if headers is None else json.loads(headers),
+        body_sha256=body_sha256,
+        journal_id=journal_id,
     )
     return StoredCallback(
         id=inbox_id,

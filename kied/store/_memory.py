@@ -145,6 +145,7 @@ class MemoryStore(JobStore):
         self._by_task: dict[TaskId, JobId] = {}
         self._inbox: list[_InboxRow] = []
         self._last_inbox_id = 0  # ids are never reused, as a database's are not
+        self._journaled: dict[str, _InboxRow] = {}
         self._events: list[Event] = []
         self._cursor = 0
         self._deliveries: dict[int, Delivery] = {}
@@ -368,6 +369,14 @@ class MemoryStore(JobStore):
 
     async def record_callback(self, entry: InboxEntry, report: Report | None) -> CallbackRecord:
         await self._enter()
+        stored = None if entry.journal_id is None else self._journaled.get(entry.journal_id)
+        if stored is not None:  # stored before: the same row, nothing applied again
+            job = self._find(stored.matched_job_id)
+            return CallbackRecord(
+                inbox_id=stored.id,
+                effect=stored.effect,
+                job=None if job is None else _detached(job),
+            )
         if report is not None:  # first, so that a result JSON cannot hold changes nothing
             report = replace(report, result=_json_copy(report.result))
         effect, job, adopted = self._resolve_callback(entry, report)
@@ -380,6 +389,8 @@ class MemoryStore(JobStore):
         )
         self._inbox.append(row)
         self._last_inbox_id = row.id
+        if entry.journal_id is not None:
+            self._journaled[entry.journal_id] = row
         return CallbackRecord(inbox_id=row.id, effect=effect, job=job, adopted=adopted)
 
     def _resolve_callback(

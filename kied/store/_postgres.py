@@ -63,6 +63,7 @@ from kied.store._common import (
     END_SUBMISSION,
     INSERT_EVENT,
     JOB_COLUMNS,
+    JOURNALED_CALLBACK,
     LIST_CALLBACKS_FOR_JOB,
     LIST_CALLBACKS_FOR_TASK_AND_JOB,
     LIST_EVENTS,
@@ -254,14 +255,17 @@ _APPLY_ENDED: Final[LiteralString] = (
     " late = (late OR state = ANY(%(late_from)s::text[]))" + _CAS
 )
 
+_JOURNALED_CALLBACK: Final[LiteralString] = for_psycopg(JOURNALED_CALLBACK)
 _INSERT_CALLBACK: Final[LiteralString] = (
     "INSERT INTO callback_inbox (received_at, body, body_size, content_type, query, remote,"
     " task_id, found_by, job_id, outcome, problem, authenticated, auth, effect, matched_job_id,"
-    " event, kie_state, result_urls, result, error_code, error_message)"
+    " event, kie_state, result_urls, result, error_code, error_message, headers, body_sha256,"
+    " journal_id)"
     " VALUES (%(received_at)s, %(body)s, %(body_size)s, %(content_type)s, %(query)s,"
     " %(remote)s, %(task_id)s, %(found_by)s, %(job_id)s, %(outcome)s, %(problem)s,"
     " %(authenticated)s, %(auth)s, %(effect)s, %(matched_job_id)s, %(event)s, %(kie_state)s,"
-    " %(result_urls)s, %(result)s, %(error_code)s, %(error_message)s)"
+    " %(result_urls)s, %(result)s, %(error_code)s, %(error_message)s, %(headers)s,"
+    " %(body_sha256)s, %(journal_id)s)"
     " RETURNING id"
 )
 # A callback that arrived before any job had its task id: the newest authenticated
@@ -717,6 +721,13 @@ def _resolve_callback(
 def _record_callback(
     conn: _Connection, entry: InboxEntry, report: Mapping[str, Any] | None
 ) -> CallbackRecord:
+    if entry.journal_id is not None:
+        params = {"journal_id": entry.journal_id}
+        row = conn.execute(_JOURNALED_CALLBACK, params).fetchone()
+        if row is not None:  # stored before: the same row, nothing applied again
+            inbox_id, stored_effect, matched = row
+            job = None if matched is None else _select_job(conn, JobId(matched))
+            return CallbackRecord(inbox_id=inbox_id, effect=CallbackEffect(stored_effect), job=job)
     effect, job, adopted = _resolve_callback(conn, entry, report)
     row = conn.execute(
         _INSERT_CALLBACK,

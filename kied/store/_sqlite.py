@@ -45,6 +45,7 @@ from kied.store._common import (
     END_SUBMISSION,
     INSERT_EVENT,
     JOB_COLUMNS,
+    JOURNALED_CALLBACK,
     LIST_CALLBACKS_FOR_JOB,
     LIST_CALLBACKS_FOR_TASK_AND_JOB,
     LIST_EVENTS,
@@ -190,10 +191,12 @@ _APPLY_ENDED: Final[LiteralString] = (
 _INSERT_CALLBACK: Final[LiteralString] = (
     "INSERT INTO callback_inbox (received_at, body, body_size, content_type, query, remote,"
     " task_id, found_by, job_id, outcome, problem, authenticated, auth, effect, matched_job_id,"
-    " event, kie_state, result_urls, result, error_code, error_message)"
+    " event, kie_state, result_urls, result, error_code, error_message, headers, body_sha256,"
+    " journal_id)"
     " VALUES (:received_at, :body, :body_size, :content_type, :query, :remote, :task_id,"
     " :found_by, :job_id, :outcome, :problem, :authenticated, :auth, :effect, :matched_job_id,"
-    " :event, :kie_state, :result_urls, :result, :error_code, :error_message)"
+    " :event, :kie_state, :result_urls, :result, :error_code, :error_message, :headers,"
+    " :body_sha256, :journal_id)"
 )
 # A callback that arrived before any job had its task id: the newest authenticated
 # outcome (success or failure) no job matched.
@@ -397,6 +400,12 @@ def _request_confirm(conn: sqlite3.Connection, job_id: JobId, now: float) -> Cal
 def _record_callback(
     conn: sqlite3.Connection, entry: InboxEntry, report: Report | None
 ) -> CallbackRecord:
+    if entry.journal_id is not None:
+        row = conn.execute(JOURNALED_CALLBACK, {"journal_id": entry.journal_id}).fetchone()
+        if row is not None:  # stored before: the same row, nothing applied again
+            inbox_id, stored_effect, matched = row
+            job = None if matched is None else _select_job(conn, JobId(matched))
+            return CallbackRecord(inbox_id=inbox_id, effect=CallbackEffect(stored_effect), job=job)
     effect, job, adopted = _resolve_callback(conn, entry, report)
     cursor = conn.execute(
         _INSERT_CALLBACK,

@@ -368,7 +368,7 @@ class CallbackFirst(httpx.AsyncBaseTransport):
         task_id = json.loads(body)["data"]["taskId"]
         callback_url = httpx.URL(json.loads(request.content)["callBackUrl"])
         callback = market_callback(task_id)
-        record = await self.callbacks.handle(
+        receipt = await self.callbacks.handle(
             RawCallback(
                 body=callback,
                 body_size=len(callback),
@@ -379,7 +379,8 @@ class CallbackFirst(httpx.AsyncBaseTransport):
                 remote="127.0.0.1",
             )
         )
-        self.effects.append(record.effect.value)
+        assert receipt.record is not None
+        self.effects.append(receipt.record.effect.value)
         return httpx.Response(response.status_code, headers=response.headers, content=body)
 
 

@@ -546,6 +546,35 @@ async def test_repeated_callback_is_a_no_op(store: JobStore) -> None:
     assert [c.effect for c in stored] == [CallbackEffect.NO_OP, CallbackEffect.CHANGED]
 
 
+async def test_callback_headers_and_hash_read_back(store: JobStore) -> None:
+    entry = replace(
+        make_inbox_entry(task_id="t-1", authenticated=False),
+        headers={"content-type": "application/json", "authorization": "***"},
+        body_sha256="ab" * 32,
+        journal_id="jnl_1",
+    )
+    await store.record_callback(entry, None)
+    [stored] = await store.list_callbacks()
+    assert stored.entry == entry
+
+
+async def test_a_journal_entry_is_stored_and_applied_once(store: JobStore) -> None:
+    job = await _job_in(store, S.PENDING, task_id="t-1")
+    entry = replace(make_inbox_entry(task_id="t-1", received_at=1_200.0), journal_id="jnl_1")
+    report = _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
+    first = await store.record_callback(entry, report)
+    again = await store.record_callback(replace(entry, received_at=1_300.0), report)
+    assert first.effect is CallbackEffect.CHANGED
+    assert (again.inbox_id, again.effect) == (first.inbox_id, CallbackEffect.CHANGED)
+    assert again.job is not None
+    assert (again.job.id, again.job.state) == (job.id, S.SUCCEEDED)
+    assert [c.id for c in await store.list_callbacks()] == [first.inbox_id]
+    events = [e.type for e in await store.list_events() if e.job_id == job.id]
+    assert events.count("job.succeeded") == 1
+    other = await store.record_callback(replace(entry, journal_id="jnl_2"), report)
+    assert other.inbox_id != first.inbox_id
+
+
 async def test_callback_for_no_known_job(store: JobStore) -> None:
     record = await store.record_callback(
         make_inbox_entry(task_id="t-unknown"), _report(E.SUCCEEDED, source=EndedBy.CALLBACK)
