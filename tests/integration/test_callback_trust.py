@@ -106,7 +106,8 @@ async def test_a_signed_only_callback_is_confirmed_with_kie_before_it_ends_the_j
         # The same signed callback again, within its window: a replay, changes nothing
         # and asks KIE nothing.
         queries = (await stack.stats(done.task_id))["status_queries"]
-        record = await stack.daemon.callbacks.handle(await raw_callback(wire.delivered[0]))
+        record = (await stack.daemon.callbacks.handle(await raw_callback(wire.delivered[0]))).record
+        assert record is not None
         assert (record.effect, record.job) == (CallbackEffect.REJECTED, None)
         [replayed, _] = await stack.store.list_callbacks(task_id=done.task_id)
         assert (replayed.entry.auth, replayed.entry.authenticated) == (
