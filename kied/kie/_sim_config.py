@@ -222,6 +222,7 @@ size and bytes follow from the task id and name alone. Default sizes by type:
 png 1M-4M, jpg 200K-2M, mp4 4M-20M, mp3 3M-8M, wav 10M-40M, other 100K-1M.
 /_sim/stats counts the requests for each file (files: requests, refused,
 expired, served, bytes_sent).
+
 The listening URL is printed as one line: "kied simulate listening on URL".
 """
 
