@@ -323,6 +323,25 @@ async def test_a_2_gb_file_announces_its_length_and_is_made_only_as_it_is_read(
     nursery.cancel_scope.cancel()
 
 
+async def test_head_announces_the_length_and_makes_no_body() -> None:
+    async with open_sim(config(file_size=(2 * GIB, 2 * GIB))) as (_, api):
+        task_id = await create_market(api, hook=None)
+        t0 = time.monotonic()
+        r = await api.head(f"/_sim/files/{task_id}/0.png")
+        assert time.monotonic() - t0 < 1.0
+        assert r.status_code == 200
+        assert r.headers["content-length"] == str(2 * GIB)
+        assert r.headers["content-type"] == "image/png"
+        stats = await file_stats(api, task_id)
+        assert stats["0.png"] == {
+            "requests": 1,
+            "refused": 0,
+            "expired": 0,
+            "served": 0,
+            "bytes_sent": 0,
+        }
+
+
 # ============================================================================================
 # Flags
 
