@@ -68,16 +68,17 @@ from kied.kie._sim_families import Family as Family
 from kied.kie._sim_families import Reply as Reply
 from kied.kie._sim_faults import MalformedKind as MalformedKind
 from kied.kie._sim_faults import StatusErrorKind as StatusErrorKind
+from kied.kie._sim_files import SimFile as SimFile
+from kied.kie._sim_files import sim_file as sim_file
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-
-    from kied.kie._sim_files import SimFile
 
 __all__ = [
     "Family",
     "MalformedKind",
     "Reply",
+    "SimFile",
     "Simulator",
     "SimulatorConfig",
     "StatusErrorKind",
@@ -86,6 +87,7 @@ __all__ = [
     "main",
     "parse_simulator_args",
     "serve_simulator",
+    "sim_file",
 ]
 
 logger = logging.getLogger(__name__)

@@ -21,8 +21,14 @@ import trio
 import trio.testing
 
 from kied.errors import ConfigError
-from kied.kie._sim_files import DEFAULT_FILE_SIZES, MAX_FILE_SIZE, sim_file
-from kied.kie.simulator import SimulatorConfig, main, parse_simulator_args, serve_simulator
+from kied.kie._sim_files import DEFAULT_FILE_SIZES, MAX_FILE_SIZE
+from kied.kie.simulator import (
+    SimulatorConfig,
+    main,
+    parse_simulator_args,
+    serve_simulator,
+    sim_file,
+)
 from tests.integration.test_simulator import AUTH, Receiver, create_market, open_sim
 
 KIB = 1024
