@@ -59,10 +59,11 @@ DEFAULT_FILE_SIZES: Final[Mapping[str, tuple[int, int]]] = {
     ext: sizes for ext, (_, sizes) in _TYPES.items()
 }
 
-_CHUNK: Final = 64 * KIB
+#: Big enough that the server's cost per chunk is small beside the cost per byte.
+_CHUNK: Final = 256 * KIB
 _POOL_SIZE: Final = 1 * MIB
 #: Slices of the pool start anywhere in its first _POOL_SIZE bytes and may run this far on.
-_POOL_SLACK: Final = 64 * KIB
+_POOL_SLACK: Final = _CHUNK
 _STEP: Final = 104_729  # a prime, so successive slices wander over the whole pool
 
 
@@ -103,7 +104,7 @@ class SimFile:
     _make: Callable[[], Iterator[bytes]]
 
     def chunks(self) -> Iterator[bytes]:
-        """The file's bytes, in order, in chunks of at most about 64 KiB."""
+        """The file's bytes, in order, in chunks of at most about 256 KiB."""
         return self._make()
 
 
@@ -146,12 +147,15 @@ def _other(key: int, target: int) -> _Made:
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    crc = zlib.crc32(data, zlib.crc32(kind))
+    return b"".join((struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)))
 
 
 _PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 _PNG_FIXED: Final = 8 + 25 + 12 + 2 + 4  # signature, IHDR, IEND, zlib header and adler32
 _STORED_MAX: Final = 65_535
+#: stored deflate blocks per IDAT chunk
+_BLOCKS_PER_IDAT: Final = 4
 _TEXT_KEYWORD: Final = b"Comment\x00"
 _TEXT_MIN: Final = 12 + len(_TEXT_KEYWORD)
 
@@ -159,8 +163,9 @@ _TEXT_MIN: Final = 12 + len(_TEXT_KEYWORD)
 def _png_size(width: int, height: int) -> int:
     raw = height * (1 + 3 * width)
     blocks = -(-raw // _STORED_MAX)
-    # one IDAT chunk (12 bytes) per stored block (5 bytes of header)
-    return _PNG_FIXED + 17 * blocks + raw
+    idats = -(-blocks // _BLOCKS_PER_IDAT)
+    # 5 bytes of header per stored block, 12 bytes per IDAT chunk
+    return _PNG_FIXED + 5 * blocks + 12 * idats + raw
 
 
 def _png(key: int, target: int) -> _Made:
@@ -217,23 +222,21 @@ def _png_chunks(key: int, width: int, height: int, pad: int) -> Iterator[bytes]:
     raw = height * (1 + 3 * width)
     adler = 1
     done = 0
-    first = True
+    pieces: list[bytes] = [b"\x78\x01"]  # zlib: deflate, 32 KiB window, no dictionary
+    blocks = 0
     for block in _png_blocks(key, width, height):
         adler = zlib.adler32(block, adler)
         done += len(block)
         last = done == raw
         n = len(block)
-        data = b"".join(
-            (
-                b"\x78\x01" if first else b"",  # zlib: deflate, 32 KiB window, no dictionary
-                bytes((1 if last else 0,)),  # BFINAL, BTYPE=00 (stored)
-                struct.pack("<HH", n, n ^ 0xFFFF),
-                block,
-                struct.pack(">I", adler) if last else b"",
-            )
-        )
-        first = False
-        yield _png_chunk(b"IDAT", data)
+        # BFINAL on the last, BTYPE=00 (stored), LEN, NLEN
+        pieces += (struct.pack("<BHH", 1 if last else 0, n, n ^ 0xFFFF), block)
+        blocks += 1
+        if last:
+            pieces.append(struct.pack(">I", adler))
+        if last or blocks == _BLOCKS_PER_IDAT:
+            yield _png_chunk(b"IDAT", b"".join(pieces))
+            pieces, blocks = [], 0
     yield _png_chunk(b"IEND", b"")
 
 
