@@ -216,10 +216,11 @@ A create request may pin its task with "X-Sim-Duration: SECONDS" and
 "X-Sim-Create-Delay: SECONDS" (overrides --create-delay). Leave out callBackUrl
 to get no callbacks.
 
-Result files are real files of the type their name says (png, jpg/jpeg, mp4,
-mp3, wav; anything else is octet-stream), streamed with Content-Length; their
-size and bytes follow from the task id and name alone. Default sizes by type:
-png 1M-4M, jpg 200K-2M, mp4 4M-20M, mp3 3M-8M, wav 10M-40M, other 100K-1M.
+Result files are real files of the type their name says (png, jpg/jpeg, webp,
+mp4, mp3, wav; anything else is octet-stream), streamed with Content-Length;
+their size and bytes follow from the task id and name alone. Default sizes by
+type: png 1M-4M, jpg 200K-2M, webp 100K-1M, mp4 4M-20M, mp3 3M-8M, wav 10M-40M,
+other 100K-1M.
 /_sim/stats counts the requests for each file (files: requests, refused,
 expired, served, bytes_sent).
 

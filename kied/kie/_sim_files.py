@@ -12,11 +12,13 @@ them with :func:`sim_file`. Its type follows the name's extension:
   pseudo-random bytes;
 - ``.mp3``: an ID3v2.4 tag, then silent MPEG-1 Layer III frames (128 kbit/s, 44.1 kHz, mono);
 - ``.wav``: RIFF/WAVE, 8-bit mono PCM noise;
+- ``.webp``: extended WebP (``VP8X``), a 1x1 lossless (``VP8L``) picture, then a private
+  chunk of pseudo-random bytes (readers skip chunks they do not know);
 - anything else: pseudo-random bytes as ``application/octet-stream``.
 
 The size is exact: the requested size is met with padding each format allows (a PNG ``tEXt``
 chunk, JPEG comments, ID3 padding), except that a size below the smallest file of the type is
-raised to it. Bytes come from one shared pool of pseudo-random data, sliced at offsets drawn
+raised to it, and a WebP's size is even (RIFF chunks are). Bytes come from one shared pool of pseudo-random data, sliced at offsets drawn
 from the file's key, so making a file costs little more than copying memory, and it is made
 chunk by chunk as it is sent: a 2 GB file never exists in memory.
 """
@@ -51,6 +53,7 @@ _TYPES: Final[Mapping[str, tuple[str, tuple[int, int]]]] = {
     "mp4": ("video/mp4", (4 * MIB, 20 * MIB)),
     "mp3": ("audio/mpeg", (3 * MIB, 8 * MIB)),
     "wav": ("audio/wav", (10 * MIB, 40 * MIB)),
+    "webp": ("image/webp", (100 * KIB, 1 * MIB)),
 }
 _OTHER: Final = ("application/octet-stream", (100 * KIB, 1 * MIB))
 
@@ -376,6 +379,40 @@ def _wav_chunks(key: int, data: int) -> Iterator[bytes]:
     yield from _slices(key, data)
 
 
+# --------------------------------------------------------------------------------------------
+# WebP
+
+# RIFF chunks: a four-byte kind, a little-endian size, the data, a pad byte if the size is odd.
+
+
+def _riff_chunk(kind: bytes, data: bytes) -> bytes:
+    return kind + struct.pack("<I", len(data)) + data + b"\x00" * (len(data) & 1)
+
+
+#: a 1x1 lossless picture (VP8L: signature 0x2f, 14-bit width-1 and height-1, alpha used)
+_VP8L_1X1: Final = bytes.fromhex("2f00000010071011118888fe07")
+_WEBP_BODY: Final = _riff_chunk(
+    b"VP8X", bytes((0x10, 0, 0, 0)) + (0).to_bytes(3, "little") + (0).to_bytes(3, "little")
+) + _riff_chunk(b"VP8L", _VP8L_1X1)
+_WEBP_MIN: Final = 12 + len(_WEBP_BODY)
+
+
+def _webp(key: int, target: int) -> _Made:
+    pad = target - _WEBP_MIN - 8
+    if pad < 0:
+        pad = 0 if target <= _WEBP_MIN else 2
+    pad += pad & 1
+    size = _WEBP_MIN + (8 + pad if target > _WEBP_MIN else 0)
+    return size, lambda: _webp_chunks(key, size, pad)
+
+
+def _webp_chunks(key: int, size: int, pad: int) -> Iterator[bytes]:
+    yield b"RIFF" + struct.pack("<I", size - 8) + b"WEBP" + _WEBP_BODY
+    if size > _WEBP_MIN:
+        yield b"kiEd" + struct.pack("<I", pad)
+        yield from _slices(key, pad)
+
+
 _MAKERS: Final[Mapping[str, Callable[[int, int], _Made]]] = {
     "png": _png,
     "jpg": _jpeg,
@@ -383,4 +420,5 @@ _MAKERS: Final[Mapping[str, Callable[[int, int], _Made]]] = {
     "mp4": _mp4,
     "mp3": _mp3,
     "wav": _wav,
+    "webp": _webp,
 }

@@ -103,6 +103,18 @@ def mp4_boxes(body: bytes) -> list[bytes]:
     return kinds
 
 
+def riff_chunks(body: bytes) -> list[bytes]:
+    assert body[:4] == b"RIFF"
+    assert struct.unpack("<I", body[4:8])[0] == len(body) - 8
+    at, kinds = 12, []
+    while at < len(body):
+        kind, size = struct.unpack("<4sI", body[at : at + 8])
+        kinds.append(kind)
+        at += 8 + size + (size & 1)
+    assert at == len(body)
+    return kinds
+
+
 def mp3_frames(body: bytes) -> int:
     assert body[:5] == b"ID3\x04\x00"
     tag = 10 + sum(b << (7 * (3 - i)) for i, b in enumerate(body[6:10]))
@@ -122,6 +134,7 @@ def mp3_frames(body: bytes) -> int:
         ("0.mp4", "video/mp4"),
         ("1.stream.mp3", "audio/mpeg"),
         ("0.wav", "audio/wav"),
+        ("0.webp", "image/webp"),
         ("0.bin", "application/octet-stream"),
     ],
 )
@@ -155,6 +168,11 @@ async def test_each_file_is_a_valid_file_of_its_type(name: str, content_type: st
                 assert body[8:16] == b"WAVEfmt "
                 assert struct.unpack("<I", body[4:8])[0] == len(body) - 8
                 assert struct.unpack("<I", body[40:44])[0] == len(body) - 44
+            case "webp":
+                assert riff_chunks(body) == [b"VP8X", b"VP8L", b"kiEd"]
+                assert body[8:12] == b"WEBP"
+                # a 1x1 lossless picture: signature, then width-1 and height-1 of 0
+                assert body[38:43] == b"\x2f\x00\x00\x00\x10"
             case _:
                 assert len(set(body[:4096])) > 200
 
@@ -171,7 +189,7 @@ async def test_the_same_url_gives_the_same_bytes_and_tests_can_rebuild_them() ->
         assert (await fetch(api, one, "1.png")).content != first
 
 
-@pytest.mark.parametrize("name", ["0.png", "0.jpg", "0.mp4", "0.mp3", "0.wav", "0.bin"])
+@pytest.mark.parametrize("name", ["0.png", "0.jpg", "0.mp4", "0.mp3", "0.wav", "0.webp", "0.bin"])
 @pytest.mark.parametrize("size", [1, 600, 4096, 65_536 * 3 + 7, 3 * MIB + 1])
 def test_sizes_are_exact_above_the_types_smallest_file(name: str, size: int) -> None:
     file = sim_file("task-1", name, (size, size))
@@ -179,7 +197,10 @@ def test_sizes_are_exact_above_the_types_smallest_file(name: str, size: int) -> 
     assert len(body) == file.size
     smallest = sim_file("task-1", name, (1, 1)).size
     assert smallest < 600
-    assert file.size == max(size, smallest)
+    expected = max(size, smallest)
+    if name.endswith(".webp"):
+        expected += expected & 1  # RIFF chunks are of even size
+    assert file.size == expected
     assert max(map(len, file.chunks())) <= 320 * KIB  # streamed in pieces
 
 
@@ -194,7 +215,7 @@ def test_sizes_are_drawn_in_the_range_and_by_type_by_default() -> None:
 
 def test_a_huge_file_is_described_at_once_and_made_only_when_read() -> None:
     t0 = time.monotonic()
-    for name in ("0.png", "0.jpg", "0.mp4", "0.mp3", "0.wav", "0.bin"):
+    for name in ("0.png", "0.jpg", "0.mp4", "0.mp3", "0.wav", "0.webp", "0.bin"):
         file = sim_file("t", name, (2 * GIB, 2 * GIB))
         assert file.size == 2 * GIB
         first = next(iter(file.chunks()))
