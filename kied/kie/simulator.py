@@ -19,9 +19,9 @@ Besides KIE's endpoints it serves a small control surface:
   the fields are listed in :meth:`Simulator.stats`.
 - ``POST /_sim/tasks/{taskId}/complete`` with an optional ``{"fail": true}``: finish a task now.
 - ``GET /_sim/files/{taskId}/{name}``: the result file behind every result URL it hands out:
-  a real file of the type the name's extension says (PNG, JPEG, WebP, MP4, MP3, WAV), its size and
-  bytes fixed by the task id and name (``_sim_files``), streamed chunk by chunk with
-  ``Content-Length``. ``--file-size`` sets the sizes, ``--file-ttl`` makes a file answer 404
+  a real file of the type the name's extension says (PNG, JPEG, WebP, MP4, MP3, WAV), its
+  size and bytes fixed by the task id and name (``_sim_files``), streamed chunk by chunk
+  with ``Content-Length``. ``--file-size`` sets the sizes, ``--file-ttl`` makes a file answer 404
   some time after its task ended (as KIE's storage drops old results), ``--file-slow`` caps
   the sending rate and ``--file-fail-first N`` answers the first N requests for each file
   with 503; ``/_sim/stats`` counts the requests per file.
