@@ -248,7 +248,8 @@ class S3Backend:
         """Whether ``key`` is stored.
 
         A HEAD answer has no body, so a missing bucket (404 too) also reads as ``False``;
-        :meth:`put` and :meth:`delete` name it.
+        :meth:`put` and :meth:`delete` name it. Without the ``s3:ListBucket`` permission, AWS
+        answers 403 for a missing key, which is an ``OSError`` here.
 
         Raises:
             OSError: ``S3 exists bucket/key: reason`` for anything but "not found".
