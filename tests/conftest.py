@@ -12,6 +12,7 @@ import trio
 from kied.daemon import run
 from kied.settings import FileLockSettings, Settings, SqliteStoreSettings
 from tests.pg import PgCluster, PgClusterTemplate, PgDatabases, PgServer
+from tests.s3 import MotoServer, S3Target
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -138,3 +139,20 @@ def pg_cluster(pg_cluster_template: PgClusterTemplate) -> Iterator[PgCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+# ------------------------------------------------------------------- S3 (tests/s3.py)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """A real S3-compatible server (moto, a process of its own); starts when first used."""
+    server = MotoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_server(moto_server: MotoServer) -> S3Target:
+    """A fresh bucket on the S3 server, with its endpoint URL and credentials."""
+    return moto_server.new_bucket()
