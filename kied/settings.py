@@ -43,7 +43,9 @@ SECONDS = 1.0
 MIB = 1024 * 1024
 #: the events webhooks tell of unless told otherwise: the ones that end a job
 TERMINAL_EVENTS: frozenset[str] = frozenset(
-    e.value for e in EventType if e not in (EventType.CREATED, EventType.SUBMITTED)
+    e.value
+    for e in EventType
+    if e not in (EventType.CREATED, EventType.SUBMITTED, EventType.ARCHIVED)
 )
 
 #: ``text``: plain lines; ``json``: one JSON object per line, for log shippers
