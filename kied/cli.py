@@ -26,8 +26,10 @@ import trio
 from kied import __version__
 from kied.errors import ConfigError, StoreError, StoreMisconfiguredError
 from kied.settings import (
+    DirArchiveSettings,
     FileLockSettings,
     PostgresStoreSettings,
+    S3ArchiveSettings,
     Settings,
     SqliteStoreSettings,
     check_exposure,
@@ -248,6 +250,8 @@ def secrets_of(settings: Settings) -> list[str]:
         found += [encoded, "whsec_" + encoded]
     if isinstance(settings.store, PostgresStoreSettings):
         found += _database_passwords(settings.store.url)
+    if isinstance(settings.archive, S3ArchiveSettings):
+        found += [settings.archive.secret_access_key, settings.archive.session_token]
     return [secret for secret in found if secret]
 
 
@@ -345,6 +349,9 @@ def _check_data_directories(settings: Settings) -> None:
         _check_writable(store.path, "KIED_DATABASE_URL")
     if isinstance(settings.lock, FileLockSettings):
         _check_writable(settings.lock.path, "KIED_LOCK")
+    if isinstance(settings.archive, DirArchiveSettings):
+        # A file in the directory: the directory itself is made and probed.
+        _check_writable(settings.archive.path / ".probe", "KIED_ARCHIVE")
 
 
 def _check_writable(path: Path, setting: str) -> None:
