@@ -3,6 +3,7 @@ addresses the policy allows (checked where the connection is made)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -207,14 +208,15 @@ async def _save(response: httpx.Response, url: str, directory: Path, max_bytes: 
     fd, name = await trio.to_thread.run_sync(_new_file, directory)
     path = directory / name
     try:
-        async for chunk in response.aiter_bytes(_CHUNK):
-            size += len(chunk)
-            if size > max_bytes:
-                raise DownloadRefusedError(
-                    "too_large", f"{_host(url)} sent more than {max_bytes} bytes"
-                )
-            # Hashing and writing in a worker thread keep the event loop free.
-            await trio.to_thread.run_sync(_write, fd, chunk, hasher)
+        async with contextlib.aclosing(response.aiter_bytes(_CHUNK)) as chunks:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadRefusedError(
+                        "too_large", f"{_host(url)} sent more than {max_bytes} bytes"
+                    )
+                # Hashing and writing in a worker thread keep the event loop free.
+                await trio.to_thread.run_sync(_write, fd, chunk, hasher)
         await trio.to_thread.run_sync(os.close, fd)
         fd = -1
     except BaseException:

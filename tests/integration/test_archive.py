@@ -1,0 +1,300 @@
+"""Result files kept by kied: the real daemon, kied's simulator and small file servers on
+127.0.0.1; downloads are checked byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import trio
+
+from kied.kie.simulator import SimulatorConfig, serve_simulator
+from kied.settings import DirArchiveSettings
+from tests.conftest import wait_for
+from tests.procs import free_port
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from kied.settings import Settings
+    from tests.conftest import DaemonStarter, RunningDaemon
+
+TOKEN = "api-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CALLBACK_TOKEN = "cb-secret"
+
+
+# ------------------------------------------------------------------ a small file server
+
+
+@dataclass
+class FileServer:
+    """Answers ``GET /<name>`` from ``routes``: (status, headers, body, delay before body).
+
+    It writes what it is told, lies about lengths when told to, and records each request.
+    """
+
+    routes: dict[str, list[tuple[int, dict[str, str], bytes, float]]] = field(default_factory=dict)
+    seen: list[str] = field(default_factory=list)
+    port: int = 0
+
+    def url(self, name: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}/{name}"
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                head += chunk
+            path = head.split(b" ", 2)[1].decode().lstrip("/")
+            self.seen.append(path)
+            answers = self.routes.get(path) or [(404, {}, b"gone", 0.0)]
+            status, headers, body, delay = answers.pop(0) if len(answers) > 1 else answers[0]
+            lines = [f"HTTP/1.1 {status} X", "Connection: close"]
+            if "Content-Length" not in headers:
+                lines.append(f"Content-Length: {len(body)}")
+            lines += [f"{k}: {v}" for k, v in headers.items() if v]
+            try:
+                await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+                if delay:
+                    await trio.sleep(delay)
+                await stream.send_all(body)
+            except trio.BrokenResourceError:
+                pass
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+
+@pytest.fixture
+async def files(nursery: trio.Nursery) -> FileServer:
+    server = FileServer()
+    await nursery.start(server.serve)
+    return server
+
+
+@pytest.fixture
+async def simulator(nursery: trio.Nursery) -> str:
+    config = SimulatorConfig(port=0, duration_s=(0.2, 0.2), seed=3)
+    url: str = await nursery.start(serve_simulator, config)
+    return url
+
+
+async def _fetch(url: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return await http.get(url)
+
+
+def _port(url: str) -> int:
+    return httpx.URL(url).port or 80
+
+
+async def _start(
+    start_daemon: DaemonStarter,
+    settings: Settings,
+    tmp_path: Path,
+    *,
+    allow: tuple[str, ...] = (),
+    public: bool = True,
+    **changes: object,
+) -> RunningDaemon:
+    port = free_port()
+    return await start_daemon(
+        settings,
+        port=port,
+        public_url=f"http://127.0.0.1:{port}" if public else None,
+        callback_token=CALLBACK_TOKEN,
+        api_token=TOKEN,
+        archive=DirArchiveSettings(path=tmp_path / "archive"),
+        archive_allow_hosts=frozenset(allow),
+        **changes,
+    )
+
+
+async def _archived(http: httpx.AsyncClient, job_id: str, state: str = "archived") -> dict:
+    async def done() -> dict | None:
+        job = (await http.get(f"/v1/jobs/{job_id}", headers=AUTH)).json()
+        return job if (job.get("archive") or {}).get("state") == state else None
+
+    found: dict = await wait_for(done, within_s=10)
+    return found
+
+
+async def _track(http: httpx.AsyncClient, task_id: str) -> str:
+    r = await http.post("/v1/jobs", json={"task_id": task_id, "family": "market"}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+async def _callback(http: httpx.AsyncClient, task_id: str, urls: list[str]) -> None:
+    data = {"taskId": task_id, "state": "success", "resultJson": json.dumps({"resultUrls": urls})}
+    body = {"code": 200, "msg": "Playground task completed successfully.", "data": data}
+    r = await http.post(f"/callbacks/kie?token={CALLBACK_TOKEN}", json=body)
+    assert r.status_code == 200
+
+
+async def _metric(http: httpx.AsyncClient, line_start: str) -> float:
+    text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {line_start} in /metrics")
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("by", ["callback", "poll"])
+async def test_a_succeeded_jobs_files_are_archived_and_served(
+    settings, start_daemon, simulator, tmp_path, by
+):
+    daemon = await _start(
+        start_daemon,
+        settings,
+        tmp_path,
+        allow=(f"127.0.0.1:{_port(simulator)}",),
+        public=by == "callback",  # without a public URL kied gives KIE no callback and polls
+        kie_base_url=simulator,
+    )
+    async with daemon.client() as http:
+        r = await http.post(
+            "/v1/jobs", json={"model": "google/nano-banana", "input": {"prompt": "x"}}, headers=AUTH
+        )
+        job_id = r.json()["id"]
+        job = await _archived(http, job_id)
+        assert job["state"] == "succeeded"
+        assert job["ended_by"] == by
+        [kie_url] = job["result_urls"]
+        served = await _fetch(kie_url)
+        [kept] = job["files"]
+        base = daemon.url if by == "callback" else ""
+        assert kept["url"] == f"{base}/v1/jobs/{job_id}/files/0"
+        assert kept["kie_url"] == kie_url
+        assert kept["sha256"] == hashlib.sha256(served.content).hexdigest()
+        assert kept["size"] == len(served.content)
+        assert kept["content_type"] == served.headers["content-type"]
+        assert job["last_error"] is None
+
+        r = await http.get(f"/v1/jobs/{job_id}/files/0", headers=AUTH)
+        assert r.status_code == 200
+        assert r.content == served.content
+        assert r.headers["content-type"] == served.headers["content-type"]
+        etag = r.headers["etag"]
+        assert etag == f'"{kept["sha256"]}"'
+        r = await http.get(f"/v1/jobs/{job_id}/files/0", headers={**AUTH, "If-None-Match": etag})
+        assert (r.status_code, r.content) == (304, b"")
+        r = await http.get(f"/v1/jobs/{job_id}/files/0", headers={**AUTH, "Range": "bytes=2-5"})
+        assert r.status_code == 206
+        assert r.content == served.content[2:6]
+        assert r.headers["content-range"] == f"bytes 2-5/{len(served.content)}"
+        r = await http.get(f"/v1/jobs/{job_id}/files/0", headers={**AUTH, "Range": "bytes=-4"})
+        assert (r.status_code, r.content) == (206, served.content[-4:])
+        r = await http.get(f"/v1/jobs/{job_id}/files/0", headers={**AUTH, "Range": "bytes=100000-"})
+        assert r.status_code == 416
+        assert r.headers["content-range"] == f"bytes */{len(served.content)}"
+
+        assert (await http.get(f"/v1/jobs/{job_id}/files/0")).status_code == 401
+        assert (await http.get(f"/v1/jobs/{job_id}/files/1", headers=AUTH)).status_code == 404
+        assert (await http.get("/v1/jobs/no-such-job/files/0", headers=AUTH)).status_code == 404
+        assert await _metric(http, 'kied_archived_files_total{backend="dir"}') == 1
+        assert await _metric(http, 'kied_archived_bytes_total{backend="dir"}') == len(
+            served.content
+        )
+        events = (await http.get("/v1/events", headers=AUTH)).json()["events"]
+        types = [e["type"] for e in events if e["job"]["id"] == job_id]
+        assert types[-2:] == ["job.succeeded", "job.archived"]
+        assert events[-1]["job"]["files"] == [kept]
+    await daemon.shutdown()
+
+
+async def test_refused_addresses_leave_the_job_succeeded(settings, start_daemon, tmp_path, files):
+    files.routes["secret"] = [(200, {"Content-Type": "text/plain"}, b"internal", 0.0)]
+    daemon = await _start(start_daemon, settings, tmp_path)
+    async with daemon.client() as http:
+        loopback = await _track(http, "t-loopback")
+        await _callback(http, "t-loopback", [files.url("secret")])
+        job = await _archived(http, loopback, "failed")
+        assert job["state"] == "succeeded"
+        assert job["files"] == []
+        assert job["last_error"].startswith("archive refused: 127.0.0.1 resolves to 127.0.0.1")
+        metadata = await _track(http, "t-metadata")
+        await _callback(http, "t-metadata", ["http://169.254.169.254/latest/meta-data/"])
+        job = await _archived(http, metadata, "failed")
+        assert "metadata" in job["last_error"]
+        mapped = await _track(http, "t-mapped")
+        await _callback(http, "t-mapped", [f"http://[::ffff:127.0.0.1]:{files.port}/secret"])
+        assert "loopback" in (await _archived(http, mapped, "failed"))["last_error"]
+        r = await http.get(f"/v1/jobs/{loopback}/files/0", headers=AUTH)
+        assert r.status_code == 409
+        assert r.json()["archive"] == "failed"
+        assert await _metric(http, 'kied_archive_refusals_total{kind="loopback"}') == 2
+        assert await _metric(http, 'kied_archive_refusals_total{kind="metadata"}') == 1
+        assert await _metric(http, 'kied_archive_failures_total{reason="gave_up"}') == 3
+    assert files.seen == []  # nothing reached the internal server
+    await daemon.shutdown()
+
+
+async def test_a_file_announced_over_the_cap_is_refused_before_its_body(
+    settings, start_daemon, tmp_path, files
+):
+    huge = str(2 * 1000**3)
+    files.routes["huge"] = [(200, {"Content-Length": huge, "Content-Type": "video/mp4"}, b"", 5.0)]
+    daemon = await _start(start_daemon, settings, tmp_path, allow=("127.0.0.1",))
+    async with daemon.client() as http:
+        job_id = await _track(http, "t-huge")
+        await _callback(http, "t-huge", [files.url("huge")])
+        with trio.fail_after(3):  # long before the server would send any body
+            job = await _archived(http, job_id, "failed")
+        assert f"announces {huge} bytes, over {1024**3}" in job["last_error"]
+        assert await _metric(http, 'kied_archive_refusals_total{kind="too_large"}') == 1
+    assert files.seen == ["huge"]
+    assert not list((tmp_path / "archive").rglob("*.mp4"))
+    await daemon.shutdown()
+
+
+async def test_a_file_without_a_length_is_counted_while_streaming(
+    settings, start_daemon, tmp_path, files
+):
+    # No Content-Length: the body ends when the server closes the connection.
+    files.routes["endless"] = [(200, {"Content-Length": ""}, b"y" * 5000, 0.0)]
+    daemon = await _start(
+        start_daemon, settings, tmp_path, allow=("127.0.0.1",), archive_max_bytes=1000
+    )
+    async with daemon.client() as http:
+        job_id = await _track(http, "t-endless")
+        await _callback(http, "t-endless", [files.url("endless")])
+        job = await _archived(http, job_id, "failed")
+        assert "sent more than 1000 bytes" in job["last_error"]
+    assert not [p for p in (tmp_path / "archive").rglob("*") if p.is_file()]
+    await daemon.shutdown()
+
+
+async def test_a_file_that_expires_two_seconds_after_the_callback_is_kept(
+    settings, start_daemon, tmp_path, files
+):
+    body = bytes(range(256)) * 40
+    files.routes["short-lived.png"] = [(200, {"Content-Type": "image/png"}, body, 0.0)]
+    daemon = await _start(start_daemon, settings, tmp_path, allow=("127.0.0.1",))
+    async with daemon.client() as http:
+        job_id = await _track(http, "t-ttl")
+        t0 = trio.current_time()
+        await _callback(http, "t-ttl", [files.url("short-lived.png")])
+        with trio.fail_after(2):
+            job = await _archived(http, job_id)
+        files.routes["short-lived.png"] = [(404, {}, b"expired", 0.0)]
+        assert trio.current_time() - t0 < 2
+        assert job["files"][0]["sha256"] == hashlib.sha256(body).hexdigest()
+        r = await http.get(f"/v1/jobs/{job_id}/files/0", headers=AUTH)
+        assert r.content == body
+        assert (await _fetch(files.url("short-lived.png"))).status_code == 404
+    await daemon.shutdown()
