@@ -8,7 +8,7 @@ import hashlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httpcore
 import httpx
@@ -17,7 +17,7 @@ import trio
 from kied.archive._policy import host_allowed, refused_address, refused_url
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterable
+    from collections.abc import AsyncGenerator, Collection, Iterable
     from pathlib import Path
 
 __all__ = [
@@ -208,7 +208,9 @@ async def _save(response: httpx.Response, url: str, directory: Path, max_bytes: 
     fd, name = await trio.to_thread.run_sync(_new_file, directory)
     path = directory / name
     try:
-        async with contextlib.aclosing(response.aiter_bytes(_CHUNK)) as chunks:
+        # aiter_bytes is an async generator: closed here, also when the cap is hit.
+        body = cast("AsyncGenerator[bytes, None]", response.aiter_bytes(_CHUNK))
+        async with contextlib.aclosing(body) as chunks:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > max_bytes:
