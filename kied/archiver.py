@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from kied.settings import Settings
     from kied.store import JobStore
 
-__all__ = ["RETRY_SCHEDULE_S", "SCAN_S", "Archiver", "empty_trash", "files_url"]
+__all__ = ["RETRY_SCHEDULE_S", "Archiver", "empty_trash", "files_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ logger = logging.getLogger(__name__)
 #: last, kied gives up (``kied archive --retry-failed`` starts again). About 80 minutes in
 #: all: well within the 24 hours KIE keeps most files, and past most outages.
 RETRY_SCHEDULE_S: Final = (1.0, 2.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
-#: Storage is read for due work at least this often (work another leader left, retries).
-SCAN_S: Final = 30.0
 #: Jobs read from storage at once.
 _BATCH: Final = 100
 _STORE_RETRY_S: Final = 1.0
@@ -135,6 +133,10 @@ class Archiver:
         else:
             self._incoming = Path(tempfile.gettempdir()) / "kied-incoming"
 
+    def wake(self) -> None:
+        """Look at storage at once (jobs were deleted: their files go too)."""
+        self._wake.set()
+
     def job_changed(self, job: Job) -> None:
         """A job changed: wake at once when its files are pending."""
         if job.archive_state is ArchiveState.PENDING:
@@ -179,8 +181,8 @@ class Archiver:
         next_at = await self._store.next_archive_at()
         if next_at is None or next_at <= now:
             # Nothing pending, or only what runs now (its end wakes the loop).
-            return SCAN_S
-        return min(next_at - now, SCAN_S)
+            return self._settings.archive_scan_s
+        return min(next_at - now, self._settings.archive_scan_s)
 
     async def empty_trash(self) -> int:
         """Delete the files of jobs retention deleted; how many jobs' files went.

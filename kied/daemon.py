@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     import httpx
 
     from kied.archive import ArchiveBackend
+    from kied.archiver import Archiver
     from kied.pollers import PollerSupervisor
     from kied.store import ArchiveMode
 from kied.web import create_app
@@ -94,6 +95,7 @@ class Daemon:
         #: where result files are kept; None: they are not
         self.archive = archive
         self._archive_transport = archive_transport
+        self._archiver: Archiver | None = None
         self.journal = journal
         self._webhook_transport = webhook_transport
         self.now = now
@@ -305,6 +307,7 @@ class Daemon:
                                     retention=Retention.of(self.settings),
                                     now=self.now,
                                     metrics=self.metrics,
+                                    jobs_pruned=self._jobs_pruned,
                                 )
                             )
                     finally:
@@ -376,10 +379,16 @@ class Daemon:
             transport=self._archive_transport,
         )
         self.changes.listeners.append(archiver)
+        self._archiver = archiver
         try:
             await archiver.run()
         finally:
+            self._archiver = None
             self.changes.listeners.remove(archiver)
+
+    def _jobs_pruned(self) -> None:
+        if self._archiver is not None:
+            self._archiver.wake()
 
     async def run_job_listener(
         self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

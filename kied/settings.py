@@ -202,6 +202,9 @@ class Settings:
     archive_concurrency: int = 4
     #: ``job.succeeded`` is written once the job's files are kept (or kied gave up)
     notify_after_archive: bool = False
+    #: how often the leader reads storage for due archiving besides being woken (work a
+    #: previous leader or ``kied archive --retry-failed`` left, retries)
+    archive_scan_s: float = 30 * SECONDS
 
 
 ENVIRONMENT_HELP = """\

@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 import trio
 
+from kied.archive import DirArchive
+from kied.archiver import Archiver
+from kied.changes import JobChanges
+from kied.core.jobs import ArchiveState, EndedBy, EventKind, Job, JobId, JobState, Report
+from kied.core.schedule import CallbackHealth
 from kied.kie.simulator import SimulatorConfig, serve_simulator
+from kied.metrics import Metrics
 from kied.settings import DirArchiveSettings
-from tests.conftest import wait_for
+from kied.testing import MemoryStore, make_new_job
+from tests.conftest import PYTHON, wait_for
 from tests.procs import free_port
 
 if TYPE_CHECKING:
@@ -298,3 +306,218 @@ async def test_a_file_that_expires_two_seconds_after_the_callback_is_kept(
         assert r.content == body
         assert (await _fetch(files.url("short-lived.png"))).status_code == 404
     await daemon.shutdown()
+
+
+async def _event_types(http: httpx.AsyncClient, job_id: str) -> list[str]:
+    events = (await http.get("/v1/events", headers=AUTH)).json()["events"]
+    return [e["type"] for e in events if e["job"]["id"] == job_id]
+
+
+@pytest.mark.parametrize("after", [False, True])
+async def test_notify_after_archive_tells_the_success_once_the_files_are_kept(
+    settings, start_daemon, tmp_path, files, after
+):
+    body = b"slow file " * 100
+    files.routes["slow.png"] = [(200, {"Content-Type": "image/png"}, body, 0.6)]
+    daemon = await _start(
+        start_daemon, settings, tmp_path, allow=("127.0.0.1",), notify_after_archive=after
+    )
+    async with daemon.client() as http:
+        job_id = await _track(http, "t-notify")
+        await _callback(http, "t-notify", [files.url("slow.png")])
+        r = await http.get(f"/v1/jobs/{job_id}", headers=AUTH)
+        assert r.json()["state"] == "succeeded"
+        # the download takes 0.6 s
+        told = await _event_types(http, job_id)
+        assert told == (["job.created"] if after else ["job.created", "job.succeeded"])
+        await _archived(http, job_id)
+        assert await _event_types(http, job_id) == ["job.created", "job.succeeded", "job.archived"]
+        events = (await http.get("/v1/events", headers=AUTH)).json()["events"]
+        [succeeded] = [e for e in events if e["type"] == "job.succeeded"]
+        assert len(succeeded["job"]["files"]) == (1 if after else 0)
+    await daemon.shutdown()
+
+
+async def test_notify_after_archive_tells_the_success_when_kied_gives_up(
+    settings, start_daemon, tmp_path
+):
+    daemon = await _start(start_daemon, settings, tmp_path, notify_after_archive=True)
+    async with daemon.client() as http:
+        job_id = await _track(http, "t-refused")
+        await _callback(http, "t-refused", ["http://169.254.169.254/latest/meta-data/"])
+        await _archived(http, job_id, "failed")
+        assert await _event_types(http, job_id) == ["job.created", "job.succeeded"]
+        events = (await http.get("/v1/events", headers=AUTH)).json()["events"]
+        assert "metadata" in events[-1]["job"]["last_error"]
+    await daemon.shutdown()
+
+
+async def test_retention_deletes_the_files_with_the_job(settings, start_daemon, tmp_path, files):
+    files.routes["kept.png"] = [(200, {"Content-Type": "image/png"}, b"kept", 0.0)]
+    daemon = await _start(start_daemon, settings, tmp_path, allow=("127.0.0.1",))
+    async with daemon.client() as http:
+        job_id = await _track(http, "t-kept")
+        await _callback(http, "t-kept", [files.url("kept.png")])
+        await _archived(http, job_id)
+    await daemon.shutdown()
+    kept = tmp_path / "archive" / job_id / "0.png"
+    assert kept.read_bytes() == b"kept"
+    await trio.sleep(0.05)
+    # A leader that keeps ended jobs 10 ms prunes this one at once, and its files with it.
+    daemon = await _start(start_daemon, settings, tmp_path, job_retention_s=0.01)
+    async with daemon.client() as http:
+
+        async def gone() -> bool:
+            return not kept.parent.exists()
+
+        await wait_for(gone, within_s=5)
+        assert (await http.get(f"/v1/jobs/{job_id}", headers=AUTH)).status_code == 404
+    await daemon.shutdown()
+
+
+async def test_kied_archive_retry_failed(settings, start_daemon, tmp_path, files):
+    files.routes["late.png"] = [(404, {}, b"not yet", 0.0)]
+    files.routes["lost.png"] = [(200, {"Content-Type": "image/png"}, b"lost", 0.0)]
+    daemon = await _start(
+        start_daemon, settings, tmp_path, allow=("127.0.0.1",), archive_scan_s=0.2
+    )
+    async with daemon.client() as http:
+        failed = await _track(http, "t-late")
+        await _callback(http, "t-late", [files.url("late.png")])
+        await _archived(http, failed, "failed")
+        lost = await _track(http, "t-lost")
+        await _callback(http, "t-lost", [files.url("lost.png")])
+        await _archived(http, lost)
+        (tmp_path / "archive" / lost / "0.png").unlink()
+        assert (await http.get(f"/v1/jobs/{lost}/files/0", headers=AUTH)).status_code == 404
+        files.routes["late.png"] = [(200, {"Content-Type": "image/png"}, b"late", 0.0)]
+
+        result = await trio.run_process(
+            [
+                PYTHON,
+                "-m",
+                "kied",
+                "archive",
+                "--retry-failed",
+                "--database",
+                str(settings.store.path),
+                "--archive",
+                f"dir:{tmp_path / 'archive'}",
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            env=_plain_environment(),
+        )
+        out = result.stdout.decode()
+        assert f"failed: 1 job(s) marked to archive again\n  {failed}\n" in out
+        assert f"files missing: 1 job(s) marked to archive again\n  {lost}\n" in out
+        # the running leader finds them at its next scan
+        for job_id, content in ((failed, b"late"), (lost, b"lost")):
+            await _archived(http, job_id)
+            r = await http.get(f"/v1/jobs/{job_id}/files/0", headers=AUTH)
+            assert r.content == content
+    await daemon.shutdown()
+
+
+def _plain_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("KIED_", "KIE_"))}
+
+
+# ------------------------------------------------------------------ retries, in virtual time
+
+
+@dataclass
+class _Harness:
+    store: MemoryStore
+    archiver: Archiver
+    metrics: Metrics
+
+
+def _harness(settings: Settings, tmp_path: Path, transport: httpx.MockTransport) -> _Harness:
+    store = MemoryStore()
+    metrics = Metrics()
+
+    def now() -> float:
+        return 1_000_000.0 + trio.current_time()
+
+    changes = JobChanges(metrics=metrics, health=CallbackHealth(), now=now)
+    archiver = Archiver(
+        store=store,
+        backend=DirArchive(tmp_path / "archive"),
+        settings=replace(settings, archive=DirArchiveSettings(path=tmp_path / "archive")),
+        changes=changes,
+        metrics=metrics,
+        now=now,
+        transport=transport,
+    )
+    changes.listeners.append(archiver)
+    return _Harness(store=store, archiver=archiver, metrics=metrics)
+
+
+async def _succeed(harness: _Harness, url: str) -> JobId:
+    await harness.store.set_archive_mode("on")
+    job, _ = await harness.store.create_job(make_new_job(task_id="t-retry"))
+    report = Report(event=EventKind.SUCCEEDED, source=EndedBy.POLL, result_urls=(url,))
+    done = await harness.store.apply(job.id, report, now=1_000_000.0 + trio.current_time())
+    assert done is not None
+    return job.id
+
+
+async def test_network_and_5xx_failures_are_retried_with_back_off(
+    settings, tmp_path, nursery, autojump_clock
+):
+    # The download's file writes run in threads: the clock may only jump once they are done.
+    autojump_clock.autojump_threshold = 0.05
+    answers: list[int | None] = [None, 503, 502, 200]
+    asked_at: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked_at.append(trio.current_time())
+        status = answers.pop(0)
+        if status is None:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(status, content=b"PNG" * 100, headers={"Content-Type": "image/png"})
+
+    harness = _harness(settings, tmp_path, httpx.MockTransport(handler))
+    t0 = trio.current_time()
+    job_id = await _succeed(harness, "https://cdn.example/0.png")
+    await nursery.start(harness.archiver.run)
+
+    async def archived() -> Job | None:
+        job = await harness.store.get_job(job_id)
+        return job if job is not None and job.archive_state is ArchiveState.ARCHIVED else None
+
+    with trio.fail_after(60):
+        while True:
+            if await archived() is not None:
+                break
+            await trio.sleep(0.25)
+    # tried at once, then after 1, 2 and 5 s (RETRY_SCHEDULE_S)
+    assert [t - t0 for t in asked_at] == [0, 1, 3, 8]
+    job = await archived()
+    assert job is not None
+    assert job.state is JobState.SUCCEEDED
+    assert job.last_error is None
+    assert job.files[0].sha256 == hashlib.sha256(b"PNG" * 100).hexdigest()
+    assert (tmp_path / "archive" / job_id / "0.png").read_bytes() == b"PNG" * 100
+    text = harness.metrics.exposition().decode()
+    assert 'kied_archive_failures_total{reason="retry"} 3.0' in text
+
+
+async def test_a_gone_file_is_given_up_at_once_and_the_last_error_kept(
+    settings, tmp_path, nursery, autojump_clock
+):
+    autojump_clock.autojump_threshold = 0.05
+    transport = httpx.MockTransport(lambda request: httpx.Response(404, content=b"expired"))
+    harness = _harness(settings, tmp_path, transport)
+    job_id = await _succeed(harness, "https://cdn.example/0.png")
+    await nursery.start(harness.archiver.run)
+    with trio.fail_after(10):
+        while True:
+            job = await harness.store.get_job(job_id)
+            assert job is not None
+            if job.archive_state is ArchiveState.FAILED:
+                break
+            await trio.sleep(0.25)
+    assert job.last_error == "archive failed: cdn.example answered 404"
+    assert job.state is JobState.SUCCEEDED
