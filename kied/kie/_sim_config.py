@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 from kied._flags import FlagParser, parse_duration, parse_integer, parse_number
 from kied.errors import ConfigError
 from kied.kie._sim_faults import MalformedKind, StatusErrorKind
+from kied.kie._sim_files import MAX_FILE_SIZE
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-__all__ = ["SimulatorConfig", "parse_simulator_args"]
+__all__ = ["SimulatorConfig", "parse_byte_range", "parse_simulator_args"]
 
 SECONDS = 1.0
 
@@ -49,6 +51,10 @@ _FLAG: Final[Mapping[str, str]] = {
     "callback_concurrency": "--callback-concurrency",
     "graceful_timeout_s": "--graceful-timeout",
     "log_level": "--log-level",
+    "file_size": "--file-size",
+    "file_ttl_s": "--file-ttl",
+    "file_bytes_per_s": "--file-slow",
+    "file_fail_first": "--file-fail-first",
 }
 
 _FRACTIONS: Final = (
@@ -107,6 +113,15 @@ class SimulatorConfig:
     #: the whole stop, signal to exit, is bounded by this
     shutdown_grace_s: float = 10 * SECONDS
     log_level: str = "info"
+    #: result file sizes in bytes, drawn per file from [min, max]; ``None``: by type
+    #: (``_sim_files.DEFAULT_FILE_SIZES``)
+    file_size: tuple[int, int] | None = None
+    #: a result file answers 404 this long after its task ended (``math.inf``: never)
+    file_ttl_s: float = math.inf
+    #: result files are sent at this many bytes per second (``math.inf``: as fast as possible)
+    file_bytes_per_s: float = math.inf
+    #: the first N requests for each result file answer 503
+    file_fail_first: int = 0
 
     def __post_init__(self) -> None:
         if not self.host or any(c.isspace() for c in self.host):
@@ -146,6 +161,22 @@ class SimulatorConfig:
             _invalid("callback_retries", f"must be >= 0, got {self.callback_retries}")
         if self.callback_concurrency < 1:
             _invalid("callback_concurrency", f"must be >= 1, got {self.callback_concurrency}")
+        if self.file_size is not None:
+            low, high = self.file_size
+            if not (0 < low <= high <= MAX_FILE_SIZE):
+                _invalid(
+                    "file_size",
+                    f"must be BYTES or MIN-MAX with 0 < MIN <= MAX <= {MAX_FILE_SIZE}, "
+                    f"got {low}-{high}",
+                )
+        if not (self.file_ttl_s > 0):  # inf is fine, NaN is not
+            _invalid("file_ttl_s", f"must be a number of seconds > 0, got {self.file_ttl_s}")
+        if not (self.file_bytes_per_s > 0):
+            _invalid(
+                "file_bytes_per_s", f"must be bytes per second > 0, got {self.file_bytes_per_s}"
+            )
+        if self.file_fail_first < 0:
+            _invalid("file_fail_first", f"must be >= 0, got {self.file_fail_first}")
         if self.log_level not in _LOG_LEVELS:
             _invalid("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
 
@@ -177,13 +208,20 @@ KIE endpoints (all need "Authorization: Bearer <anything>"):
 Control endpoints:
   GET  /_sim/stats[?taskId=ID]          status queries, callbacks and timings per task
   POST /_sim/tasks/ID/complete          finish a task now; body {"fail": true} to fail it
-  GET  /_sim/files/ID/NAME              placeholder bytes behind the result URLs
+  GET  /_sim/files/ID/NAME              the result files behind the result URLs
   GET  /healthz
 
 A create request may pin its task with "X-Sim-Duration: SECONDS" and
 "X-Sim-Outcome: success|fail|stuck", and have its answer held back with
 "X-Sim-Create-Delay: SECONDS" (overrides --create-delay). Leave out callBackUrl
 to get no callbacks.
+
+Result files are real files of the type their name says (png, jpg/jpeg, mp4,
+mp3, wav; anything else is octet-stream), streamed with Content-Length; their
+size and bytes follow from the task id and name alone. Default sizes by type:
+png 1M-4M, jpg 200K-2M, mp4 4M-20M, mp3 3M-8M, wav 10M-40M, other 100K-1M.
+/_sim/stats counts the requests for each file (files: requests, refused,
+expired, served, bytes_sent).
 The listening URL is printed as one line: "kied simulate listening on URL".
 """
 
@@ -301,6 +339,30 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"callback POSTs in flight at once (default: {d.callback_concurrency})",
     )
+    files = p.add_argument_group("result files")
+    files.add_argument(
+        "--file-size",
+        metavar="BYTES|MIN-MAX",
+        help="size of each result file, fixed or drawn per file from [MIN, MAX]; K, M and G "
+        "suffixes are powers of 1024 (e.g. 1K-4K, 2G); a size below the smallest file of the "
+        "type is raised to it (default: by type, see below)",
+    )
+    files.add_argument(
+        "--file-ttl",
+        metavar="SECONDS",
+        help="a result file answers 404 once this many seconds have passed since its task "
+        "ended, as KIE's storage drops old results (default: never)",
+    )
+    files.add_argument(
+        "--file-slow",
+        metavar="BYTES_PER_S",
+        help="send result files at this rate (K, M, G suffixes allowed; default: unlimited)",
+    )
+    files.add_argument(
+        "--file-fail-first",
+        metavar="N",
+        help="the first N requests for each result file answer 503 (default: 0)",
+    )
     misc = p.add_argument_group("process")
     misc.add_argument(
         "--graceful-timeout",
@@ -380,4 +442,39 @@ def parse_simulator_args(argv: Sequence[str]) -> SimulatorConfig:
         kw["hmac_key"] = ns.hmac_key.encode()
     if ns.log_level is not None:
         kw["log_level"] = ns.log_level
+    if ns.file_size is not None:
+        kw["file_size"] = parse_byte_range("--file-size", ns.file_size)
+    if ns.file_ttl is not None:
+        kw["file_ttl_s"] = parse_number("--file-ttl", ns.file_ttl)
+    if ns.file_slow is not None:
+        kw["file_bytes_per_s"] = float(
+            parse_byte_range("--file-slow", ns.file_slow, single=True)[0]
+        )
+    if ns.file_fail_first is not None:
+        kw["file_fail_first"] = parse_integer("--file-fail-first", ns.file_fail_first)
     return SimulatorConfig(**kw)
+
+
+_UNITS: Final[Mapping[str, int]] = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_BYTES: Final = r"\s*(\d+)\s*([KMGkmg]?)\s*"
+
+
+def parse_byte_range(flag: str, text: str, *, single: bool = False) -> tuple[int, int]:
+    """``BYTES`` or ``MIN-MAX`` (``MIN-MAX`` only unless ``single``), K/M/G being 1024-powers.
+
+    Raises:
+        ConfigError: naming ``flag``, for anything else.
+    """
+
+    def value(digits: str, unit: str) -> int:
+        return int(digits) * _UNITS[unit.upper()]
+
+    if m := re.fullmatch(_BYTES, text):
+        n = value(m[1], m[2])
+        return n, n
+    if not single and (m := re.fullmatch(f"{_BYTES}-{_BYTES}", text)):
+        low, high = value(m[1], m[2]), value(m[3], m[4])
+        if low <= high:
+            return low, high
+    shape = "BYTES" if single else "BYTES or MIN-MAX with MIN <= MAX"
+    raise ConfigError(flag, f"must be {shape} (K, M, G suffixes allowed), not {text!r}")

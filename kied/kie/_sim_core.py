@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -22,6 +22,7 @@ import trio
 from kied.kie._sim_families import (
     FAMILIES,
     Family,
+    FileRequests,
     Reply,
     SimTask,
     Stage,
@@ -32,6 +33,7 @@ from kied.kie._sim_families import (
     status_data,
 )
 from kied.kie._sim_faults import MalformedKind, encode_callback, status_error_reply
+from kied.kie._sim_files import SimFile, sim_file
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -308,7 +310,7 @@ class Simulator:
         task.stuck = False
         wall = self._now()
         for stage in remaining:
-            self._apply(task, stage, wall)
+            self._apply(task, stage, wall, now_t)
         self._dispatch(task, remaining, now_t)
         return Reply.json({"tasks": {task.task_id: self._task_stats(task, now_t)}})
 
@@ -336,13 +338,17 @@ class Simulator:
             - ``callbacks_sent`` (POST attempts: retries and duplicates included),
               ``callbacks_delivered`` (answered 2xx), ``callbacks_given_up`` (out of retries),
               ``callbacks_dropped`` (withheld by ``drop``), ``callback_first_sent_at``,
-              ``callback_last_sent_at``, ``callback_first_delivered_at``.
+              ``callback_last_sent_at``, ``callback_first_delivered_at``;
+            - ``files``: per result file name asked for, ``requests`` (all of them),
+              ``refused`` (503, ``file_fail_first``), ``expired`` (404, ``file_ttl_s``),
+              ``served`` (bodies sent in full) and ``bytes_sent``.
 
             ``totals`` holds ``tasks`` and ``creates_answered`` (the tasks with
             ``create_answered``; ``tasks - creates_answered`` is how many the client never
             heard of), counts tasks by state (``pending``, ``success``, ``fail``), and sums
-            queries and callbacks over all tasks. To count the tasks one job made, group the
-            entries by ``callback_url`` (kied's carries the job id).
+            queries, callbacks, ``file_requests`` and ``file_bytes_sent`` over all tasks. To
+            count the tasks one job made, group the entries by ``callback_url`` (kied's
+            carries the job id).
         """
         now_t = trio.current_time()
         for task in self._tasks.values():
@@ -355,6 +361,7 @@ class Simulator:
         totals |= dict.fromkeys(
             ("status_queries", "status_errors", "callbacks_sent", "callbacks_delivered"), 0
         )
+        totals |= dict.fromkeys(("file_requests", "file_bytes_sent"), 0)
         for task in self._tasks.values():
             totals["tasks"] += 1
             totals["creates_answered"] += task.create_answered
@@ -363,6 +370,9 @@ class Simulator:
             totals["status_errors"] += task.status_errors
             totals["callbacks_sent"] += task.callbacks_sent
             totals["callbacks_delivered"] += task.callbacks_delivered
+            for counts in task.files.values():
+                totals["file_requests"] += counts.requests
+                totals["file_bytes_sent"] += counts.bytes_sent
         return {
             "tasks": {t.task_id: self._task_stats(t, now_t) for t in chosen},
             "totals": totals,
@@ -371,6 +381,30 @@ class Simulator:
     def has_task(self, task_id: str) -> bool:
         """Whether ``task_id`` was created here."""
         return task_id in self._tasks
+
+    def open_file(self, task_id: str, name: str) -> Reply | tuple[SimFile, FileRequests]:
+        """Answer ``GET /_sim/files/{task_id}/{name}``: the file to send, or the refusal.
+
+        Every request is counted (:meth:`stats`, ``files``). The answer is 404 for an unknown
+        task, 404 once ``file_ttl_s`` has passed since the task ended, 503 for the first
+        ``file_fail_first`` requests for the file; otherwise the file, with the counters the
+        sender reports its progress to (``bytes_sent``, then ``served`` once the whole body
+        has gone).
+        """
+        task = self._tasks.get(task_id)
+        if task is None:
+            return Reply.json({"error": "not found"}, http_status=404)
+        now_t = trio.current_time()
+        self._catch_up(task, now_t)
+        counts = task.files.setdefault(name, FileRequests())
+        counts.requests += 1
+        if task.ended_t is not None and now_t - task.ended_t >= self.config.file_ttl_s:
+            counts.expired += 1
+            return Reply.json({"error": "not found (expired)"}, http_status=404)
+        if counts.requests <= self.config.file_fail_first:
+            counts.refused += 1
+            return Reply(503, b"Service Unavailable", "text/plain")
+        return sim_file(task_id, name, self.config.file_size), counts
 
     # ---------------------------------------------------------------------------------------
     # Task lifecycle
@@ -444,17 +478,18 @@ class Simulator:
             if due_t > now_t:
                 break
             stage = task.plan[task.applied]
-            self._apply(task, stage, task.created_at + (due_t - task.created_t))
+            self._apply(task, stage, task.created_at + (due_t - task.created_t), due_t)
             applied.append(stage)
             last_due = due_t
         if applied:
             self._dispatch(task, tuple(applied), last_due)
             self._arm(task)
 
-    def _apply(self, task: SimTask, stage: Stage, wall: float) -> None:
+    def _apply(self, task: SimTask, stage: Stage, wall: float, at_t: float) -> None:
         task.applied += 1
         if stage in (Stage.SUCCESS, Stage.FAIL):
             task.completed_at = wall
+            task.ended_t = at_t
         task.stages_reported.append(stage.value)
         logger.debug(
             "[KIE_SIM] task %s -> %s",
@@ -574,4 +609,5 @@ class Simulator:
             "callback_first_sent_at": task.callback_first_sent_at,
             "callback_last_sent_at": task.callback_last_sent_at,
             "callback_first_delivered_at": task.callback_first_delivered_at,
+            "files": {name: asdict(counts) for name, counts in sorted(task.files.items())},
         }

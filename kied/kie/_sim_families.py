@@ -22,6 +22,7 @@ __all__ = [
     "Failure",
     "Family",
     "FamilySpec",
+    "FileRequests",
     "Reply",
     "SimTask",
     "Stage",
@@ -279,6 +280,22 @@ def plan_for(family: Family, *, success: bool) -> tuple[Stage, ...]:
     return (Stage.SUCCESS,) if success else (Stage.FAIL,)
 
 
+@dataclass(slots=True)
+class FileRequests:
+    """What happened to the requests for one result file."""
+
+    #: every request, answered or not
+    requests: int = 0
+    #: answered 503 (``--file-fail-first``)
+    refused: int = 0
+    #: answered 404 because the file had expired (``--file-ttl``)
+    expired: int = 0
+    #: bodies sent in full
+    served: int = 0
+    #: bytes of body sent, complete bodies or not
+    bytes_sent: int = 0
+
+
 @dataclass(slots=True, kw_only=True, eq=False)
 class SimTask:
     """One simulated KIE task: what was asked, what it will do, and what has happened so far."""
@@ -302,6 +319,8 @@ class SimTask:
     #: bumped when the plan is replaced, so that stale timer entries are ignored
     generation: int = 0
     completed_at: float | None = None
+    #: trio time of reaching success or fail (result files expire from here)
+    ended_t: float | None = None
     status_queries: int = 0
     status_errors: int = 0
     last_status_query_at: float | None = None
@@ -315,6 +334,8 @@ class SimTask:
     #: the create answer carrying the task id was sent in full (not cut short by the client)
     create_answered: bool = False
     stages_reported: list[str] = field(default_factory=list)
+    #: requests for the task's result files, by file name
+    files: dict[str, FileRequests] = field(default_factory=dict)
 
     @property
     def reached(self) -> Stage | None:

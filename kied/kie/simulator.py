@@ -18,7 +18,13 @@ Besides KIE's endpoints it serves a small control surface:
   matter (completion, first callback), so that tests and benchmarks can check what kied did;
   the fields are listed in :meth:`Simulator.stats`.
 - ``POST /_sim/tasks/{taskId}/complete`` with an optional ``{"fail": true}``: finish a task now.
-- ``GET /_sim/files/{taskId}/{name}``: placeholder bytes behind every result URL it hands out.
+- ``GET /_sim/files/{taskId}/{name}``: the result file behind every result URL it hands out:
+  a real file of the type the name's extension says (PNG, JPEG, MP4, MP3, WAV), its size and
+  bytes fixed by the task id and name (``_sim_files``), streamed chunk by chunk with
+  ``Content-Length``. ``--file-size`` sets the sizes, ``--file-ttl`` makes a file answer 404
+  some time after its task ended (as KIE's storage drops old results), ``--file-slow`` caps
+  the sending rate and ``--file-fail-first N`` answers the first N requests for each file
+  with 503; ``/_sim/stats`` counts the requests per file.
 - ``GET /healthz``.
 
 A create request may carry ``X-Sim-Duration: SECONDS`` and ``X-Sim-Outcome: success|fail|stuck``
@@ -57,14 +63,16 @@ from kied.kie._sim_config import SimulatorConfig as SimulatorConfig
 from kied.kie._sim_config import parse_simulator_args as parse_simulator_args
 from kied.kie._sim_core import Simulator as Simulator
 from kied.kie._sim_core import TaskOverrides as TaskOverrides
-from kied.kie._sim_families import FAMILIES
+from kied.kie._sim_families import FAMILIES, FileRequests
 from kied.kie._sim_families import Family as Family
 from kied.kie._sim_families import Reply as Reply
 from kied.kie._sim_faults import MalformedKind as MalformedKind
 from kied.kie._sim_faults import StatusErrorKind as StatusErrorKind
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+
+    from kied.kie._sim_files import SimFile
 
 __all__ = [
     "Family",
@@ -87,15 +95,6 @@ logger = logging.getLogger(__name__)
 # The web layer
 
 
-_PLACEHOLDER_TYPES: Final[Mapping[str, str]] = {
-    "png": "image/png",
-    "jpg": "image/jpeg",
-    "jpeg": "image/jpeg",
-    "mp4": "video/mp4",
-    "mp3": "audio/mpeg",
-}
-
-
 def _respond(reply: Reply) -> Response:
     return Response(
         reply.body,
@@ -116,6 +115,33 @@ def _respond_then(reply: Reply, sent: Callable[[], None]) -> Response:
 
     headers = dict(reply.headers) | {"Content-Length": str(len(reply.body))}
     return Response(body(), status=reply.status, content_type=reply.content_type, headers=headers)
+
+
+async def _file_body(
+    file: SimFile, counts: FileRequests, bytes_per_s: float
+) -> AsyncIterator[bytes]:
+    """The file's bytes, made chunk by chunk as the server asks, at most ``bytes_per_s``."""
+    start_t = trio.current_time()
+    sent = 0
+    chunks = file.chunks()
+    if math.isfinite(bytes_per_s):
+        # About 20 chunks a second, so that the rate holds over short spans too.
+        size = max(1024, int(bytes_per_s / 20))
+        chunks = _rechunk(chunks, size)
+    for chunk in chunks:
+        if math.isfinite(bytes_per_s):
+            await trio.sleep_until(start_t + (sent + len(chunk)) / bytes_per_s)
+        yield chunk
+        sent += len(chunk)
+        counts.bytes_sent += len(chunk)
+    # Quart asks for more only after sending the last chunk (see _respond_then).
+    counts.served += 1
+
+
+def _rechunk(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    for chunk in chunks:
+        for i in range(0, len(chunk), size):
+            yield chunk[i : i + size]
 
 
 _OUTCOMES: Final[Mapping[str, Literal["success", "fail", "stuck"]]] = {
@@ -219,11 +245,13 @@ def create_app(sim: Simulator) -> QuartTrio:
 
     @app.get("/_sim/files/<task_id>/<name>")
     async def files(task_id: str, name: str) -> Response:
-        if not sim.has_task(task_id):
-            return _respond(Reply.json({"error": "not found"}, http_status=404))
-        content_type = _PLACEHOLDER_TYPES.get(name.rpartition(".")[2], "application/octet-stream")
-        body = f"kied simulate placeholder for {task_id}/{name}\n".encode()
-        return _respond(Reply(200, body, content_type))
+        answer = sim.open_file(task_id, name)
+        if isinstance(answer, Reply):
+            return _respond(answer)
+        file, counts = answer
+        body = _file_body(file, counts, sim.config.file_bytes_per_s)
+        headers = {"Content-Length": str(file.size), "Cache-Control": "no-store"}
+        return Response(body, status=200, content_type=file.content_type, headers=headers)
 
     @app.get("/healthz")
     async def healthz() -> Response:
