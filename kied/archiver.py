@@ -88,6 +88,11 @@ async def empty_trash(store: JobStore, backend: ArchiveBackend, *, timeout_s: fl
             return done
 
 
+def _remove_partial_downloads(directory: Path) -> None:
+    for leftover in directory.glob(".download-*"):
+        leftover.unlink(missing_ok=True)
+
+
 def files_url(public_url: str | None, job_id: str, n: int) -> str:
     """Where kied serves a job's ``n``-th file: absolute with a public URL, else a path."""
     return f"{(public_url or '').rstrip('/')}/v1/jobs/{job_id}/files/{n}"
@@ -158,6 +163,8 @@ class Archiver:
             ) as client,
             trio.open_nursery() as nursery,
         ):
+            # What a leader killed mid-download left; only the leader downloads.
+            await trio.to_thread.run_sync(_remove_partial_downloads, self._incoming)
             task_status.started()
             while True:
                 self._wake = trio.Event()

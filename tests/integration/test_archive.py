@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -23,11 +25,9 @@ from kied.metrics import Metrics
 from kied.settings import DirArchiveSettings
 from kied.testing import MemoryStore, make_new_job
 from tests.conftest import PYTHON, wait_for
-from tests.procs import free_port
+from tests.procs import free_port, kied, mode, read_url, stop, wait_until
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from kied.settings import Settings
     from tests.conftest import DaemonStarter, RunningDaemon
 
@@ -521,3 +521,94 @@ async def test_a_gone_file_is_given_up_at_once_and_the_last_error_kept(
             await trio.sleep(0.25)
     assert job.last_error == "archive failed: cdn.example answered 404"
     assert job.state is JobState.SUCCEEDED
+
+
+# ------------------------------------------------------------------ with the simulator's files
+
+
+async def test_a_file_that_fails_once_and_expires_after_two_seconds_is_kept(
+    settings, start_daemon, tmp_path, nursery
+):
+    config = SimulatorConfig(
+        port=0, duration_s=(0.1, 0.1), seed=4, file_ttl_s=2.0, file_fail_first=1
+    )
+    sim_url: str = await nursery.start(serve_simulator, config)
+    daemon = await _start(
+        start_daemon,
+        settings,
+        tmp_path,
+        allow=(f"127.0.0.1:{_port(sim_url)}",),
+        kie_base_url=sim_url,
+    )
+    async with daemon.client() as http:
+        r = await http.post(
+            "/v1/jobs", json={"model": "google/nano-banana", "input": {"prompt": "x"}}, headers=AUTH
+        )
+        job_id = r.json()["id"]
+        with trio.fail_after(2.5):
+            job = await _archived(http, job_id)
+        assert job["archive"]["attempts"] == 1  # the 503, then a retry 1 s later
+        [kept] = job["files"]
+        await trio.sleep(2.0)
+        assert (await _fetch(job["result_urls"][0])).status_code == 404  # expired at KIE
+        r = await http.get(f"/v1/jobs/{job_id}/files/0", headers=AUTH)
+        assert r.status_code == 200
+        assert hashlib.sha256(r.content).hexdigest() == kept["sha256"]
+        assert len(r.content) == kept["size"]
+    await daemon.shutdown()
+
+
+def test_a_leader_killed_mid_download_leaves_the_file_to_the_next(tmp_path: Path):
+    sim = kied(
+        "simulate",
+        *("--port", "0", "--duration", "0.2", "--seed", "6"),
+        *("--file-size", "600000", "--file-slow", "300000"),
+        env={},
+    )
+    daemons: dict[str, subprocess.Popen[str]] = {}
+    try:
+        sim_url = read_url(sim, stream="stdout")
+        env = {
+            "KIED_DATABASE_URL": str(tmp_path / "kied.db"),
+            "KIE_BASE_URL": sim_url,
+            "KIE_API_KEY": "k",
+            "KIED_ARCHIVE_ALLOW_HOSTS": f"127.0.0.1:{_port(sim_url)}",
+        }
+        for _ in range(2):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            daemons[url] = kied("serve", "--port", str(port), env=env)
+            wait_until(lambda url=url: mode(url) is not None)
+        leader = str(wait_until(lambda: next((u for u in daemons if mode(u) == "ACTIVE"), None)))
+        r = httpx.post(
+            f"{leader}/v1/jobs", json={"model": "m", "input": {"prompt": "p"}}, timeout=5
+        )
+        job_id = r.json()["id"]
+
+        def downloading() -> bool:
+            stats = httpx.get(f"{sim_url}/_sim/stats", timeout=5).json()
+            return bool(stats["totals"]["file_requests"])
+
+        wait_until(downloading, within_s=10)
+        daemons[leader].kill()  # kill -9 while the 2 s download is on its way
+        daemons[leader].wait(timeout=10)
+        [other] = [u for u in daemons if u != leader]
+
+        def archived() -> dict | None:
+            job = httpx.get(f"{other}/v1/jobs/{job_id}", timeout=5).json()
+            return job if (job.get("archive") or {}).get("state") == "archived" else None
+
+        job = wait_until(archived, within_s=15)
+        assert isinstance(job, dict)
+        assert mode(other) == "ACTIVE"
+        stats = httpx.get(f"{sim_url}/_sim/stats", timeout=5).json()["totals"]
+        assert stats["file_requests"] == 2
+        content = httpx.get(f"{other}/v1/jobs/{job_id}/files/0", timeout=5).content
+        assert len(content) == job["files"][0]["size"] == 600000
+        assert hashlib.sha256(content).hexdigest() == job["files"][0]["sha256"]
+        # the archive holds the one file: no partial download was left in its place
+        kept = [p for p in (tmp_path / "archive").rglob("*") if p.is_file()]
+        assert [p.relative_to(tmp_path / "archive").parts[0] for p in kept] == [job_id]
+    finally:
+        for proc in [*daemons.values(), sim]:
+            stop(proc)
