@@ -4,8 +4,8 @@ callbacks that arrive meanwhile.
 Starts ``kied simulate`` (files of ``--size``) and ``kied serve`` (SQLite, ``KIED_ARCHIVE=dir:``)
 as processes. Phase A sends ``--probe-rate`` authenticated callbacks a second (tracked jobs that
 fail: nothing to archive) for ``--probe-s`` seconds with nothing downloading: the callback
-answer's latency. Phase B submits ``--jobs`` jobs; the simulator calls back after
-``--duration`` and kied downloads each result file from it, while the same probe callbacks run.
+answer's latency. Phase B creates ``--jobs`` tasks at the simulator, tracked by kied; the simulator calls
+back after ``--duration`` and kied downloads each result file from it, while the same probe callbacks run.
 Prints JSON: callback → archived p50/p99 (kied's own ``ended_at`` and ``archived_at``), MB/s,
 kied's CPU share (of one core) during phase B, and the probe's p50/p99 in both phases.
 
@@ -72,19 +72,31 @@ async def _probe(
         await trio.sleep(1 / rate)
 
 
-async def _run(args: argparse.Namespace, url: str, pid: int) -> dict[str, object]:
+async def _run(args: argparse.Namespace, url: str, sim_url: str, pid: int) -> dict[str, object]:
     limits = httpx.Limits(max_connections=20)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, trust_env=False) as kied:
         quiet: list[float] = []
         await _probe(kied, "quiet", args.probe_rate, time.monotonic() + args.probe_s, quiet)
 
+        # Tasks are created at the simulator directly (kied's own createTask calls are held
+        # to KIE's rate limit, 20 per 10 s), and kied tracks them: their callbacks come to
+        # kied within --duration of their creation.
         job_ids = []
-        for i in range(args.jobs):
-            r = await kied.post(
-                "/v1/jobs", json={"model": "bench/model", "input": {"prompt": str(i)}}
-            )
-            assert r.status_code == 201, r.text
-            job_ids.append(r.json()["id"])
+        async with httpx.AsyncClient(base_url=sim_url, timeout=60, trust_env=False) as sim:
+            for i in range(args.jobs):
+                r = await sim.post(
+                    "/api/v1/jobs/createTask",
+                    json={
+                        "model": "bench/model",
+                        "callBackUrl": f"{url}/callbacks/kie?token={TOKEN}",
+                        "input": {"prompt": str(i)},
+                    },
+                    headers={"Authorization": "Bearer bench"},
+                )
+                task_id = r.json()["data"]["taskId"]
+                r = await kied.post("/v1/jobs", json={"task_id": task_id, "family": "market"})
+                assert r.status_code == 201, r.text
+                job_ids.append(r.json()["id"])
         cpu0, t0 = _cpu_s(pid), time.monotonic()
         busy: list[float] = []
         done: dict[str, dict] = {}
@@ -154,7 +166,9 @@ def main() -> None:
         cmd = [PYTHON, "-m", "kied", "serve", "--port", str(port)]
         kied, _ = start_and_wait(cmd, port, env, log=Path(tmp) / "kied.log")
         try:
-            result = trio.run(_run, args, f"http://127.0.0.1:{port}", kied.pid)
+            result = trio.run(
+                _run, args, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sim_port}", kied.pid
+            )
         finally:
             stop(kied)
             stop(sim)

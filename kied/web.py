@@ -577,7 +577,15 @@ async def _file_response(kept: ArchivedFile, path: Any) -> Response | tuple[dict
     """The file at ``path``: whole, or one byte range (``Range: bytes=…``; a request for
     several ranges gets the whole file, which HTTP allows), with its sha256 as ETag."""
     etag = f'"{kept.sha256}"'
-    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=3600"}
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, max-age=3600",
+        # The type is the sender's: a browser must neither guess another nor run the file
+        # as a page of kied's origin.
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    }
     given = request.headers.get("if-none-match")
     if given is not None:
         tags = {t.strip().removeprefix("W/") for t in given.split(",")}

@@ -202,7 +202,7 @@ async def _save(response: httpx.Response, url: str, directory: Path, max_bytes: 
         raise DownloadRefusedError(
             "too_large", f"{_host(url)} announces {announced} bytes, over {max_bytes}"
         )
-    content_type = response.headers.get("content-type", "application/octet-stream").strip()
+    content_type = _content_type(response.headers.get("content-type", ""))
     hasher = hashlib.sha256()
     size = 0
     fd, name = await trio.to_thread.run_sync(_new_file, directory)
@@ -228,6 +228,20 @@ async def _save(response: httpx.Response, url: str, directory: Path, max_bytes: 
     return Downloaded(
         path=path, sha256=hasher.hexdigest(), size=size, content_type=content_type, url=url
     )
+
+
+def _content_type(value: str) -> str:
+    """The sender's content type when it is a plain ``type/subtype[; params]`` of sensible
+    length, else ``application/octet-stream``: it is stored and served again as it is."""
+    value = value.strip()
+    if (
+        not 3 <= len(value) <= 200
+        or not value.isascii()
+        or not value.isprintable()
+        or "/" not in value.split(";", 1)[0]
+    ):
+        return "application/octet-stream"
+    return value
 
 
 def _host(url: str) -> str:

@@ -197,6 +197,7 @@ async def test_a_succeeded_jobs_files_are_archived_and_served(
         assert r.status_code == 200
         assert r.content == served.content
         assert r.headers["content-type"] == served.headers["content-type"]
+        assert r.headers["x-content-type-options"] == "nosniff"
         etag = r.headers["etag"]
         assert etag == f'"{kept["sha256"]}"'
         r = await http.get(f"/v1/jobs/{job_id}/files/0", headers={**AUTH, "If-None-Match": etag})

@@ -179,3 +179,16 @@ async def test_a_server_error_may_pass_and_a_missing_file_will_not(tmp_path: Pat
             with pytest.raises(DownloadFailedError) as info:
                 await download(client, "https://cdn.example/a", tmp_path, max_bytes=10)
             assert info.value.retry is retry
+
+
+async def test_odd_content_types_are_stored_as_octet_stream(tmp_path: Path):
+    sent = iter(["text/html\x7f", "x" * 300, "nonsense", "", "image/png; q=1"])
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(200, content=b"1", headers={"Content-Type": next(sent)})
+    )
+    async with open_download_client([], transport=transport) as client:
+        kept = [
+            (await download(client, "https://cdn.example/a", tmp_path, max_bytes=10)).content_type
+            for _ in range(5)
+        ]
+    assert kept == ["application/octet-stream"] * 4 + ["image/png; q=1"]
