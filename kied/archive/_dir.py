@@ -86,10 +86,11 @@ def _copy_atomically(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=".part-", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
+        os.close(fd)
+        # copyfile copies in the kernel where it can (sendfile, copy_file_range).
+        shutil.copyfile(source, temp_name)
+        with open(temp_name, "rb") as copied:
+            os.fsync(copied.fileno())
         os.replace(temp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):
