@@ -22,7 +22,7 @@ from kied.core.jobs import ArchiveState, EndedBy, EventKind, Job, JobId, JobStat
 from kied.core.schedule import CallbackHealth
 from kied.kie.simulator import SimulatorConfig, serve_simulator
 from kied.metrics import Metrics
-from kied.settings import DirArchiveSettings
+from kied.settings import DirArchiveSettings, PostgresStoreSettings
 from kied.testing import MemoryStore, make_new_job
 from tests.conftest import PYTHON, wait_for
 from tests.procs import free_port, kied, mode, read_url, stop, wait_until
@@ -425,6 +425,38 @@ async def test_kied_archive_retry_failed(settings, start_daemon, tmp_path, files
 
 def _plain_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("KIED_", "KIE_"))}
+
+
+async def test_on_postgresql_too(settings, start_daemon, tmp_path, files, pg_url):
+    files.routes["pg.png"] = [(200, {"Content-Type": "image/png"}, b"on postgres", 0.0)]
+    daemon = await _start(
+        start_daemon,
+        settings,
+        tmp_path,
+        allow=("127.0.0.1",),
+        store=PostgresStoreSettings(url=pg_url),
+        notify_after_archive=True,
+    )
+    async with daemon.client() as http:
+        job_id = await _track(http, "t-pg")
+        await _callback(http, "t-pg", [files.url("pg.png")])
+        job = await _archived(http, job_id)
+        assert job["files"][0]["size"] == len(b"on postgres")
+        r = await http.get(f"/v1/jobs/{job_id}/files/0", headers=AUTH)
+        assert r.content == b"on postgres"
+        assert await _event_types(http, job_id) == ["job.created", "job.succeeded", "job.archived"]
+    await daemon.shutdown()
+
+
+def test_a_bad_or_unavailable_archive_stops_kied_serve_with_one_line(tmp_path: Path):
+    for value, named in (("bogus", "--archive"), ("s3://bucket/prefix", "KIED_ARCHIVE")):
+        proc = kied(
+            "serve", "--port", "0", "--database", str(tmp_path / "kied.db"), "--archive", value
+        )
+        assert proc.wait(timeout=30) == 2
+        last = proc.stderr.read().strip().splitlines()[-1]  # type: ignore[union-attr]
+        stop(proc)
+        assert last.startswith(f"kied: {named}: ")
 
 
 # ------------------------------------------------------------------ retries, in virtual time
