@@ -50,6 +50,8 @@ class JobChanges:
         self._per_job: dict[JobId, trio.Event] = {}
         self._any = trio.Event()
         self.listener: ChangeListener | None = None
+        #: others who act on every change (the archiver), besides ``listener``
+        self.listeners: list[ChangeListener] = []
 
     def wrote(self, job: Job, *, ended: bool) -> None:
         """This instance has just written a change of ``job`` (``job`` as written).
@@ -91,6 +93,8 @@ class JobChanges:
         self._any = trio.Event()
         if self.listener is not None:
             self.listener.job_changed(job)
+        for listener in self.listeners:
+            listener.job_changed(job)
 
     def next_change(self, job_id: JobId | None = None) -> trio.Event:
         """An event set at the next change of ``job_id`` (of any job when None) seen here.

@@ -26,8 +26,10 @@ import trio
 from kied import __version__
 from kied.errors import ConfigError, StoreError, StoreMisconfiguredError
 from kied.settings import (
+    DirArchiveSettings,
     FileLockSettings,
     PostgresStoreSettings,
+    S3ArchiveSettings,
     Settings,
     SqliteStoreSettings,
     check_exposure,
@@ -60,6 +62,8 @@ commands:
   demo              a simulator and a daemon in one process, N jobs, one table (kied demo --help)
   prune             delete now what the retention settings no longer keep, from the database
                     kied serve uses: kied prune [--dry-run] (kied prune --help)
+  archive           archive again the result files of jobs whose archiving failed or whose
+                    files are missing: kied archive --retry-failed (kied archive --help)
 """
 
 
@@ -91,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo(rest)
     if command == "prune":
         return _prune(rest)
+    if command == "archive":
+        return _archive(rest)
     print(f"kied: unknown command {command!r}\n\n{_COMMANDS}", file=sys.stderr)
     return 2
 
@@ -248,6 +254,8 @@ def secrets_of(settings: Settings) -> list[str]:
         found += [encoded, "whsec_" + encoded]
     if isinstance(settings.store, PostgresStoreSettings):
         found += _database_passwords(settings.store.url)
+    if isinstance(settings.archive, S3ArchiveSettings):
+        found += [settings.archive.secret_access_key, settings.archive.session_token]
     return [secret for secret in found if secret]
 
 
@@ -276,12 +284,18 @@ def _serve(argv: Sequence[str]) -> int:
         logger.warning("[HTTP] %s", open_warning)
     failure: OSError | None = None
     misconfigured: StoreMisconfiguredError | None = None
+    unavailable: ConfigError | None = None
     try:
         trio.run(_serve_async, settings)
+    except* ConfigError as group:
+        unavailable = _first_leaf(group)
     except* StoreMisconfiguredError as group:
         misconfigured = _first_leaf(group)
     except* OSError as group:
         failure = _first_leaf(group)
+    if unavailable is not None:
+        print(f"kied: {unavailable}", file=sys.stderr)
+        return 2
     if misconfigured is not None:
         # Permanent: exit 2, which systemd does not restart (RestartPreventExitStatus=2).
         print(f"kied: {_database_problem(settings, misconfigured)}", file=sys.stderr)
@@ -345,6 +359,9 @@ def _check_data_directories(settings: Settings) -> None:
         _check_writable(store.path, "KIED_DATABASE_URL")
     if isinstance(settings.lock, FileLockSettings):
         _check_writable(settings.lock.path, "KIED_LOCK")
+    if isinstance(settings.archive, DirArchiveSettings):
+        # A file in the directory: the directory itself is made and probed.
+        _check_writable(settings.archive.path / ".probe", "KIED_ARCHIVE")
 
 
 def _check_writable(path: Path, setting: str) -> None:
@@ -523,7 +540,83 @@ async def _prune_async(
             found = await store.count_prunable(kind, before=before)
             deleted = None if dry_run else await prune_kind(store, kind, before=before)
             rows.append((kind, kept_s, found, deleted))
+        if not dry_run and settings.archive is not None:
+            # The deleted jobs' kept files go with them.
+            from kied.archive import open_archive
+            from kied.archiver import empty_trash
+
+            async with open_archive(settings.archive) as archive:
+                assert archive is not None
+                await empty_trash(store, archive, timeout_s=30.0)
     return rows
+
+
+def _archive(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kied archive",
+        description=(
+            "Mark for archiving again the succeeded jobs whose result files kied gave up on,"
+            " and those whose kept files are missing from the archive (KIED_ARCHIVE). The"
+            " leader of a running kied picks them up within 30 s; one started later does"
+            " at once."
+        ),
+    )
+    parser.add_argument(
+        "--retry-failed", action="store_true", required=True, help="archive those jobs again"
+    )
+    parser.add_argument("--database", help="database URL or SQLite path (KIED_DATABASE_URL)")
+    parser.add_argument("--archive", help="dir:PATH, s3://BUCKET/PREFIX or none (KIED_ARCHIVE)")
+    args = parser.parse_args(list(argv))
+    flags = [] if args.database is None else ["--database", args.database]
+    flags += [] if args.archive is None else ["--archive", args.archive]
+    try:
+        settings = load_settings(os.environ, flags)
+        if settings.archive is None:
+            raise ConfigError("KIED_ARCHIVE", "archiving is off (none): there is nothing to retry")
+        configure_logging("WARNING", settings.log_format, secrets=secrets_of(settings))
+        failed, missing = trio.run(_archive_async, settings)
+    except ConfigError as exc:
+        print(f"kied: {exc}", file=sys.stderr)
+        return 2
+    except (StoreError, OSError) as exc:
+        print(f"kied archive: {exc}", file=sys.stderr)
+        return 1
+    print(f"failed: {len(failed)} job(s) marked to archive again")
+    for job_id in failed:
+        print(f"  {job_id}")
+    print(f"files missing: {len(missing)} job(s) marked to archive again")
+    for job_id in missing:
+        print(f"  {job_id}")
+    return 0
+
+
+async def _archive_async(settings: Settings) -> tuple[list[str], list[str]]:
+    """Mark failed jobs, and archived jobs with a missing file, pending; their ids."""
+    import time
+
+    from kied.archive import open_archive
+    from kied.core.jobs import ArchiveState
+    from kied.store import open_store
+
+    now = time.time()
+    async with (
+        open_archive(settings.archive) as archive,
+        open_store(settings.store, cleanup_s=settings.cleanup_s) as store,
+    ):
+        assert archive is not None
+        failed = await store.retry_archives(None, now=now)
+        lacking = []
+        for job in await store.list_jobs(states=["succeeded"], limit=1_000_000):
+            if job.archive_state is not ArchiveState.ARCHIVED:
+                continue
+            for kept in job.files:
+                with trio.fail_after(30):
+                    present = await archive.exists(kept.key)
+                if not present:
+                    lacking.append(job.id)
+                    break
+        missing = await store.retry_archives(lacking, now=now) if lacking else []
+    return list(failed), list(missing)
 
 
 if __name__ == "__main__":  # pragma: no cover

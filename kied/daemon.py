@@ -29,6 +29,7 @@ from kied import __version__
 from kied._backoff import Backoff
 from kied._sdnotify import SystemdNotifier, run_watchdog
 from kied.api import JobsService
+from kied.archive import open_archive
 from kied.changes import JobChanges
 from kied.core.jobs import JobId
 from kied.core.schedule import CallbackHealth
@@ -51,7 +52,10 @@ if TYPE_CHECKING:
 
     import httpx
 
+    from kied.archive import ArchiveBackend
+    from kied.archiver import Archiver
     from kied.pollers import PollerSupervisor
+    from kied.store import ArchiveMode
 from kied.web import create_app
 
 __all__ = ["Daemon", "Mode", "hypercorn_config", "run"]
@@ -84,8 +88,14 @@ class Daemon:
         store: JobStore | None = None,
         webhook_transport: httpx.AsyncBaseTransport | None = None,
         journal: CallbackJournal | None = None,
+        archive: ArchiveBackend | None = None,
+        archive_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
+        #: where result files are kept; None: they are not
+        self.archive = archive
+        self._archive_transport = archive_transport
+        self._archiver: Archiver | None = None
         self.journal = journal
         self._webhook_transport = webhook_transport
         self.now = now
@@ -147,6 +157,13 @@ class Daemon:
             settings = self.settings
             budget = max(settings.cleanup_s, settings.shutdown_grace_s - 2 * settings.cleanup_s)
             self._supervisor.stop_creating(trio.current_time() + budget)
+
+    @property
+    def archive_mode(self) -> ArchiveMode:
+        """Whether succeeded jobs' files are archived, and their success told after."""
+        if self.archive is None:
+            return "off"
+        return "notify-after" if self.settings.notify_after_archive else "on"
 
     def _callback_seen(self, authenticated: bool) -> None:
         if authenticated:
@@ -231,6 +248,7 @@ class Daemon:
         while True:
             try:
                 async with open_store(self.settings.store) as store:
+                    await store.set_archive_mode(self.archive_mode)
                     self._store = store
                     self._store_failed = False
                     self._store_ready.set()
@@ -281,6 +299,7 @@ class Daemon:
                             nursery.start_soon(leader.watch)
                             nursery.start_soon(self.run_pollers, store)
                             nursery.start_soon(self.run_webhooks, store)
+                            nursery.start_soon(self.run_archiver, store)
                             nursery.start_soon(
                                 partial(
                                     run_pruner,
@@ -288,6 +307,7 @@ class Daemon:
                                     retention=Retention.of(self.settings),
                                     now=self.now,
                                     metrics=self.metrics,
+                                    jobs_pruned=self._jobs_pruned,
                                 )
                             )
                     finally:
@@ -342,6 +362,33 @@ class Daemon:
             transport=self._webhook_transport,
         )
         await notifier.run()
+
+    async def run_archiver(self, store: JobStore) -> None:
+        """The leader's archiver (result files), when archiving is on, until cancelled."""
+        if self.archive is None:
+            return
+        from kied.archiver import Archiver
+
+        archiver = Archiver(
+            store=store,
+            backend=self.archive,
+            settings=self.settings,
+            changes=self.changes,
+            metrics=self.metrics,
+            now=self.now,
+            transport=self._archive_transport,
+        )
+        self.changes.listeners.append(archiver)
+        self._archiver = archiver
+        try:
+            await archiver.run()
+        finally:
+            self._archiver = None
+            self.changes.listeners.remove(archiver)
+
+    def _jobs_pruned(self) -> None:
+        if self._archiver is not None:
+            self._archiver.wake()
 
     async def run_job_listener(
         self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -468,8 +515,25 @@ async def _run(
     journal: CallbackJournal | None,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
-    daemon = Daemon(settings, now=now, kie_transport=kie_transport, journal=journal)
-    app = create_app(callbacks=daemon.callbacks, jobs=daemon.jobs, status=daemon, settings=settings)
+    async with open_archive(settings.archive) as archive:
+        if archive is not None:
+            logger.info("[ARCHIVE] result files kept in %s", archive.describe())
+        daemon = Daemon(
+            settings, now=now, kie_transport=kie_transport, journal=journal, archive=archive
+        )
+        await _serve_daemon(daemon, settings, stop=stop, task_status=task_status)
+
+
+async def _serve_daemon(
+    daemon: Daemon, settings: Settings, *, stop: trio.Event, task_status: trio.TaskStatus[list[str]]
+) -> None:
+    app = create_app(
+        callbacks=daemon.callbacks,
+        jobs=daemon.jobs,
+        status=daemon,
+        settings=settings,
+        archive=daemon.archive,
+    )
     http_done = trio.Event()
 
     async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:

@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
 from kied import __version__
+from kied.archive._policy import REFUSAL_KINDS
 from kied.core.callbacks import Outcome
 from kied.core.jobs import TERMINAL_STATES, EndedBy, JobState
 from kied.store import CallbackEffect
@@ -249,6 +250,41 @@ class Metrics:
         )
         for kind in ("jobs", "deliveries", "inbox", "events"):
             self._pruned.labels(kind=kind)
+        self._archived_files = Counter(
+            "kied_archived_files",
+            "Result files downloaded and stored, by archive backend (dir, s3).",
+            ["backend"],
+            registry=registry,
+        )
+        self._archived_bytes = Counter(
+            "kied_archived_bytes",
+            "Bytes of result files downloaded and stored, by archive backend.",
+            ["backend"],
+            registry=registry,
+        )
+        self._archive_failures = Counter(
+            "kied_archive_failures",
+            "Failed attempts at archiving a job's files: retry (tried again later),"
+            " gave_up (kept in last_error; kied archive --retry-failed).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("retry", "gave_up"):
+            self._archive_failures.labels(reason=reason)
+        self._archive_refusals = Counter(
+            "kied_archive_refusals",
+            "Result file downloads refused, by kind: scheme, metadata, loopback, private,"
+            " link_local, multicast, unspecified, reserved, too_large, redirects.",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in REFUSAL_KINDS:
+            self._archive_refusals.labels(kind=kind)
+        self._archive_pending = Gauge(
+            "kied_archive_pending",
+            "Succeeded jobs whose files are still to be archived (as the leader last saw).",
+            registry=registry,
+        )
         self._dropped = Counter(
             "kied_callbacks_dropped",
             "Callbacks answered 200 but kept nowhere, by why: rejected_budget (more"
@@ -339,6 +375,21 @@ class Metrics:
         if age is None:
             age = time.perf_counter() - self._created_at
         self._start_to_listen.set(age)
+
+    def file_archived(self, backend: str, size: int) -> None:
+        self._archived_files.labels(backend=backend).inc()
+        self._archived_bytes.labels(backend=backend).inc(size)
+
+    def archive_failed(self, reason: str) -> None:
+        """An archiving attempt failed: ``retry`` (tried again later), ``gave_up``."""
+        self._archive_failures.labels(reason=reason).inc()
+
+    def archive_refused(self, kind: str) -> None:
+        """A download was refused by the address, URL or size policy (``kind``)."""
+        self._archive_refusals.labels(kind=kind).inc()
+
+    def archives_pending(self, count: int) -> None:
+        self._archive_pending.set(count)
 
     def pruned(self, kind: str, count: int) -> None:
         """The pruner deleted ``count`` rows of ``kind`` (a ``PruneKind`` value)."""

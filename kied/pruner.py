@@ -139,6 +139,7 @@ async def run_pruner(
     retention: Retention,
     now: Callable[[], float],
     metrics: Metrics | None = None,
+    jobs_pruned: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A round at once, then every :data:`ROUND_S`, until cancelled.
@@ -148,6 +149,8 @@ async def run_pruner(
         retention: how long each kind is kept.
         now: the wall clock (Unix seconds).
         metrics: where ``kied_pruned_total{kind}`` is counted.
+        jobs_pruned: called after a round that deleted jobs (their kept files are then
+            listed in the store's archive trash, for the archiver).
 
     Cancellation: safe at any point; a batch is one transaction, done or not.
     Resource handling: holds nothing between batches.
@@ -163,6 +166,8 @@ async def run_pruner(
                 counts[kind] = await prune_kind(store, kind, before=now() - kept_s)
                 if metrics is not None:
                     metrics.pruned(kind.value, counts[kind])
+                if kind is PruneKind.JOBS and counts[kind] and jobs_pruned is not None:
+                    jobs_pruned()
         except StoreError as exc:
             logger.warning("[GEN] pruning failed, trying again later: %s", exc)
         logger.log(

@@ -24,12 +24,14 @@ if TYPE_CHECKING:
 __all__ = [
     "ENVIRONMENT_HELP",
     "TERMINAL_EVENTS",
+    "DirArchiveSettings",
     "FileLockSettings",
     "LogFormat",
     "NoLockSettings",
     "PgLockSettings",
     "PostgresStoreSettings",
     "ResubmitPolicy",
+    "S3ArchiveSettings",
     "Settings",
     "SqliteStoreSettings",
     "check_exposure",
@@ -43,7 +45,9 @@ SECONDS = 1.0
 MIB = 1024 * 1024
 #: the events webhooks tell of unless told otherwise: the ones that end a job
 TERMINAL_EVENTS: frozenset[str] = frozenset(
-    e.value for e in EventType if e not in (EventType.CREATED, EventType.SUBMITTED)
+    e.value
+    for e in EventType
+    if e not in (EventType.CREATED, EventType.SUBMITTED, EventType.ARCHIVED)
 )
 
 #: ``text``: plain lines; ``json``: one JSON object per line, for log shippers
@@ -88,6 +92,29 @@ class PgLockSettings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NoLockSettings:
     """No lock: this instance is always ACTIVE (tests, or one process that knows it is alone)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirArchiveSettings:
+    """Result files kept in a local directory (``KIED_ARCHIVE=dir:PATH``)."""
+
+    path: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class S3ArchiveSettings:
+    """Result files kept in an S3 bucket (``KIED_ARCHIVE=s3://bucket/prefix``), with the
+    usual AWS variables."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    #: how long a redirect to a file (a presigned URL) serves it
+    presign_expires_s: float = 300 * SECONDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,6 +189,22 @@ class Settings:
     journal_dir: Path | None = None
     #: bound on the journal's size (beyond: answered, counted, dropped)
     journal_max_bytes: int = 256 * MIB
+    #: where succeeded jobs' result files are kept; None: not kept (only KIE's URLs)
+    archive: DirArchiveSettings | S3ArchiveSettings | None = None
+    #: hosts (``host`` or ``host:port``, lower case) files may be downloaded from even
+    #: though they resolve to a loopback, private or otherwise internal address
+    archive_allow_hosts: frozenset[str] = frozenset()
+    #: bound on one result file (the announced length, and the bytes counted)
+    archive_max_bytes: int = 1024 * MIB
+    #: bound on downloading and storing one file, whatever its size
+    archive_file_timeout_s: float = 600 * SECONDS
+    #: files downloaded at once
+    archive_concurrency: int = 4
+    #: ``job.succeeded`` is written once the job's files are kept (or kied gave up)
+    notify_after_archive: bool = False
+    #: how often the leader reads storage for due archiving besides being woken (work a
+    #: previous leader or ``kied archive --retry-failed`` left, retries)
+    archive_scan_s: float = 30 * SECONDS
 
 
 ENVIRONMENT_HELP = """\
@@ -216,6 +259,18 @@ environment (flags win over the environment):
   KIED_JOURNAL_DIR     where callbacks wait while the database is down; default beside
                        the SQLite file, else $STATE_DIRECTORY when set, else ./var
   KIED_JOURNAL_MAX_BYTES    bound on that journal; default 268435456 (256 MiB)
+  KIED_ARCHIVE         where succeeded jobs' result files are kept: dir:PATH,
+                       s3://BUCKET/PREFIX (with AWS_ENDPOINT_URL, AWS_REGION,
+                       AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or
+                       none; default dir: an "archive" directory beside the SQLite file,
+                       none with PostgreSQL (instances share no disk)
+  KIED_ARCHIVE_ALLOW_HOSTS  hosts (host or host:port, comma-separated) files may be
+                       downloaded from although they are loopback or private addresses
+  KIED_ARCHIVE_MAX_BYTES    bound on one result file; default 1073741824 (1 GiB)
+  KIED_ARCHIVE_TIMEOUT seconds one file may take to download and store; default 600
+  KIED_ARCHIVE_CONCURRENCY  files downloaded at once; default 4
+  KIED_NOTIFY_AFTER_ARCHIVE 1: write job.succeeded (and its webhook) only once the
+                       job's files are kept, or kied gave up on them
 set by systemd:
   NOTIFY_SOCKET        where READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 are sent
   WATCHDOG_USEC        the watchdog timeout; kied pings at half of it (WATCHDOG_PID: for whom)
@@ -244,6 +299,7 @@ def serve_parser(prog: str = "kied serve") -> argparse.ArgumentParser:
     parser.add_argument(
         "--job-timeout", help="seconds before a job is timed_out (KIED_JOB_TIMEOUT)"
     )
+    parser.add_argument("--archive", help="dir:PATH, s3://BUCKET/PREFIX or none (KIED_ARCHIVE)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (KIED_LOG_LEVEL)")
     parser.add_argument("--log-format", help="text or json (KIED_LOG_FORMAT)")
     return parser
@@ -367,6 +423,18 @@ def load_settings(
     journal_max_bytes = (
         256 * MIB if journal_max_src is None else _count(*journal_max_src, low=64 * 1024)
     )
+    archive = _archive(pick(flags.archive, "KIED_ARCHIVE"), store, environ)
+    allow_src = pick(None, "KIED_ARCHIVE_ALLOW_HOSTS")
+    archive_allow_hosts = frozenset() if allow_src is None else _hosts(*allow_src)
+    max_src = pick(None, "KIED_ARCHIVE_MAX_BYTES")
+    archive_max_bytes = 1024 * MIB if max_src is None else _count(*max_src, low=1)
+    file_timeout_src = pick(None, "KIED_ARCHIVE_TIMEOUT")
+    archive_file_timeout_s = (
+        600.0 if file_timeout_src is None else _positive_seconds(*file_timeout_src)
+    )
+    concurrency_src = pick(None, "KIED_ARCHIVE_CONCURRENCY")
+    archive_concurrency = 4 if concurrency_src is None else _count(*concurrency_src, low=1)
+    notify_after_archive = _flag(pick(None, "KIED_NOTIFY_AFTER_ARCHIVE"))
     return Settings(
         host=host,
         port=port,
@@ -400,7 +468,74 @@ def load_settings(
         max_request_bytes=max_request_bytes,
         journal_dir=journal_dir,
         journal_max_bytes=journal_max_bytes,
+        archive=archive,
+        archive_allow_hosts=archive_allow_hosts,
+        archive_max_bytes=archive_max_bytes,
+        archive_file_timeout_s=archive_file_timeout_s,
+        archive_concurrency=archive_concurrency,
+        notify_after_archive=notify_after_archive,
     )
+
+
+def _archive(
+    src: tuple[str, str] | None,
+    store: SqliteStoreSettings | PostgresStoreSettings,
+    environ: Mapping[str, str],
+) -> DirArchiveSettings | S3ArchiveSettings | None:
+    if src is None:
+        if isinstance(store, PostgresStoreSettings):
+            return None  # instances share no local disk; choose s3:// or dir: explicitly
+        return DirArchiveSettings(path=store.path.with_name("archive"))
+    name, value = src
+    if value.lower() == "none":
+        return None
+    if value.startswith("dir:"):
+        path = value[len("dir:") :]
+        if not path:
+            raise ConfigError(name, f"dir:PATH needs a directory, not {value!r}")
+        return DirArchiveSettings(path=Path(os.path.abspath(path)))
+    if value.startswith("s3://"):
+        bucket, _, prefix = value[len("s3://") :].partition("/")
+        if not bucket or not all(c.isalnum() or c in ".-_" for c in bucket):
+            raise ConfigError(name, f"s3://BUCKET/PREFIX needs a bucket name, not {value!r}")
+        if ".." in prefix.split("/") or "\\" in prefix:
+            raise ConfigError(name, f"the prefix may not hold .. or backslashes: {value!r}")
+
+        def aws(*names: str) -> str | None:
+            for variable in names:
+                found = environ.get(variable, "").strip()
+                if found:
+                    return found
+            return None
+
+        endpoint = aws("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+        if endpoint is not None:
+            endpoint = _http_url(
+                "AWS_ENDPOINT_URL_S3" if environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL",
+                endpoint,
+            )
+        return S3ArchiveSettings(
+            bucket=bucket,
+            prefix=prefix.strip("/"),
+            endpoint_url=endpoint,
+            region=aws("AWS_REGION", "AWS_DEFAULT_REGION"),
+            access_key_id=aws("AWS_ACCESS_KEY_ID"),
+            secret_access_key=aws("AWS_SECRET_ACCESS_KEY"),
+            session_token=aws("AWS_SESSION_TOKEN"),
+        )
+    raise ConfigError(name, f"must be dir:PATH, s3://BUCKET/PREFIX or none, not {value!r}")
+
+
+def _hosts(name: str, value: str) -> frozenset[str]:
+    hosts = set()
+    for part in value.split(","):
+        host = part.strip().lower()
+        if not host:
+            continue
+        if "/" in host or "@" in host or " " in host:
+            raise ConfigError(name, f"must be host or host:port names, not {part.strip()!r}")
+        hosts.add(host)
+    return frozenset(hosts)
 
 
 def _port(name: str, value: str) -> int:

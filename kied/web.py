@@ -29,6 +29,8 @@ from kied.settings import is_loopback
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
+    from kied.archive import ArchiveBackend
+    from kied.core.jobs import ArchivedFile
     from kied.metrics import Metrics
     from kied.settings import Settings
     from kied.store import Delivery, DeliveryAttempt, Event, StoredCallback
@@ -74,6 +76,7 @@ def create_app(
     jobs: JobsService,
     status: DaemonStatus,
     settings: Settings,
+    archive: ArchiveBackend | None = None,
 ) -> QuartTrio:
     """Build the Quart-Trio app.
 
@@ -83,6 +86,8 @@ def create_app(
         status: answers ``/healthz``, ``/readyz`` and ``/metrics``, and counts callbacks'
             answers.
         settings: limits for callback bodies, and the API token.
+        archive: where result files are kept (``GET /v1/jobs/{id}/files/{n}``); None:
+            nowhere.
     """
     app = QuartTrio("kied")
     # The callback route bounds bodies itself; every other body is refused beyond this.
@@ -150,6 +155,8 @@ def create_app(
 
     _add_jobs_api(app, jobs, settings.api_token)
     _add_deliveries_api(app, jobs)
+    presign_s = getattr(settings.archive, "presign_expires_s", 300.0)
+    _add_files_api(app, jobs, archive, presign_s)
 
     @app.errorhandler(BadRequestError)
     async def bad_request(exc: BadRequestError) -> tuple[dict[str, Any], int]:
@@ -531,6 +538,108 @@ def _too_large(limit: int) -> tuple[dict[str, Any], int, dict[str, str]]:
         413,
         {"Connection": "close"},
     )
+
+
+def _add_files_api(
+    app: QuartTrio, jobs: JobsService, archive: ArchiveBackend | None, presign_s: float
+) -> None:
+    @app.get("/v1/jobs/<job_id>/files/<n>")
+    async def job_file(job_id: str, n: str) -> Response | tuple[dict[str, Any], int]:
+        job = await jobs.get(job_id)
+        if job is None:
+            return _not_found(job_id)
+        index = int(n) if n.isdigit() and len(n) < 6 else -1
+        if not 0 <= index < len(job.result_urls):
+            return {"error": "not found", "detail": f"job {job_id!r} has no file {n!r}"}, 404
+        kept = next((f for f in job.files if f.n == index), None)
+        if kept is None or archive is None:
+            state = None if job.archive_state is None else job.archive_state.value
+            return {
+                "error": "not archived",
+                "detail": f"file {index} of job {job_id!r} is not kept by kied"
+                + (f" (archive {state})" if state else " (archiving is off)"),
+                "archive": state,
+                "last_error": job.last_error,
+                "kie_url": job.result_urls[index],
+            }, 409
+        redirect = await archive.presign(
+            kept.key, expires_s=presign_s, content_type=kept.content_type
+        )
+        if redirect is not None:
+            return Response("", status=307, headers={"Location": redirect})
+        path_of = getattr(archive, "path_of", None)
+        if path_of is None:
+            return {"error": "not found", "detail": "the archive serves no local files"}, 404
+        return await _file_response(kept, path_of(kept.key))
+
+
+async def _file_response(kept: ArchivedFile, path: Any) -> Response | tuple[dict[str, Any], int]:
+    """The file at ``path``: whole, or one byte range (``Range: bytes=…``; a request for
+    several ranges gets the whole file, which HTTP allows), with its sha256 as ETag."""
+    etag = f'"{kept.sha256}"'
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, max-age=3600",
+        # The type is the sender's: a browser must neither guess another nor run the file
+        # as a page of kied's origin.
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    }
+    given = request.headers.get("if-none-match")
+    if given is not None:
+        tags = {t.strip().removeprefix("W/") for t in given.split(",")}
+        if etag in tags or "*" in tags:
+            return Response("", status=304, headers=headers)
+    try:
+        size = (await trio.Path(path).stat()).st_size
+    except OSError:
+        return {"error": "not found", "detail": "the file is missing from the archive"}, 404
+    start, end, status = 0, size - 1, 200
+    wanted = request.headers.get("range", "").strip()
+    if wanted and "," not in wanted:
+        parsed = _byte_range(wanted, size)
+        if parsed is None:
+            return Response("", status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+        start, end = parsed
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Type"] = kept.content_type
+    headers["Content-Length"] = str(end - start + 1)
+    response = Response(_read_file(path, start, end - start + 1), status=status, headers=headers)
+    response.timeout = None  # a large file takes as long as the client reads it
+    return response
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The first and last byte of ``Range: bytes=…`` (one range), or None when it cannot be
+    satisfied (or is not understood)."""
+    unit, _, spec = header.partition("=")
+    first, dash, last = spec.strip().partition("-")
+    if unit.strip().lower() != "bytes" or not dash:
+        return None
+    if not first.strip():  # the last N bytes
+        if not last.strip().isdigit() or int(last) == 0 or size == 0:
+            return None
+        return max(0, size - int(last)), size - 1
+    if not first.strip().isdigit() or (last.strip() and not last.strip().isdigit()):
+        return None
+    start = int(first)
+    end = int(last) if last.strip() else size - 1
+    if start >= size or end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+async def _read_file(path: Any, offset: int, length: int) -> AsyncIterator[bytes]:
+    async with await trio.open_file(path, "rb") as f:
+        await f.seek(offset)
+        while length > 0:
+            chunk = await f.read(min(length, 256 * 1024))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk
 
 
 def _bad(field: str, detail: str) -> tuple[dict[str, Any], int]:

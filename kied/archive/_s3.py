@@ -44,9 +44,11 @@ if TYPE_CHECKING:
 
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["S3Backend", "open_s3_backend"]
+__all__ = ["S3Backend", "describe_s3", "open_s3_backend"]
 
 _T = TypeVar("_T")
+
+_DEFAULT_REGION: Final = "us-east-1"
 
 MIB: Final = 1024 * 1024
 
@@ -130,7 +132,7 @@ class S3Backend:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
-        self.region = region or "us-east-1"
+        self.region = region or _DEFAULT_REGION
         self._secrets = tuple(
             s for s in (access_key_id, secret_access_key, session_token) if s and len(s) >= 4
         )
@@ -161,10 +163,7 @@ class S3Backend:
         self._limiter = trio.CapacityLimiter(threads)
 
     def describe(self) -> str:
-        where = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-        if self.endpoint_url is None:
-            return f"{where} in {self.region}"
-        return f"{where} at {_without_userinfo(self.endpoint_url)}"
+        return describe_s3(self.bucket, self.prefix, self.endpoint_url, self.region)
 
     def close(self) -> None:
         """Close the client's connections. Calls still in flight fail."""
@@ -328,6 +327,14 @@ class S3Backend:
         text = re.sub(r"(Signature|Credential|Security-Token)=[^&\s,]+", r"\1=***", text)
         # credentials in a URL's user part (an endpoint URL, for one)
         return re.sub(r"//[^/@\s]*@", "//", text)
+
+
+def describe_s3(bucket: str, prefix: str, endpoint_url: str | None, region: str | None) -> str:
+    """Where an S3 archive keeps files, for logs: no credentials in it."""
+    where = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    if endpoint_url is None:
+        return f"{where} in {region or _DEFAULT_REGION}"
+    return f"{where} at {_without_userinfo(endpoint_url)}"
 
 
 def _error_code(exc: Any) -> str:

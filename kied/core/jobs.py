@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIVE_STATES",
     "TERMINAL_STATES",
+    "ArchiveState",
+    "ArchivedFile",
     "EndedBy",
     "EventKind",
     "EventType",
@@ -78,6 +80,15 @@ class EventType(StrEnum):
     TIMED_OUT = "job.timed_out"
     CANCELLED = "job.cancelled"
     UPDATED = "job.updated"  # a late KIE outcome replaced timed_out
+    ARCHIVED = "job.archived"  # every result file of a succeeded job is kept by kied
+
+
+class ArchiveState(StrEnum):
+    """Where a succeeded job's result files stand (``None``: kied does not keep them)."""
+
+    PENDING = "pending"  # to be downloaded and stored, at ``archive_next_at``
+    ARCHIVED = "archived"  # every file is stored: ``files``
+    FAILED = "failed"  # kied gave up; ``last_error`` says why (``kied archive --retry-failed``)
 
 
 class EndedBy(StrEnum):
@@ -178,6 +189,20 @@ def is_late(state: JobState, event: EventKind) -> bool:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ArchivedFile:
+    """One result file kied downloaded and stored."""
+
+    n: int  # its place in the job's ``result_urls``
+    key: str  # where the archive keeps it (chosen by kied, never taken from the URL)
+    url: str  # where kied serves it: ``{public URL}/v1/jobs/{id}/files/{n}``
+    kie_url: str  # where KIE served it
+    sha256: str  # hex
+    size: int
+    content_type: str
+    archived_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NewJob:
     """A job as the application asks for it, before it is stored."""
 
@@ -230,6 +255,15 @@ class Job:
     #: last asked for the task's status to be confirmed with KIE; the leader's poller
     #: queries KIE once for each request newer than its last query
     confirm_requested_at: float | None = None
+    #: the result files kied keeps (``archive_state`` archived), in ``result_urls`` order
+    files: tuple[ArchivedFile, ...] = ()
+    archive_state: ArchiveState | None = None
+    #: failed tries at archiving since the last success or retry request
+    archive_attempts: int = 0
+    #: when archiving is next due (pending only)
+    archive_next_at: float | None = None
+    #: the event held back until the files are kept (``KIED_NOTIFY_AFTER_ARCHIVE``)
+    archive_owed_event: EventType | None = None
 
     @property
     def terminal(self) -> bool:

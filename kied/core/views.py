@@ -39,6 +39,20 @@ def job_view(job: Job) -> JsonObject:
         "task_id": job.task_id,
         "kie_state": job.kie_state,
         "result_urls": list(job.result_urls),
+        "files": [
+            {
+                "url": f.url,
+                "kie_url": f.kie_url,
+                "sha256": f.sha256,
+                "size": f.size,
+                "content_type": f.content_type,
+                "archived_at": iso(f.archived_at),
+            }
+            for f in job.files
+        ],
+        "archive": None
+        if job.archive_state is None
+        else {"state": job.archive_state.value, "attempts": job.archive_attempts},
         "error": error,
         "ended_by": job.ended_by.value if job.ended_by is not None else None,
         "late": job.late,

@@ -9,6 +9,7 @@ import trio
 
 from kied.errors import ConfigError
 from kied.settings import PostgresStoreSettings, SqliteStoreSettings
+from kied.store._base import ArchiveMode as ArchiveMode
 from kied.store._base import Attached as Attached
 from kied.store._base import CallbackEffect as CallbackEffect
 from kied.store._base import CallbackRecord as CallbackRecord
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 __all__ = [
+    "ArchiveMode",
     "Attached",
     "CallbackEffect",
     "CallbackRecord",

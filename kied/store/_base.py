@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
 
     from kied.core._json import JsonObject
-    from kied.core.jobs import Job, JobId, NewJob, Report, TaskId
+    from kied.core.jobs import ArchivedFile, Job, JobId, NewJob, Report, TaskId
 
 __all__ = [
+    "ArchiveMode",
     "Attached",
     "CallbackEffect",
     "CallbackRecord",
@@ -27,6 +28,11 @@ __all__ = [
     "PruneKind",
     "StoredCallback",
 ]
+
+
+#: ``off``: result files are not kept; ``on``: they are; ``notify-after``: they are, and a
+#: job's ``job.succeeded`` is written once they are kept (or kied gave up on them)
+ArchiveMode = Literal["off", "on", "notify-after"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,8 +336,8 @@ class JobStore(Protocol):
         end first, in one transaction; the ids of those deleted.
 
         An unfinished job is never deleted. Inbox rows matched to a deleted job keep
-        their row, with no match. The ids are for what lives outside the store with the
-        job (files kept for it) to go with it.
+        their row, with no match. A deleted job's kept files are listed in
+        :meth:`archive_trash`, in the same transaction.
         """
         ...
 
@@ -349,6 +355,58 @@ class JobStore(Protocol):
 
     async def count_prunable(self, kind: PruneKind, *, before: float) -> Prunable:
         """What pruning ``kind`` with ``before`` would delete now, in all batches."""
+        ...
+
+    # -- archived result files (the leader's archiver) -----------------------------------
+
+    async def set_archive_mode(self, mode: ArchiveMode) -> None:
+        """Whether jobs that succeed from now on are archived (``on``), and their
+        ``job.succeeded`` held back until then (``notify-after``), or not (``off``).
+
+        The mode is kept in storage, shared by every instance: the write that ends a job
+        marks it ``pending`` in the same transaction.
+        """
+        ...
+
+    async def due_archives(self, *, now: float, limit: int) -> list[Job]:
+        """Jobs whose files are pending and due by ``now``, the longest due first."""
+        ...
+
+    async def next_archive_at(self) -> float | None:
+        """When the next pending archiving is due; None when none is pending."""
+        ...
+
+    async def pending_archives(self) -> int:
+        """How many jobs have files pending."""
+        ...
+
+    async def finish_archive(
+        self, job_id: JobId, files: Sequence[ArchivedFile], *, now: float
+    ) -> Job | None:
+        """Record a pending job's kept files: ``archived``, with ``job.archived`` (after
+        the event held back for it, if any), in one transaction. None when the job is not
+        pending (a no-op)."""
+        ...
+
+    async def fail_archive(
+        self, job_id: JobId, error: str, *, next_at: float | None, now: float
+    ) -> Job | None:
+        """Record a failed try at a pending job's files in ``last_error``: try again at
+        ``next_at``, or give up (``failed``, and the event held back is written) when it
+        is None. None when the job is not pending (a no-op)."""
+        ...
+
+    async def retry_archives(self, job_ids: Collection[JobId] | None, *, now: float) -> list[JobId]:
+        """Archive again, now: these succeeded jobs (with result URLs, not pending), or
+        every ``failed`` one when ``job_ids`` is None; the ids marked pending."""
+        ...
+
+    async def archive_trash(self, *, limit: int) -> list[tuple[JobId, list[str]]]:
+        """Deleted jobs whose kept files are still to be deleted: their archive keys."""
+        ...
+
+    async def forget_archive_trash(self, job_ids: Collection[JobId]) -> None:
+        """These deleted jobs' files are gone from the archive."""
         ...
 
     # -- webhook deliveries (the leader's notifier) -------------------------------------

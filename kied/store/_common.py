@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Final, LiteralString
 
 from kied.core.auth import body_is_authenticated
 from kied.core.jobs import (
     TERMINAL_STATES,
+    ArchivedFile,
+    ArchiveState,
     EndedBy,
     EventKind,
     EventType,
@@ -25,17 +28,25 @@ from kied.core.views import job_view
 from kied.store._base import CallbackEffect, Event, InboxEntry, PruneKind, StoredCallback
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Mapping, Sequence
 
     from kied.core._json import JsonObject, JsonValue
 
 __all__ = [
+    "ARCHIVE_GIVE_UP",
+    "ARCHIVE_LATER",
+    "ARCHIVE_TRASH",
+    "BEGIN_ARCHIVE",
     "BEGIN_SUBMISSION",
     "CALLBACK_COLUMNS",
     "CONFIRMABLE_STATES",
     "COUNT_PRUNABLE",
+    "DUE_ARCHIVES",
     "END_SUBMISSION",
     "EVENT_COLUMNS",
+    "FINISH_ARCHIVE",
+    "FORGET_ARCHIVE_TRASH",
+    "INSERT_ARCHIVE_TRASH",
     "INSERT_EVENT",
     "JOB_COLUMNS",
     "JOURNALED_CALLBACK",
@@ -43,7 +54,9 @@ __all__ = [
     "LIST_CALLBACKS_FOR_TASK_AND_JOB",
     "LIST_EVENTS",
     "MAX_OTHER_TASKS",
+    "NEXT_ARCHIVE_AT",
     "NO_REPORT",
+    "PENDING_ARCHIVES",
     "PRUNE_DELIVERIES",
     "PRUNE_EVENTS",
     "PRUNE_INBOX",
@@ -51,6 +64,9 @@ __all__ = [
     "PRUNE_SIGNATURES",
     "REMEMBER_SIGNATURE",
     "REQUEST_CONFIRM",
+    "RETRY_ARCHIVE",
+    "RETRY_FAILED_ARCHIVES",
+    "SET_ARCHIVE_MODE",
     "SET_OTHER_TASKS",
     "WAITING_CALLBACK_COLUMNS",
     "apply_statements",
@@ -59,6 +75,8 @@ __all__ = [
     "entry_values",
     "event_from_row",
     "event_values",
+    "files_from_json",
+    "files_to_json",
     "for_psycopg",
     "job_from_row",
     "match_callback",
@@ -68,6 +86,7 @@ __all__ = [
     "other_tasks_value",
     "report_values",
     "stored_callback_from_row",
+    "trash_keys",
     "waiting_report",
 ]
 
@@ -76,7 +95,8 @@ JOB_COLUMNS: Final[LiteralString] = (
     "id, family, model, task_id, state, request, metadata, idempotency_key, created_at,"
     " updated_at, deadline_at, kie_state, result_urls, result, error_code, error_message,"
     " ended_by, ended_at, late, last_error, submit_sent_at, submit_count, submit_callback_url,"
-    " other_task_ids, confirm_requested_at"
+    " other_task_ids, confirm_requested_at, files, archive_state, archive_attempts,"
+    " archive_next_at, archive_owed_event"
 )
 CALLBACK_COLUMNS: Final[LiteralString] = (
     "id, received_at, body, body_size, content_type, query, remote, task_id, found_by, job_id,"
@@ -138,7 +158,66 @@ PRUNE_EVENTS: Final[LiteralString] = (
 # its attempts (ON DELETE CASCADE).
 PRUNE_JOBS: Final[LiteralString] = (
     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE ended_at < :before"
-    " AND state NOT IN ('submitting', 'pending') ORDER BY ended_at LIMIT :limit) RETURNING id"
+    " AND state NOT IN ('submitting', 'pending') ORDER BY ended_at LIMIT :limit)"
+    " RETURNING id, files"
+)
+#: A deleted job's kept files, for the pruner to delete from the archive.
+INSERT_ARCHIVE_TRASH: Final[LiteralString] = (
+    "INSERT INTO archive_trash (job_id, files) VALUES (:job_id, :files)"
+    " ON CONFLICT (job_id) DO NOTHING"
+)
+ARCHIVE_TRASH: Final[LiteralString] = (
+    "SELECT job_id, files FROM archive_trash ORDER BY job_id LIMIT :limit"
+)
+FORGET_ARCHIVE_TRASH: Final[LiteralString] = "DELETE FROM archive_trash WHERE job_id = :job_id"
+
+# Archiving. The mode ('off', 'on', 'notify-after') is kept in kied_state, where every
+# statement that ends a job sees it: a job that succeeds with result URLs while it is on
+# is marked pending, in the same transaction, and with 'notify-after' its event is held
+# back (archive_owed_event) until the files are kept or kied gives up on them.
+SET_ARCHIVE_MODE: Final[LiteralString] = (
+    "INSERT INTO kied_state (name, value) VALUES ('archive', :mode)"
+    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
+BEGIN_ARCHIVE: Final[LiteralString] = (
+    "UPDATE jobs SET archive_state = 'pending', archive_attempts = 0, archive_next_at = :now,"
+    " archive_owed_event = CASE WHEN (SELECT value FROM kied_state WHERE name = 'archive')"
+    " = 'notify-after' THEN :event ELSE NULL END"
+    " WHERE id = :id AND result_urls <> '[]'"
+    " AND (SELECT value FROM kied_state WHERE name = 'archive') IN ('on', 'notify-after')"
+    " RETURNING " + JOB_COLUMNS
+)
+DUE_ARCHIVES: Final[LiteralString] = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE archive_state = 'pending'"
+    " AND archive_next_at <= :now ORDER BY archive_next_at LIMIT :limit"
+)
+NEXT_ARCHIVE_AT: Final[LiteralString] = (
+    "SELECT MIN(archive_next_at) FROM jobs WHERE archive_state = 'pending'"
+)
+PENDING_ARCHIVES: Final[LiteralString] = "SELECT COUNT(*) FROM jobs WHERE archive_state = 'pending'"
+FINISH_ARCHIVE: Final[LiteralString] = (
+    "UPDATE jobs SET archive_state = 'archived', files = :files, archive_next_at = NULL,"
+    " archive_owed_event = NULL, last_error = NULL, updated_at = :now"
+    " WHERE id = :id AND archive_state = 'pending' RETURNING " + JOB_COLUMNS
+)
+ARCHIVE_LATER: Final[LiteralString] = (
+    "UPDATE jobs SET archive_attempts = archive_attempts + 1, last_error = :error,"
+    " archive_next_at = :next_at, updated_at = :now"
+    " WHERE id = :id AND archive_state = 'pending' RETURNING " + JOB_COLUMNS
+)
+ARCHIVE_GIVE_UP: Final[LiteralString] = (
+    "UPDATE jobs SET archive_attempts = archive_attempts + 1, last_error = :error,"
+    " archive_state = 'failed', archive_next_at = NULL, archive_owed_event = NULL,"
+    " updated_at = :now WHERE id = :id AND archive_state = 'pending' RETURNING " + JOB_COLUMNS
+)
+RETRY_FAILED_ARCHIVES: Final[LiteralString] = (
+    "UPDATE jobs SET archive_state = 'pending', archive_attempts = 0, archive_next_at = :now,"
+    " updated_at = :now WHERE archive_state = 'failed' RETURNING id"
+)
+RETRY_ARCHIVE: Final[LiteralString] = (
+    "UPDATE jobs SET archive_state = 'pending', archive_attempts = 0, archive_next_at = :now,"
+    " updated_at = :now WHERE id = :id AND state = 'succeeded' AND result_urls <> '[]'"
+    " AND (archive_state IS NULL OR archive_state <> 'pending') RETURNING id"
 )
 # Deliveries go by their own age, with the jobs' retention: a delivery is made when its
 # job changes, so it goes about when its job does, and the table has no index by job.
@@ -382,6 +461,11 @@ def job_from_row(row: Iterable[Any]) -> Job:
         submit_callback_url,
         other_task_ids,
         confirm_requested_at,
+        files,
+        archive_state,
+        archive_attempts,
+        archive_next_at,
+        archive_owed_event,
     ) = row
     return Job(
         id=JobId(job_id),
@@ -409,7 +493,29 @@ def job_from_row(row: Iterable[Any]) -> Job:
         submit_callback_url=submit_callback_url,
         other_task_ids=tuple(json.loads(other_task_ids)),
         confirm_requested_at=confirm_requested_at,
+        files=files_from_json(files),
+        archive_state=None if archive_state is None else ArchiveState(archive_state),
+        archive_attempts=archive_attempts,
+        archive_next_at=archive_next_at,
+        archive_owed_event=None if archive_owed_event is None else EventType(archive_owed_event),
     )
+
+
+def files_to_json(files: Sequence[ArchivedFile]) -> str:
+    """A job's ``files`` column."""
+    return json.dumps([asdict(f) for f in files], ensure_ascii=False, separators=(",", ":"))
+
+
+def files_from_json(text: str | None) -> tuple[ArchivedFile, ...]:
+    """The files in a ``files`` column (NULL: none)."""
+    if text is None:
+        return ()
+    return tuple(ArchivedFile(**record) for record in json.loads(text))
+
+
+def trash_keys(text: str) -> list[str]:
+    """The archive keys in an ``archive_trash.files`` column."""
+    return [f.key for f in files_from_json(text)]
 
 
 def entry_values(entry: InboxEntry) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import trio
 from kied.core.jobs import (
     ACTIVE_STATES,
     TERMINAL_STATES,
+    ArchivedFile,
+    ArchiveState,
     EndedBy,
     EventKind,
     EventType,
@@ -32,6 +34,7 @@ from kied.core.jobs import (
 from kied.core.views import job_view
 from kied.errors import ConflictError, StoreUnavailableError
 from kied.store._base import (
+    ArchiveMode,
     Attached,
     CallbackEffect,
     CallbackRecord,
@@ -154,6 +157,8 @@ class MemoryStore(JobStore):
         self._webhook_cursor = 0
         self._disabled: dict[str, str] = {}
         self._signatures: dict[str, float] = {}
+        self._archive_mode: ArchiveMode = "off"
+        self._trash: dict[JobId, list[str]] = {}
         self._closed = False
 
     async def _enter(self) -> None:
@@ -176,9 +181,38 @@ class MemoryStore(JobStore):
         if changed is None:
             return None
         kind = event_type(report.event, changed)
-        if kind is not None:
+        if (
+            report.event is EventKind.SUCCEEDED
+            and self._archive_mode != "off"
+            and changed.result_urls
+        ):
+            owed = kind if self._archive_mode == "notify-after" else None
+            changed = replace(
+                changed,
+                archive_state=ArchiveState.PENDING,
+                archive_attempts=0,
+                archive_next_at=now,
+                archive_owed_event=owed,
+            )
+        if kind is not None and changed.archive_owed_event is None:
             self._append_event(kind, changed, now)
         return self._set(changed)
+
+    def _end_archive(self, job_id: JobId, after: Job, now: float) -> Job:
+        before = self._jobs[job_id]
+        if after.archive_state is not ArchiveState.PENDING:
+            after = replace(after, archive_owed_event=None)
+            if before.archive_owed_event is not None:
+                self._append_event(before.archive_owed_event, after, now)
+            if after.archive_state is ArchiveState.ARCHIVED:
+                self._append_event(EventType.ARCHIVED, after, now)
+        return self._set(after)
+
+    def _pending_archive(self, job_id: JobId) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.archive_state is not ArchiveState.PENDING:
+            return None
+        return job
 
     def _append_event(self, kind: EventType, job: Job, now: float) -> None:
         self._cursor += 1
@@ -507,6 +541,8 @@ class MemoryStore(JobStore):
                 self._by_task.pop(job.task_id, None)
             if job.idempotency_key is not None:
                 self._by_key.pop(job.idempotency_key, None)
+            if job.files:
+                self._trash.setdefault(job_id, [f.key for f in job.files])
         gone = set(doomed)
         for row in self._inbox:
             if row.matched_job_id in gone:
@@ -688,6 +724,105 @@ class MemoryStore(JobStore):
     async def disabled_endpoints(self) -> dict[str, str]:
         await self._enter()
         return dict(self._disabled)
+
+    async def set_archive_mode(self, mode: ArchiveMode) -> None:
+        await self._enter()
+        self._archive_mode = mode
+
+    async def due_archives(self, *, now: float, limit: int) -> list[Job]:
+        await self._enter()
+        check_limit(limit)
+        due = [
+            j
+            for j in self._jobs.values()
+            if j.archive_state is ArchiveState.PENDING
+            and j.archive_next_at is not None
+            and j.archive_next_at <= now
+        ]
+        due.sort(key=lambda j: j.archive_next_at or 0.0)
+        return [_detached(j) for j in due[:limit]]
+
+    async def next_archive_at(self) -> float | None:
+        await self._enter()
+        times = [
+            j.archive_next_at
+            for j in self._jobs.values()
+            if j.archive_state is ArchiveState.PENDING and j.archive_next_at is not None
+        ]
+        return min(times, default=None)
+
+    async def pending_archives(self) -> int:
+        await self._enter()
+        return sum(1 for j in self._jobs.values() if j.archive_state is ArchiveState.PENDING)
+
+    async def finish_archive(
+        self, job_id: JobId, files: Sequence[ArchivedFile], *, now: float
+    ) -> Job | None:
+        await self._enter()
+        job = self._pending_archive(job_id)
+        if job is None:
+            return None
+        after = replace(
+            job,
+            archive_state=ArchiveState.ARCHIVED,
+            files=tuple(files),
+            archive_next_at=None,
+            last_error=None,
+            updated_at=now,
+        )
+        return self._end_archive(job_id, after, now)
+
+    async def fail_archive(
+        self, job_id: JobId, error: str, *, next_at: float | None, now: float
+    ) -> Job | None:
+        await self._enter()
+        job = self._pending_archive(job_id)
+        if job is None:
+            return None
+        after = replace(
+            job,
+            archive_attempts=job.archive_attempts + 1,
+            last_error=error,
+            archive_next_at=next_at,
+            archive_state=ArchiveState.FAILED if next_at is None else ArchiveState.PENDING,
+            updated_at=now,
+        )
+        return self._end_archive(job_id, after, now)
+
+    async def retry_archives(self, job_ids: Collection[JobId] | None, *, now: float) -> list[JobId]:
+        await self._enter()
+        if job_ids is None:
+            chosen = [j for j in self._jobs.values() if j.archive_state is ArchiveState.FAILED]
+        else:
+            chosen = [
+                j
+                for j in (self._jobs.get(i) for i in job_ids)
+                if j is not None
+                and j.state is JobState.SUCCEEDED
+                and j.result_urls
+                and j.archive_state is not ArchiveState.PENDING
+            ]
+        for job in chosen:
+            self._set(
+                replace(
+                    job,
+                    archive_state=ArchiveState.PENDING,
+                    archive_attempts=0,
+                    archive_next_at=now,
+                    updated_at=now,
+                )
+            )
+        return [j.id for j in chosen]
+
+    async def archive_trash(self, *, limit: int) -> list[tuple[JobId, list[str]]]:
+        await self._enter()
+        check_limit(limit)
+        return [(i, list(keys)) for i, keys in sorted(self._trash.items())[:limit]]
+
+    async def forget_archive_trash(self, job_ids: Collection[JobId]) -> None:
+        await self._enter()
+        for job_id in job_ids:
+            self._trash.pop(job_id, None)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

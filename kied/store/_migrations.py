@@ -184,6 +184,31 @@ CREATE INDEX callback_inbox_received_at ON callback_inbox (received_at);
 CREATE INDEX jobs_ended_at ON jobs (ended_at) WHERE ended_at IS NOT NULL;
 """
 
+# Result files kept by kied. A succeeded job with result URLs is marked pending when
+# archiving is on (kied_state 'archive', written by the daemon at start); the leader's
+# archiver downloads and stores the files, then writes them here (files: a JSON array),
+# with job.archived (and the job.succeeded it held back, with KIED_NOTIFY_AFTER_ARCHIVE).
+# A deleted job's files are listed in archive_trash until the pruner deleted them.
+_SQLITE_0006: Final[LiteralString] = """
+ALTER TABLE jobs ADD COLUMN files TEXT;                          -- JSON array, or NULL
+
+ALTER TABLE jobs ADD COLUMN archive_state TEXT
+    CHECK (archive_state IN ('pending', 'archived', 'failed'));
+
+ALTER TABLE jobs ADD COLUMN archive_attempts INTEGER NOT NULL DEFAULT 0;
+
+ALTER TABLE jobs ADD COLUMN archive_next_at REAL;
+
+ALTER TABLE jobs ADD COLUMN archive_owed_event TEXT;
+
+CREATE INDEX jobs_archive_due ON jobs (archive_next_at) WHERE archive_state = 'pending';
+
+CREATE TABLE archive_trash (
+    job_id          TEXT PRIMARY KEY,
+    files           TEXT NOT NULL                                -- JSON array
+);
+"""
+
 #: SQLite migrations, oldest first.
 SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (
     _SQLITE_0001,
@@ -191,6 +216,7 @@ SQLITE_MIGRATIONS: Final[tuple[LiteralString, ...]] = (
     _SQLITE_0003,
     _SQLITE_0004,
     _SQLITE_0005,
+    _SQLITE_0006,
 )
 
 # The same tables as SQLite's. JSON is kept as the text Python wrote, as in SQLite: jsonb
@@ -410,6 +436,37 @@ CREATE TRIGGER jobs_announce_update AFTER UPDATE ON jobs
     EXECUTE FUNCTION kied_announce_job();
 """
 
+# As _SQLITE_0006; a change of the files' state is announced, so that waiters on other
+# instances see job.archived.
+_POSTGRES_0006: Final[LiteralString] = """
+ALTER TABLE jobs ADD COLUMN files text;
+
+ALTER TABLE jobs ADD COLUMN archive_state text
+    CHECK (archive_state IN ('pending', 'archived', 'failed'));
+
+ALTER TABLE jobs ADD COLUMN archive_attempts integer NOT NULL DEFAULT 0;
+
+ALTER TABLE jobs ADD COLUMN archive_next_at double precision;
+
+ALTER TABLE jobs ADD COLUMN archive_owed_event text;
+
+CREATE INDEX jobs_archive_due ON jobs (archive_next_at) WHERE archive_state = 'pending';
+
+CREATE TABLE archive_trash (
+    job_id          text PRIMARY KEY,
+    files           text NOT NULL
+);
+
+DROP TRIGGER jobs_announce_update ON jobs;
+
+CREATE TRIGGER jobs_announce_update AFTER UPDATE ON jobs
+    FOR EACH ROW
+    WHEN ((OLD.state, OLD.task_id, OLD.kie_state, OLD.confirm_requested_at, OLD.archive_state)
+          IS DISTINCT FROM
+          (NEW.state, NEW.task_id, NEW.kie_state, NEW.confirm_requested_at, NEW.archive_state))
+    EXECUTE FUNCTION kied_announce_job();
+"""
+
 #: PostgreSQL migrations, oldest first.
 POSTGRES_MIGRATIONS: Final[tuple[LiteralString, ...]] = (
     _POSTGRES_0001,
@@ -417,6 +474,7 @@ POSTGRES_MIGRATIONS: Final[tuple[LiteralString, ...]] = (
     _POSTGRES_0003,
     _POSTGRES_0004,
     _POSTGRES_0005,
+    _POSTGRES_0006,
 )
 
 #: Migrations by dialect name.

@@ -26,6 +26,8 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from kied._pgconn import connection_info
 from kied.core.jobs import (
     ACTIVE_STATES,
+    ArchivedFile,
+    ArchiveState,
     EndedBy,
     EventKind,
     EventType,
@@ -45,6 +47,7 @@ from kied.errors import (
     StoreUnavailableError,
 )
 from kied.store._base import (
+    ArchiveMode,
     Attached,
     CallbackEffect,
     CallbackRecord,
@@ -56,18 +59,28 @@ from kied.store._base import (
     StoredCallback,
 )
 from kied.store._common import (
+    ARCHIVE_GIVE_UP,
+    ARCHIVE_LATER,
+    ARCHIVE_TRASH,
+    BEGIN_ARCHIVE,
     BEGIN_SUBMISSION,
     CALLBACK_COLUMNS,
     CONFIRMABLE_STATES,
     COUNT_PRUNABLE,
+    DUE_ARCHIVES,
     END_SUBMISSION,
+    FINISH_ARCHIVE,
+    FORGET_ARCHIVE_TRASH,
+    INSERT_ARCHIVE_TRASH,
     INSERT_EVENT,
     JOB_COLUMNS,
     JOURNALED_CALLBACK,
     LIST_CALLBACKS_FOR_JOB,
     LIST_CALLBACKS_FOR_TASK_AND_JOB,
     LIST_EVENTS,
+    NEXT_ARCHIVE_AT,
     NO_REPORT,
+    PENDING_ARCHIVES,
     PRUNE_DELIVERIES,
     PRUNE_EVENTS,
     PRUNE_INBOX,
@@ -75,6 +88,9 @@ from kied.store._common import (
     PRUNE_SIGNATURES,
     REMEMBER_SIGNATURE,
     REQUEST_CONFIRM,
+    RETRY_ARCHIVE,
+    RETRY_FAILED_ARCHIVES,
+    SET_ARCHIVE_MODE,
     SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
@@ -83,6 +99,7 @@ from kied.store._common import (
     entry_values,
     event_from_row,
     event_values,
+    files_to_json,
     for_psycopg,
     job_from_row,
     match_callback,
@@ -90,6 +107,7 @@ from kied.store._common import (
     other_tasks_value,
     report_values,
     stored_callback_from_row,
+    trash_keys,
     waiting_report,
 )
 from kied.store._deliveries import DeliveryMethods, DeliverySql
@@ -305,6 +323,19 @@ _INSERT_EVENT: Final[LiteralString] = for_psycopg(INSERT_EVENT)
 _LIST_EVENTS: Final[LiteralString] = for_psycopg(LIST_EVENTS)
 _PRUNE_EVENTS: Final[LiteralString] = for_psycopg(PRUNE_EVENTS)
 _PRUNE_JOBS: Final[LiteralString] = for_psycopg(PRUNE_JOBS)
+_INSERT_ARCHIVE_TRASH: Final[LiteralString] = for_psycopg(INSERT_ARCHIVE_TRASH)
+_ARCHIVE_TRASH: Final[LiteralString] = for_psycopg(ARCHIVE_TRASH)
+_FORGET_ARCHIVE_TRASH: Final[LiteralString] = for_psycopg(FORGET_ARCHIVE_TRASH)
+_SET_ARCHIVE_MODE: Final[LiteralString] = for_psycopg(SET_ARCHIVE_MODE)
+_BEGIN_ARCHIVE: Final[LiteralString] = for_psycopg(BEGIN_ARCHIVE)
+_DUE_ARCHIVES: Final[LiteralString] = for_psycopg(DUE_ARCHIVES)
+_NEXT_ARCHIVE_AT: Final[LiteralString] = for_psycopg(NEXT_ARCHIVE_AT)
+_PENDING_ARCHIVES: Final[LiteralString] = for_psycopg(PENDING_ARCHIVES)
+_FINISH_ARCHIVE: Final[LiteralString] = for_psycopg(FINISH_ARCHIVE)
+_ARCHIVE_LATER: Final[LiteralString] = for_psycopg(ARCHIVE_LATER)
+_ARCHIVE_GIVE_UP: Final[LiteralString] = for_psycopg(ARCHIVE_GIVE_UP)
+_RETRY_FAILED_ARCHIVES: Final[LiteralString] = for_psycopg(RETRY_FAILED_ARCHIVES)
+_RETRY_ARCHIVE: Final[LiteralString] = for_psycopg(RETRY_ARCHIVE)
 _PRUNE_DELIVERIES: Final[LiteralString] = for_psycopg(PRUNE_DELIVERIES)
 _PRUNE_INBOX: Final[LiteralString] = for_psycopg(PRUNE_INBOX)
 _COUNT_PRUNABLE: Final[Mapping[PruneKind, LiteralString]] = {
@@ -564,9 +595,58 @@ def _apply(conn: _Connection, job_id: JobId, report: Mapping[str, Any], now: flo
         return None
     job = job_from_row(row)
     kind = event_type(event, job)
-    if kind is not None:
+    if event is EventKind.SUCCEEDED:
+        params = {"id": job_id, "now": now, "event": None if kind is None else kind.value}
+        begun = conn.execute(_BEGIN_ARCHIVE, params).fetchone()
+        job = job if begun is None else job_from_row(begun)
+    if kind is not None and job.archive_owed_event is None:
         _append_event(conn, kind, job, now)
     return job
+
+
+def _end_archive(
+    conn: _Connection, job_id: JobId, sql: LiteralString, params: Mapping[str, Any]
+) -> Job | None:
+    _lock_events(conn)
+    row = conn.execute(_SELECT_JOB_FOR_UPDATE, {"id": job_id}).fetchone()
+    before = None if row is None else job_from_row(row)
+    if before is None or before.archive_state is not ArchiveState.PENDING:
+        return None
+    job = job_from_row(_one(conn.execute(sql, {**params, "id": job_id}).fetchone()))
+    if job.archive_state is ArchiveState.PENDING:
+        return job
+    if before.archive_owed_event is not None:
+        _append_event(conn, before.archive_owed_event, job, params["now"])
+    if job.archive_state is ArchiveState.ARCHIVED:
+        _append_event(conn, EventType.ARCHIVED, job, params["now"])
+    return job
+
+
+def _prune_jobs(conn: _Connection, params: Mapping[str, Any]) -> list[JobId]:
+    rows = conn.execute(_PRUNE_JOBS, params).fetchall()
+    for job_id, files in rows:
+        if files is not None and files != "[]":
+            conn.execute(_INSERT_ARCHIVE_TRASH, {"job_id": job_id, "files": files})
+    return [JobId(row[0]) for row in rows]
+
+
+def _retry_archives(
+    conn: _Connection, job_ids: Collection[JobId] | None, now: float
+) -> list[JobId]:
+    if job_ids is None:
+        rows = conn.execute(_RETRY_FAILED_ARCHIVES, {"now": now}).fetchall()
+        return [JobId(r[0]) for r in rows]
+    marked = []
+    for job_id in job_ids:
+        row = conn.execute(_RETRY_ARCHIVE, {"id": job_id, "now": now}).fetchone()
+        if row is not None:
+            marked.append(JobId(row[0]))
+    return marked
+
+
+def _forget_archive_trash(conn: _Connection, job_ids: Collection[JobId]) -> None:
+    for job_id in job_ids:
+        conn.execute(_FORGET_ARCHIVE_TRASH, {"job_id": job_id})
 
 
 def _lock_events(conn: _Connection) -> None:
@@ -1097,8 +1177,7 @@ class PostgresStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
     async def prune_jobs(self, *, before: float, limit: int) -> list[JobId]:
         check_limit(limit)
         params = {"before": before, "limit": limit}
-        rows = await self._write(partial(_fetch_all, _PRUNE_JOBS, params))
-        return [JobId(row[0]) for row in rows]
+        return await self._write(partial(_prune_jobs, params=params))
 
     async def prune_deliveries(self, *, before: float, limit: int) -> int:
         return await self._prune(_PRUNE_DELIVERIES, before=before, limit=limit)
@@ -1118,6 +1197,52 @@ class PostgresStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
         rows = await self._read(partial(_fetch_all, _COUNT_PRUNABLE[kind], {"before": before}))
         count, oldest = rows[0]
         return Prunable(count=count, oldest=oldest)
+
+    async def set_archive_mode(self, mode: ArchiveMode) -> None:
+        await self._write(partial(_execute, _SET_ARCHIVE_MODE, {"mode": mode}))
+
+    async def due_archives(self, *, now: float, limit: int) -> list[Job]:
+        check_limit(limit)
+        params = {"now": now, "limit": limit}
+        return [
+            job_from_row(r) for r in await self._read(partial(_fetch_all, _DUE_ARCHIVES, params))
+        ]
+
+    async def next_archive_at(self) -> float | None:
+        rows = await self._read(partial(_fetch_all, _NEXT_ARCHIVE_AT, {}))
+        value: float | None = rows[0][0]
+        return value
+
+    async def pending_archives(self) -> int:
+        rows = await self._read(partial(_fetch_all, _PENDING_ARCHIVES, {}))
+        return int(rows[0][0])
+
+    async def finish_archive(
+        self, job_id: JobId, files: Sequence[ArchivedFile], *, now: float
+    ) -> Job | None:
+        params = {"files": files_to_json(files), "now": now}
+        return await self._write(
+            partial(_end_archive, job_id=job_id, sql=_FINISH_ARCHIVE, params=params)
+        )
+
+    async def fail_archive(
+        self, job_id: JobId, error: str, *, next_at: float | None, now: float
+    ) -> Job | None:
+        sql = _ARCHIVE_GIVE_UP if next_at is None else _ARCHIVE_LATER
+        params = {"error": error, "next_at": next_at, "now": now}
+        return await self._write(partial(_end_archive, job_id=job_id, sql=sql, params=params))
+
+    async def retry_archives(self, job_ids: Collection[JobId] | None, *, now: float) -> list[JobId]:
+        ids = None if job_ids is None else list(job_ids)
+        return await self._write(partial(_retry_archives, job_ids=ids, now=now))
+
+    async def archive_trash(self, *, limit: int) -> list[tuple[JobId, list[str]]]:
+        check_limit(limit)
+        rows = await self._read(partial(_fetch_all, _ARCHIVE_TRASH, {"limit": limit}))
+        return [(JobId(job_id), trash_keys(files)) for job_id, files in rows]
+
+    async def forget_archive_trash(self, job_ids: Collection[JobId]) -> None:
+        await self._write(partial(_forget_archive_trash, job_ids=list(job_ids)))
 
     async def aclose(self) -> None:
         """Close the pool. Idempotent.

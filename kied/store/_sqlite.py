@@ -13,6 +13,8 @@ import trio
 
 from kied.core.jobs import (
     ACTIVE_STATES,
+    ArchivedFile,
+    ArchiveState,
     EndedBy,
     EventKind,
     EventType,
@@ -27,6 +29,7 @@ from kied.core.jobs import (
 )
 from kied.errors import ConflictError, StoreMisconfiguredError, StoreUnavailableError
 from kied.store._base import (
+    ArchiveMode,
     Attached,
     CallbackEffect,
     CallbackRecord,
@@ -38,18 +41,28 @@ from kied.store._base import (
     StoredCallback,
 )
 from kied.store._common import (
+    ARCHIVE_GIVE_UP,
+    ARCHIVE_LATER,
+    ARCHIVE_TRASH,
+    BEGIN_ARCHIVE,
     BEGIN_SUBMISSION,
     CALLBACK_COLUMNS,
     CONFIRMABLE_STATES,
     COUNT_PRUNABLE,
+    DUE_ARCHIVES,
     END_SUBMISSION,
+    FINISH_ARCHIVE,
+    FORGET_ARCHIVE_TRASH,
+    INSERT_ARCHIVE_TRASH,
     INSERT_EVENT,
     JOB_COLUMNS,
     JOURNALED_CALLBACK,
     LIST_CALLBACKS_FOR_JOB,
     LIST_CALLBACKS_FOR_TASK_AND_JOB,
     LIST_EVENTS,
+    NEXT_ARCHIVE_AT,
     NO_REPORT,
+    PENDING_ARCHIVES,
     PRUNE_DELIVERIES,
     PRUNE_EVENTS,
     PRUNE_INBOX,
@@ -57,6 +70,9 @@ from kied.store._common import (
     PRUNE_SIGNATURES,
     REMEMBER_SIGNATURE,
     REQUEST_CONFIRM,
+    RETRY_ARCHIVE,
+    RETRY_FAILED_ARCHIVES,
+    SET_ARCHIVE_MODE,
     SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
@@ -65,12 +81,14 @@ from kied.store._common import (
     entry_values,
     event_from_row,
     event_values,
+    files_to_json,
     job_from_row,
     match_callback,
     new_job_values,
     other_tasks_value,
     report_values,
     stored_callback_from_row,
+    trash_keys,
     waiting_report,
 )
 from kied.store._deliveries import DeliveryMethods, DeliverySql
@@ -350,8 +368,34 @@ def _apply(conn: sqlite3.Connection, job_id: JobId, report: Report, now: float) 
         return None
     job = job_from_row(rows[0])
     kind = event_type(event, job)
-    if kind is not None:
+    if event is EventKind.SUCCEEDED:
+        params = {"id": job_id, "now": now, "event": None if kind is None else kind.value}
+        row = conn.execute(BEGIN_ARCHIVE, params).fetchone()
+        job = job if row is None else job_from_row(row)
+    if kind is not None and job.archive_owed_event is None:
         _append_event(conn, kind, job, now)
+    return job
+
+
+def _one(row: Any) -> Any:
+    if row is None:  # pragma: no cover - the row was read in this transaction
+        raise StoreUnavailableError("a job read in this transaction is gone")
+    return row
+
+
+def _end_archive(
+    conn: sqlite3.Connection, job_id: JobId, sql: LiteralString, params: dict[str, Any]
+) -> Job | None:
+    before = _select_job(conn, job_id)
+    if before is None or before.archive_state is not ArchiveState.PENDING:
+        return None
+    job = job_from_row(_one(conn.execute(sql, {**params, "id": job_id}).fetchone()))
+    if job.archive_state is ArchiveState.PENDING:
+        return job
+    if before.archive_owed_event is not None:
+        _append_event(conn, before.archive_owed_event, job, params["now"])
+    if job.archive_state is ArchiveState.ARCHIVED:
+        _append_event(conn, EventType.ARCHIVED, job, params["now"])
     return job
 
 
@@ -786,6 +830,9 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
         def prune(conn: sqlite3.Connection) -> list[JobId]:
             with _write_transaction(conn):
                 rows = conn.execute(PRUNE_JOBS, {"before": before, "limit": limit}).fetchall()
+                for job_id, files in rows:
+                    if files is not None and files != "[]":
+                        conn.execute(INSERT_ARCHIVE_TRASH, {"job_id": job_id, "files": files})
                 return [JobId(row[0]) for row in rows]
 
         return await self._run(prune)
@@ -811,6 +858,65 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
             lambda conn: conn.execute(sql, {"before": before}).fetchone()
         )
         return Prunable(count=count, oldest=oldest)
+
+    async def set_archive_mode(self, mode: ArchiveMode) -> None:
+        await self._db_write(lambda conn: conn.execute(SET_ARCHIVE_MODE, {"mode": mode}))
+
+    async def due_archives(self, *, now: float, limit: int) -> list[Job]:
+        check_limit(limit)
+        params = {"now": now, "limit": limit}
+        return await self._run(
+            lambda conn: [job_from_row(r) for r in conn.execute(DUE_ARCHIVES, params)]
+        )
+
+    async def next_archive_at(self) -> float | None:
+        row = await self._run(lambda conn: conn.execute(NEXT_ARCHIVE_AT).fetchone())
+        return None if row is None else row[0]
+
+    async def pending_archives(self) -> int:
+        row = await self._run(lambda conn: conn.execute(PENDING_ARCHIVES).fetchone())
+        return int(row[0])
+
+    async def finish_archive(
+        self, job_id: JobId, files: Sequence[ArchivedFile], *, now: float
+    ) -> Job | None:
+        params = {"files": files_to_json(files), "now": now}
+        return await self._db_write(lambda conn: _end_archive(conn, job_id, FINISH_ARCHIVE, params))
+
+    async def fail_archive(
+        self, job_id: JobId, error: str, *, next_at: float | None, now: float
+    ) -> Job | None:
+        sql = ARCHIVE_GIVE_UP if next_at is None else ARCHIVE_LATER
+        params = {"error": error, "next_at": next_at, "now": now}
+        return await self._db_write(lambda conn: _end_archive(conn, job_id, sql, params))
+
+    async def retry_archives(self, job_ids: Collection[JobId] | None, *, now: float) -> list[JobId]:
+        def retry(conn: sqlite3.Connection) -> list[JobId]:
+            if job_ids is None:
+                rows = conn.execute(RETRY_FAILED_ARCHIVES, {"now": now}).fetchall()
+                return [JobId(r[0]) for r in rows]
+            marked = []
+            for job_id in job_ids:
+                row = conn.execute(RETRY_ARCHIVE, {"id": job_id, "now": now}).fetchone()
+                if row is not None:
+                    marked.append(JobId(row[0]))
+            return marked
+
+        return await self._db_write(retry)
+
+    async def archive_trash(self, *, limit: int) -> list[tuple[JobId, list[str]]]:
+        check_limit(limit)
+        rows = await self._run(
+            lambda conn: conn.execute(ARCHIVE_TRASH, {"limit": limit}).fetchall()
+        )
+        return [(JobId(job_id), trash_keys(files)) for job_id, files in rows]
+
+    async def forget_archive_trash(self, job_ids: Collection[JobId]) -> None:
+        def forget(conn: sqlite3.Connection) -> None:
+            for job_id in job_ids:
+                conn.execute(FORGET_ARCHIVE_TRASH, {"job_id": job_id})
+
+        await self._db_write(forget)
 
     async def aclose(self) -> None:
         """Close the connection, after any operation already running. Idempotent.
