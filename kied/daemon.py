@@ -27,6 +27,7 @@ from hypercorn.trio import serve
 
 from kied import __version__
 from kied._backoff import Backoff
+from kied._keepalive import KeepAliveGuard
 from kied._sdnotify import SystemdNotifier, run_watchdog
 from kied.api import JobsService
 from kied.changes import JobChanges
@@ -143,6 +144,7 @@ class Daemon:
         """
         self._stopping = True
         self.report_status("STOPPING=1")
+        self.changes.stop_waiting()
         if self._supervisor is not None:
             settings = self.settings
             budget = max(settings.cleanup_s, settings.shutdown_grace_s - 2 * settings.cleanup_s)
@@ -475,7 +477,12 @@ async def _run(
     async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
         try:
             await serve(
-                app, hypercorn_config(settings), shutdown_trigger=stop.wait, task_status=task_status
+                # Without the guard, idle keep-alive connections hold every stop for the
+                # whole graceful timeout (see kied._keepalive).
+                KeepAliveGuard(app, stopping=stop.is_set),
+                hypercorn_config(settings),
+                shutdown_trigger=stop.wait,
+                task_status=task_status,
             )
         finally:
             http_done.set()
