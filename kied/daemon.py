@@ -144,7 +144,6 @@ class Daemon:
         """
         self._stopping = True
         self.report_status("STOPPING=1")
-        self.changes.stop_waiting()
         if self._supervisor is not None:
             settings = self.settings
             budget = max(settings.cleanup_s, settings.shutdown_grace_s - 2 * settings.cleanup_s)
@@ -508,6 +507,8 @@ async def _run(
                 await stop.wait()
                 logger.info("[HTTP] shutting down: releasing the lock, draining requests")
                 daemon.stopping()
+                # Long polls and event streams answer now, inside the graceful drain.
+                daemon.changes.stop_waiting()
                 root.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace_s
                 leadership.cancel_scope.cancel()
             await http_done.wait()
