@@ -672,9 +672,10 @@ def format_report(options: DemoOptions, result: DemoResult) -> str:
     per_window, window_s = CREATE_LIMIT
     add(
         f"  each job waits its turn in kied's createTask queue ({per_window} per {window_s:g} s,"
-        " KIE's limit), then ends by KIE's callback or, when that is lost, by polling KIE;"
+        " KIE's limit),"
     )
-    add("  its timeout counts from its createTask, not from its wait in the queue")
+    add("  then ends by KIE's callback or, when that is lost, by polling KIE; its timeout")
+    add("  counts from its createTask, not from its wait in the queue")
 
     add("")
     add("jobs by final state (and what ended them)")
