@@ -36,6 +36,7 @@ from kied._flags import FlagParser, parse_duration, parse_integer, parse_number
 from kied.core.jobs import TERMINAL_STATES, Job, JobState
 from kied.daemon import run
 from kied.errors import ConfigError, StoreError
+from kied.kie.client import CREATE_LIMIT
 from kied.kie.simulator import SimulatorConfig, serve_simulator
 from kied.settings import NoLockSettings, Settings, SqliteStoreSettings
 from kied.store import CallbackEffect, StoredCallback, open_store
@@ -114,6 +115,11 @@ class DemoOptions:
     seed: int | None = None
     verbose: bool = False
 
+    def queue_s(self) -> float:
+        """How long the last job waits in kied's createTask queue, at KIE's create rate."""
+        per_window, window_s = CREATE_LIMIT
+        return float(math.ceil(self.jobs / per_window) - 1) * window_s
+
     def faults(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in _FAULTS}
 
@@ -151,9 +157,10 @@ state, callbacks sent, lost and repeated, status queries per job, and the time
 from KIE's completion to kied's record. Ctrl-C stops early and still prints it.
 
 What to expect: kied sends KIE at most 20 new tasks per 10 s, as KIE allows, so
-N jobs take at least N/2 s to start. A job whose callback is lost or unreadable
-is found by polling once it is overdue, about a minute after it started; a stuck
-one ends at its deadline (--timeout)."""
+N jobs take at least N/2 s to start; the time a job waits in kied's createTask
+queue is not counted in its deadline (--timeout counts from its createTask). A
+job whose callback is lost or unreadable is found by polling once it is overdue,
+about a minute after it started; a stuck one ends at its deadline."""
 
 
 def _epilog() -> str:
@@ -464,10 +471,9 @@ async def _run(options: DemoOptions, workdir: Path, progress: _Progress) -> Demo
                 public_url=f"http://127.0.0.1:{port}",
                 api_token=api_token,
                 job_timeout_s=options.timeout_s,
+                # However many jobs: the last waits its turn at KIE's create rate.
+                create_queue_max_s=max(3600.0, 2 * options.queue_s()),
                 log_level="INFO" if options.verbose else "WARNING",
-                # By the time the daemon stops, the demo's own requests are done: what is
-                # left are KIE's idle keep-alive connections, not worth waiting for.
-                graceful_timeout_s=0.5,
                 shutdown_grace_s=5.0,
             )
 
@@ -478,7 +484,9 @@ async def _run(options: DemoOptions, workdir: Path, progress: _Progress) -> Demo
         )
         with work:
             # Every job ends by its deadline at the latest; this only guards against a bug.
-            with trio.move_on_after(options.timeout_s + options.duration_s[1] + 60) as guard:
+            with trio.move_on_after(
+                options.queue_s() + options.timeout_s + options.duration_s[1] + 60
+            ) as guard:
                 await _submit_and_follow(daemon.url, api_token, options, tracker, progress)
         elapsed_s = trio.current_time() - started_t
         stopped_early = work.cancel_called or guard.cancelled_caught
@@ -661,9 +669,16 @@ def format_report(options: DemoOptions, result: DemoResult) -> str:
         + (f"; seed {options.seed}" if options.seed is not None else "")
     )
     add(f"  mix {_describe_mix(options)}")
+    per_window, window_s = CREATE_LIMIT
+    add(
+        f"  each job waits its turn in kied's createTask queue ({per_window} per {window_s:g} s,"
+        " KIE's limit),"
+    )
+    add("  then ends by KIE's callback or, when that is lost, by polling KIE; its timeout")
+    add("  counts from its createTask, not from its wait in the queue")
 
     add("")
-    add("jobs by final state")
+    add("jobs by final state (and what ended them)")
     for state in JobState:
         found = [j for j in result.jobs if j.state is state]
         if not found:
@@ -677,6 +692,28 @@ def format_report(options: DemoOptions, result: DemoResult) -> str:
     if result.submit_failures:
         add(_row("not submitted", result.submit_failures))
     add(_row("total", len(result.jobs)))
+
+    add("")
+    add("time per job")
+    add(
+        _latency_row(
+            "created to ended",
+            [j.ended_at - j.created_at for j in result.jobs if j.ended_at is not None],
+        )
+    )
+    # The first createTask moved each deadline by the job's wait in the queue.
+    waits = [
+        max(0.0, j.deadline_at - j.created_at - options.timeout_s)
+        for j in result.jobs
+        if j.submit_count > 0
+    ]
+    row = _latency_row("in kied's createTask queue", waits)
+    if waits:
+        row += f", max {_duration_text(max(waits))}"
+    add(row)
+    never_sent = sum(1 for j in result.jobs if j.terminal and j.submit_count == 0 and not j.task_id)
+    if never_sent:
+        add(_row("  ended before it was sent", never_sent))
 
     tasks = result.sim_tasks
     withheld = _sum(tasks, "callbacks_dropped")

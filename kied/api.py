@@ -173,14 +173,22 @@ class JobsService:
         return await store.get_job(JobId(job_id))
 
     async def wait(self, job_id: str, wait_s: float) -> Job | None:
-        """The job once it is terminal, or as it stands after ``wait_s``."""
+        """The job once it is terminal, or as it stands after ``wait_s``.
+
+        When the daemon begins to stop, it answers at once with the job as it stands.
+        """
         _check_text("job_id", job_id)
         store = await self._store()
         deadline = trio.current_time() + min(wait_s, MAX_WAIT_S)
         while True:
             event = self._changes.next_change(JobId(job_id))
             job = await store.get_job(JobId(job_id))
-            if job is None or job.state in TERMINAL_STATES or trio.current_time() >= deadline:
+            if (
+                job is None
+                or job.state in TERMINAL_STATES
+                or trio.current_time() >= deadline
+                or self._changes.stopping
+            ):
                 return job
             with trio.move_on_at(min(deadline, trio.current_time() + _WAIT_RECHECK_S)):
                 await event.wait()
@@ -227,6 +235,11 @@ class JobsService:
         """Events after the cursor ``after``, oldest first."""
         store = await self._store()
         return await store.list_events(after=after, limit=limit)
+
+    @property
+    def stopping(self) -> bool:
+        """The daemon is stopping: long polls and event streams answer now."""
+        return self._changes.stopping
 
     def changed(self) -> trio.Event:
         """An event set at the next job change this process sees (take it before reading)."""

@@ -49,9 +49,27 @@ class JobChanges:
         self._now = now
         self._per_job: dict[JobId, trio.Event] = {}
         self._any = trio.Event()
+        self._stopping = False
         self.listener: ChangeListener | None = None
         #: others who act on every change (the archiver), besides ``listener``
         self.listeners: list[ChangeListener] = []
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop_waiting` was called: waiters answer now instead of waiting."""
+        return self._stopping
+
+    def stop_waiting(self) -> None:
+        """The daemon is stopping: wake every waiter, and let none wait again.
+
+        Long polls and event streams then answer with what storage holds now, inside the
+        HTTP server's graceful drain, instead of being cut off when it ends.
+        """
+        self._stopping = True
+        for event in self._per_job.values():
+            event.set()
+        self._per_job.clear()
+        self._any.set()
 
     def wrote(self, job: Job, *, ended: bool) -> None:
         """This instance has just written a change of ``job`` (``job`` as written).
@@ -101,8 +119,13 @@ class JobChanges:
 
         Take it *before* reading storage, then wait on it: a change between the read and
         the wait still sets it. A change on another instance without LISTEN/NOTIFY (SQLite
-        shares no process) is not seen: waiters re-read storage now and then anyway.
+        shares no process) is not seen: waiters re-read storage now and then anyway. Once
+        :meth:`stop_waiting` was called the event is already set.
         """
+        if self._stopping:
+            already = trio.Event()
+            already.set()
+            return already
         if job_id is None:
             return self._any
         event = self._per_job.get(job_id)

@@ -195,6 +195,8 @@ class Job:
     late: bool
     created_at: datetime | None
     updated_at: datetime | None
+    #: when the job times out: its timeout from kied's first createTask (provisional, from its
+    #: creation, while it waits in kied's createTask queue)
     deadline_at: datetime | None
     ended_at: datetime | None
     last_error: str | None

@@ -27,6 +27,7 @@ from hypercorn.trio import serve
 
 from kied import __version__
 from kied._backoff import Backoff
+from kied._keepalive import KeepAliveGuard
 from kied._sdnotify import SystemdNotifier, run_watchdog
 from kied.api import JobsService
 from kied.archive import open_archive
@@ -539,7 +540,12 @@ async def _serve_daemon(
     async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
         try:
             await serve(
-                app, hypercorn_config(settings), shutdown_trigger=stop.wait, task_status=task_status
+                # Without the guard, idle keep-alive connections hold every stop for the
+                # whole graceful timeout (see kied._keepalive).
+                KeepAliveGuard(app, stopping=stop.is_set),
+                hypercorn_config(settings),
+                shutdown_trigger=stop.wait,
+                task_status=task_status,
             )
         finally:
             http_done.set()
@@ -565,6 +571,8 @@ async def _serve_daemon(
                 await stop.wait()
                 logger.info("[HTTP] shutting down: releasing the lock, draining requests")
                 daemon.stopping()
+                # Long polls and event streams answer now, inside the graceful drain.
+                daemon.changes.stop_waiting()
                 root.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace_s
                 leadership.cancel_scope.cancel()
             await http_done.wait()

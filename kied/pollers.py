@@ -519,7 +519,18 @@ class PollerSupervisor:
         this instance stops, so that its task id is stored. A createTask whose answer was
         lost (a previous leader stopped, or KIE did not answer) is resolved by
         :meth:`_resolve_lost` and never sent again without the setting saying so.
+
+        A job's timeout counts from its first createTask: while it waits for one in kied's
+        queue (the rate limiter), its poller's scope ends no sooner than
+        ``create_queue_max_s`` after the job was created; once it is sent, storage has
+        moved ``deadline_at`` by that wait and the scope follows it.
         """
+        if job.task_id is None and job.submit_count == 0:
+            # Before the first checkpoint, so that a stored deadline already past (a
+            # restart after a long wait in the queue) does not end the wait here.
+            self._move_deadline(
+                job.id, max(job.deadline_at, job.created_at + self._settings.create_queue_max_s)
+            )
         request = job.request or {}
         payload = request.get("input")
         if not isinstance(payload, dict):
@@ -575,6 +586,8 @@ class PollerSupervisor:
                 )
                 if marked is None:
                     raise _SupersededError  # the job changed, or another leader sent one
+                # The first createTask moved the stored deadline by the wait in the queue.
+                self._move_deadline(job.id, marked.deadline_at)
                 # From here the request runs to its answer: abandoning it once sent is what
                 # leaves KIE with a task nobody follows. A stop bounds it (stop_creating).
                 sending.shield = True
@@ -634,6 +647,12 @@ class PollerSupervisor:
             job.id,
         )
         return 0.0
+
+    def _move_deadline(self, job_id: JobId, deadline_at: float) -> None:
+        """Set the job's poller scope to end at ``deadline_at`` (wall clock)."""
+        scope = self._scopes.get(job_id)
+        if scope is not None:
+            scope.deadline = trio.current_time() + max(0.0, deadline_at - self._now())
 
     async def _store_task(self, job: Job, task_id: TaskId) -> Job | None:
         """Store the task id createTask answered; retried while storage fails, bounded."""

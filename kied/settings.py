@@ -130,7 +130,12 @@ class Settings:
     kie_base_url: str = "https://api.kie.ai"
     public_url: str | None = None
     api_token: str | None = None
+    #: how long a job may take, counted from when kied sends its createTask to KIE (the
+    #: time it waits in kied's own createTask queue is not counted)
     job_timeout_s: float = 900 * SECONDS
+    #: the longest a job waits in kied's createTask queue (KIE's 20 new tasks per 10 s),
+    #: from its creation, when that is longer than its timeout; then it is timed_out
+    create_queue_max_s: float = 3600 * SECONDS
     #: what to do with a createTask whose answer was lost; see :data:`ResubmitPolicy`
     resubmit: ResubmitPolicy = "never"
     #: with ``after-wait``: how long after the lost createTask was sent kied waits for its
@@ -227,7 +232,11 @@ environment (flags win over the environment):
   RENDER_EXTERNAL_URL  used when KIED_PUBLIC_URL is not set
   KIED_API_TOKEN       bearer token the /v1 API requires; needed when listening beyond
                        this machine (see KIED_ALLOW_OPEN)
-  KIED_JOB_TIMEOUT     seconds a job may take before it is timed_out; default 900
+  KIED_JOB_TIMEOUT     seconds a job may take before it is timed_out, counted from when
+                       kied sends its createTask (not its wait in kied's queue); default 900
+  KIED_CREATE_QUEUE_MAX  seconds a job may wait in kied's createTask queue (KIE allows 20
+                       new tasks per 10 s), from its creation, when longer than its
+                       timeout; then it is timed_out; default 3600
   KIED_RESUBMIT        never (default) or after-wait: what a leader does with a createTask
                        whose answer was lost (kied stopped, or KIE did not answer). never:
                        wait for that task's callback until the job's deadline, never pay
@@ -349,6 +358,8 @@ def load_settings(
 
     timeout_src = pick(flags.job_timeout, "KIED_JOB_TIMEOUT")
     job_timeout_s = 900.0 if timeout_src is None else _positive_seconds(*timeout_src)
+    queue_src = pick(None, "KIED_CREATE_QUEUE_MAX")
+    create_queue_max_s = 3600.0 if queue_src is None else _positive_seconds(*queue_src)
 
     resubmit_src = pick(None, "KIED_RESUBMIT")
     resubmit: ResubmitPolicy = "never"
@@ -447,6 +458,7 @@ def load_settings(
         public_url=_http_url(*public_src) if public_src else None,
         api_token=_secret(environ, "KIED_API_TOKEN"),
         job_timeout_s=job_timeout_s,
+        create_queue_max_s=create_queue_max_s,
         resubmit=resubmit,
         resubmit_wait_s=resubmit_wait_s,
         event_retention_s=event_retention_s,

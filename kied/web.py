@@ -408,7 +408,7 @@ async def _events_after(jobs: JobsService, after: int, limit: int, wait_s: float
         # Taken before storage is read, so that a change in between still wakes us.
         changed = jobs.changed()
         found = await jobs.events(after=after, limit=limit)
-        if found or trio.current_time() >= deadline:
+        if found or trio.current_time() >= deadline or jobs.stopping:
             return found
         # A change made by another instance may not wake us: read storage again anyway.
         with trio.move_on_at(min(deadline, trio.current_time() + _EVENTS_RECHECK_S)):
@@ -416,7 +416,11 @@ async def _events_after(jobs: JobsService, after: int, limit: int, wait_s: float
 
 
 async def _event_stream(jobs: JobsService, after: int, limit: int) -> AsyncIterator[bytes]:
-    """The events after ``after`` as Server-Sent Events, until the client goes away."""
+    """The events after ``after`` as Server-Sent Events, until the client goes away.
+
+    When the daemon stops, the stream ends once it has sent what storage holds, so that
+    the response completes inside the HTTP server's graceful drain.
+    """
     # A first comment sends the headers at once, so the client knows it is connected.
     yield b": kied events\n\n"
     cursor = after
@@ -429,6 +433,8 @@ async def _event_stream(jobs: JobsService, after: int, limit: int) -> AsyncItera
             cursor = found[-1].cursor
             keep_alive_at = trio.current_time() + _KEEP_ALIVE_S
             continue
+        if jobs.stopping:
+            return
         if trio.current_time() >= keep_alive_at:
             yield b": keep-alive\n\n"
             keep_alive_at = trio.current_time() + _KEEP_ALIVE_S

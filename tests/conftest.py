@@ -33,7 +33,6 @@ def settings(tmp_path: Path) -> Settings:
         # KIE is never reached from tests: nothing listens on the discard port.
         kie_base_url="http://127.0.0.1:9",
         kie_api_key="test-key",
-        graceful_timeout_s=0.5,
         shutdown_grace_s=5.0,
     )
 

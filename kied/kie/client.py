@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from kied.core import JsonObject, JsonValue
 
 __all__ = [
+    "CREATE_LIMIT",
     "KieClient",
     "KieClientSettings",
     "TaskStatus",
@@ -101,6 +102,10 @@ _NO_RECORD: Final = re.compile(
 )
 
 
+#: createTask requests per window, and the window in seconds: see ``create_limit``
+CREATE_LIMIT: Final[tuple[int, float]] = (20, 10.5)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KieClientSettings:
     """Where KIE is, the key to use, and how hard to push it.
@@ -118,7 +123,7 @@ class KieClientSettings:
     #: The windows carry a margin: a slot is counted from when it is granted here, but KIE
     #: counts a request when it arrives, a few milliseconds later, so a full window of
     #: grants sent back to back would otherwise reach KIE slightly closer together.
-    create_limit: tuple[int, float] = (20, 10.5)
+    create_limit: tuple[int, float] = CREATE_LIMIT
     #: ``(requests, per seconds)`` for status queries: Market allows 10 per second per key
     status_limit: tuple[int, float] = (10, 1.1)
 

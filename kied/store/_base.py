@@ -258,9 +258,14 @@ class JobStore(Protocol):
         it succeeds only while the job is ``submitting`` with no task id and nobody else
         began a submission since, so two leaders never both send one.
 
+        The first submission (``count == 0``) also moves ``deadline_at`` later by
+        ``now - created_at``, the time the job waited in kied's createTask queue: a job's
+        timeout counts from when kied sends it. Later ones leave the deadline alone.
+
         Returns:
-            The job with ``submit_sent_at = now`` and ``submit_count = count + 1``, or
-            ``None`` when the compare-and-set did not match (send nothing).
+            The job with ``submit_sent_at = now`` and ``submit_count = count + 1`` (and
+            its deadline moved, the first time), or ``None`` when the compare-and-set did
+            not match (send nothing).
         """
         ...
 

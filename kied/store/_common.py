@@ -110,9 +110,14 @@ SET_OTHER_TASKS: Final[LiteralString] = (
     "UPDATE jobs SET other_task_ids = :other_task_ids, updated_at = :now WHERE id = :id"
 )
 
+#: The first createTask moves the deadline by the time the job waited for it in kied's own
+#: queue (from created_at): a job's timeout counts from when kied sends it to KIE. SET
+#: expressions read the row as it was, so ``submit_count = 0`` means "the first".
 BEGIN_SUBMISSION: Final[LiteralString] = (
     "UPDATE jobs SET submit_sent_at = :now, submit_count = submit_count + 1,"
-    " submit_callback_url = :callback_url, updated_at = :now"
+    " submit_callback_url = :callback_url, updated_at = :now,"
+    " deadline_at = CASE WHEN submit_count = 0 AND :now > created_at"
+    " THEN deadline_at + (:now - created_at) ELSE deadline_at END"
     " WHERE id = :id AND state = 'submitting' AND task_id IS NULL AND submit_count = :count"
     " RETURNING " + JOB_COLUMNS
 )

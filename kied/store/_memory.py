@@ -366,6 +366,9 @@ class MemoryStore(JobStore):
             or job.submit_count != count
         ):
             return None
+        deadline_at = job.deadline_at
+        if job.submit_count == 0 and now > job.created_at:
+            deadline_at += now - job.created_at  # the wait in kied's queue is not counted
         return self._set(
             replace(
                 job,
@@ -373,6 +376,7 @@ class MemoryStore(JobStore):
                 submit_count=count + 1,
                 submit_callback_url=callback_url,
                 updated_at=now,
+                deadline_at=deadline_at,
             )
         )
 

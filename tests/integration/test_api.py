@@ -214,6 +214,12 @@ def test_kill_9_mid_run_then_restart_finishes_every_job_with_its_original_deadli
             assert r.status_code == 201
             jobs.append(r.json())
         time.sleep(1.0)  # tasks created at KIE, none finished yet
+        # Each deadline now counts from its createTask: moved by the job's wait to be sent.
+        sent = [httpx.get(f"{url}/v1/jobs/{job['id']}", timeout=5).json() for job in jobs]
+        for job, now_sent in zip(jobs, sent, strict=True):
+            assert now_sent["submission"]["count"] == 1
+            assert now_sent["deadline_at"] >= job["deadline_at"]
+        jobs = sent
         daemons[0].kill()  # kill -9: no cleanup at all
         daemons[0].wait(timeout=10)
         time.sleep(2.5)  # KIE finishes tasks and calls back while kied is down

@@ -371,6 +371,11 @@ def test_demo_runs_ten_jobs_and_prints_the_table() -> None:
     assert re.search(r"^  lost\s+0\b", out, re.M), out
     assert re.search(r"^  mean\s+0\.00\s+max 0\b", out, re.M), out
     assert re.search(r"^  all jobs\s+10\s+p50 [\d.]+ ms, p99 [\d.]+ m?s$", out, re.M), out
+    assert "counts from its createTask, not from its wait in the queue" in out
+    assert re.search(r"^  created to ended\s+10\s+p50 [\d.]+ m?s, p99 [\d.]+ m?s$", out, re.M), out
+    # Ten jobs fit in one window of KIE's create limit: no wait in kied's queue to speak of.
+    queue = r"^  in kied's createTask queue\s+10\s+p50 [\d.]+ ms, p99 [\d.]+ ms, max [\d.]+ ms$"
+    assert re.search(queue, out, re.M), out
     assert "Traceback" not in result.stderr
     # Progress goes to stderr as plain lines when it is not a terminal.
     assert "10/10 ended" in result.stderr

@@ -171,9 +171,12 @@ def test_kill_9_of_the_leader_hands_over_and_jobs_keep_their_deadlines(fleet):
     jobs = [submit(leader) for _ in range(3)]
     wait_until(
         lambda: all(
-            httpx.get(f"{leader}/v1/jobs/{j['id']}", timeout=5).json()["task_id"] for j in jobs
+            httpx.get(f"{leader}/v1/jobs/{j['id']}", timeout=5).json()["task_id"]
+            for j in [*stuck, *jobs]
         )
     )
+    # A deadline counts from the job's createTask: as it stands once the task is created.
+    stuck = [httpx.get(f"{leader}/v1/jobs/{j['id']}", timeout=5).json() for j in stuck]
     killed_at = time.monotonic()
     fleet.procs[leader].kill()
     fleet.procs[leader].wait()

@@ -896,6 +896,31 @@ async def test_one_submission_at_a_time(store: JobStore) -> None:
     assert await store.begin_submission(cancelled.id, count=0, callback_url=url, now=1.0) is None
 
 
+async def test_the_first_submission_moves_the_deadline_by_the_wait_in_the_queue(
+    store: JobStore,
+) -> None:
+    # Created at 1000 with a 900-s timeout; kied's createTask queue held it 250 s.
+    job, _ = await store.create_job(make_new_job(created_at=1_000.0, timeout_s=900.0))
+    assert job.deadline_at == 1_900.0
+    url = "https://kied.test/callbacks/kie?job=x&token=%2A%2A%2A"
+    first = await store.begin_submission(job.id, count=0, callback_url=url, now=1_250.0)
+    assert first is not None
+    assert first.deadline_at == 2_150.0  # the timeout counts from the createTask
+    stored = await store.get_job(job.id)
+    assert stored is not None
+    assert stored.deadline_at == 2_150.0  # stored: a restart keeps it
+    # KIE answered "busy": the next createTask is KIE's delay, counted in the timeout.
+    await store.end_submission(job.id, count=1, now=1_251.0)
+    second = await store.begin_submission(job.id, count=1, callback_url=url, now=1_300.0)
+    assert second is not None
+    assert second.deadline_at == 2_150.0
+    # A clock behind created_at (another instance's) never brings the deadline forward.
+    early, _ = await store.create_job(make_new_job(created_at=1_000.0, timeout_s=900.0))
+    sent = await store.begin_submission(early.id, count=0, callback_url=url, now=990.0)
+    assert sent is not None
+    assert sent.deadline_at == 1_900.0
+
+
 async def test_callback_attaches_the_task_id_to_its_job(store: JobStore) -> None:
     job = await _job_in(store, S.SUBMITTING)
     entry = make_inbox_entry(task_id="t-9", job_id=job.id, outcome="pending", received_at=1_050.0)

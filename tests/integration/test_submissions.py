@@ -14,6 +14,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
 import trio
 
 from kied.api import callback_url
@@ -331,3 +332,44 @@ async def test_a_callback_before_the_createtask_answer_is_the_same_task(tmp_path
         assert await tasks_by_job(stack) == {job_id: 1}
         assert metric(stack, "kied_task_adoptions_total") == 1
         assert done.ended_at == WALL0 + t0 + 1.0
+
+
+async def test_a_burst_of_jobs_waits_in_kieds_queue_without_burning_its_deadline(
+    tmp_path, autojump_clock
+):
+    # 200 jobs at once, with KIE's limit (20 new tasks per 10.5 s): the last 20 wait
+    # 94.5 s in kied's createTask queue, longer than their 60-s timeout.
+    config = sim_config(duration_s=(4.0, 4.0))
+    async with open_stack(tmp_path, config, job_timeout_s=60.0) as stack:
+        jobs = [await stack.submit() for _ in range(200)]
+        await trio.sleep(50)
+        # Five windows sent, five to go. A queued job's deadline is its timeout from its
+        # creation, provisionally: the wait is added when its createTask is sent.
+        queued = [await stack.job(j["id"]) for j in jobs]
+        queued = [j for j in queued if j.submit_count == 0]
+        assert len(queued) == 100
+        assert {(j.state, round(j.deadline_at - j.created_at, 3)) for j in queued} == {
+            (JobState.SUBMITTING, 60.0)
+        }
+        ended = [await stack.wait_terminal(j["id"]) for j in jobs]
+        assert {j.state for j in ended} == {JobState.SUCCEEDED}
+        # Each deadline is the 60-s timeout from its createTask: the wait in the queue
+        # (0, 10.5, ... 94.5 s, twenty jobs each) is not counted.
+        waits = sorted(round(j.deadline_at - j.created_at - 60.0, 3) for j in ended)
+        assert waits == [round(10.5 * (i // 20), 3) for i in range(200)]
+
+
+async def test_a_job_waits_in_kieds_queue_no_longer_than_the_queue_bound(tmp_path, autojump_clock):
+    # 40 jobs, 20 per window: the second twenty would wait 10.5 s, but the queue holds a
+    # job at most 5 s (or its timeout, 2 s here, when longer).
+    config = sim_config(duration_s=(1.0, 1.0))
+    async with open_stack(tmp_path, config, job_timeout_s=2.0, create_queue_max_s=5.0) as stack:
+        t0 = trio.current_time()
+        jobs = [await stack.submit() for _ in range(40)]
+        ended = [await stack.wait_terminal(j["id"]) for j in jobs]
+        states = sorted((j.state.value, j.submit_count) for j in ended)
+        assert states == [("succeeded", 1)] * 20 + [("timed_out", 0)] * 20
+        timed_out = [j for j in ended if j.state is JobState.TIMED_OUT]
+        assert {round(j.ended_at - j.created_at, 3) for j in timed_out} == {5.0}
+        assert {j.ended_by for j in timed_out} == {EndedBy.DEADLINE}
+        assert trio.current_time() - t0 == pytest.approx(5.0)

@@ -75,12 +75,14 @@ def test_explicit_lock_file_and_secrets():
             "KIED_CALLBACK_TOKEN": " tok ",
             "KIE_WEBHOOK_HMAC_KEY": "key",
             "KIED_JOB_TIMEOUT": "1800",
+            "KIED_CREATE_QUEUE_MAX": "7200",
         }
     )
     assert s.lock == FileLockSettings(path=Path("/run/kied.lock"))
     assert s.callback_token == "tok"
     assert s.webhook_hmac_key == b"key"
     assert s.job_timeout_s == 1800
+    assert s.create_queue_max_s == 7200
 
 
 @pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
@@ -157,6 +159,8 @@ def test_lock_that_cannot_work_stops_the_start(environ, argv, setting, says):
         ({}, ["--port", "-1"], "--port"),
         ({"KIED_JOB_TIMEOUT": "0"}, [], "KIED_JOB_TIMEOUT"),
         ({"KIED_JOB_TIMEOUT": "soon"}, [], "KIED_JOB_TIMEOUT"),
+        ({"KIED_CREATE_QUEUE_MAX": "0"}, [], "KIED_CREATE_QUEUE_MAX"),
+        ({"KIED_CREATE_QUEUE_MAX": "an hour"}, [], "KIED_CREATE_QUEUE_MAX"),
         ({"KIED_LOCK": "flock"}, [], "KIED_LOCK"),
         ({"KIED_LOCK": "file:"}, [], "KIED_LOCK"),
         ({"KIED_DATABASE_URL": "mysql://x/y"}, [], "KIED_DATABASE_URL"),
