@@ -132,6 +132,11 @@ async def test_unauthenticated_callbacks_beyond_the_budget_are_answered_counted_
     assert len(await store.list_callbacks()) == 3 + 1 + 3
 
 
+# kied answers 413 and closes the connection before the client has sent its whole body, so
+# httpx's own async generator over the body is left unfinished (on the client's side).
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <async_generator object AsyncIteratorByteStream"
+)
 async def test_a_v1_body_beyond_the_bound_is_refused_with_413(settings, start_daemon):
     daemon = await start_daemon(settings, max_request_bytes=4096)
     big = json.dumps({"family": "market", "model": "m", "metadata": {"pad": "x" * 10_000}})
