@@ -1,12 +1,25 @@
 """When to ask KIE about a task: the poll schedule, backoff, and how far callbacks are trusted.
 
-Polling is the safety net under KIE's callbacks, so how eagerly a poller asks depends on how
-well callbacks are doing. While they arrive and finish most jobs (:class:`CallbackHealth`), a
-job's first status query waits until the job is overdue: :func:`first_poll_delay` waits at
-least ``overdue_floor_s``, or ``overdue_factor`` times the typical duration of such jobs.
-Without healthy callbacks, polling starts at once and follows KIE's recommended schedule
-(:func:`next_poll_delay`). After a failed query, :func:`backoff_delay` backs off
-exponentially and honours ``Retry-After``.
+Polling is the safety net under KIE's callbacks. What is scarce is not a status query as such
+but the budget of them: KIE lets a key make 10 a second, and kied keeps a share of that for the
+application (``KIED_STATUS_QUERIES_PER_S``). So how eagerly a poller asks depends on how many
+jobs share that budget, and on how well callbacks are doing:
+
+- :func:`next_poll_delay` is KIE's recommended schedule (every 2-3 s at first, then slower).
+  While few jobs are in flight, every job follows it, even while callbacks look healthy: a lost
+  callback then costs the user seconds, not a minute.
+- :class:`PollBudget` keeps, in O(1) per change, how many queries a second the jobs in flight
+  wish for, each weighted (:func:`poll_weight`: a job overdue against the typical duration of
+  its family and model weighs most). :func:`planned_poll_delay` stretches every job's interval
+  by that demand over the budget, in inverse proportion to its weight, so that the total stays
+  within the budget and overdue jobs are asked first.
+- While callbacks arrive and finish most jobs (:class:`CallbackHealth`) and the fleet is busy
+  (:func:`fleet_idle`), a job's first status query waits until the job is overdue
+  (:func:`first_poll_delay`: at least ``overdue_floor_s``, or ``overdue_factor`` times the
+  typical duration), so a busy fleet with working callbacks spends at most about one query
+  a job.
+- After a failed query, :func:`backoff_delay` backs off exponentially and honours
+  ``Retry-After``.
 
 Everything here is plain arithmetic: randomness comes in as a ``jitter`` argument in [0, 1)
 and time as ``at``/``now`` arguments, so the same inputs always give the same delays.
@@ -22,10 +35,15 @@ from typing import Final, Literal
 __all__ = [
     "CallbackHealth",
     "FinishedBy",
+    "FleetLoad",
+    "PollBudget",
     "PollPolicy",
     "backoff_delay",
     "first_poll_delay",
+    "fleet_idle",
     "next_poll_delay",
+    "planned_poll_delay",
+    "poll_weight",
     "retry_after_s",
 ]
 
@@ -64,6 +82,12 @@ class PollPolicy:
     backoff_max_s: float = 60.0
     #: a backoff is shortened by up to this fraction (never lengthened past backoff_max_s)
     backoff_jitter: float = 0.25
+    #: a job older than the typical duration of its family and model is overdue, and weighs
+    #: this many times as much as one that is not when the status-query budget is shared out
+    overdue_weight: float = 4.0
+    #: the fleet is idle while every job in flight could be queried this often within the
+    #: budget; then jobs follow KIE's schedule even while callbacks are healthy
+    idle_interval_s: float = 3.0
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -83,12 +107,15 @@ class PollPolicy:
             "backoff_base_s",
             "backoff_max_s",
             "healthy_max_interval_s",
+            "idle_interval_s",
         ):
             value = getattr(self, name)
             if not (_finite(value) and value >= 0):
                 raise ValueError(f"PollPolicy.{name} must be finite and >= 0, got {value}")
         if self.backoff_base_s <= 0 or self.backoff_max_s < self.backoff_base_s:
             raise ValueError("PollPolicy needs 0 < backoff_base_s <= backoff_max_s")
+        if not (_finite(self.overdue_weight) and self.overdue_weight >= 1):
+            raise ValueError(f"PollPolicy.overdue_weight must be >= 1, got {self.overdue_weight}")
         for name in ("overdue_jitter", "backoff_jitter"):
             value = getattr(self, name)
             if not (_finite(value) and 0 <= value <= 1):
@@ -211,6 +238,150 @@ def backoff_delay(
             raise ValueError("retry_after_s must be a number, got NaN")
         delay = max(delay, retry_after_s)
     return delay
+
+
+# -- sharing the status-query budget --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FleetLoad:
+    """The jobs in flight as the budget sees them (:meth:`PollBudget.load`)."""
+
+    #: jobs whose task is followed now
+    jobs: int
+    #: the weighted queries a second they wish for: the sum of each job's
+    #: ``poll_weight / interval`` at its last plan (see :func:`planned_poll_delay`)
+    demand_per_s: float
+
+
+def poll_weight(age_s: float, typical_duration_s: float | None, policy: PollPolicy) -> float:
+    """How much a job weighs when the budget is shared out: 1 once it is overdue, else
+    ``1 / overdue_weight``.
+
+    A job is overdue once older than ``typical_duration_s``, or, while the typical duration
+    of its family and model is not known, than ``overdue_floor_s``.
+    """
+    overdue_after = policy.overdue_floor_s if typical_duration_s is None else typical_duration_s
+    return 1.0 if age_s >= overdue_after else 1.0 / policy.overdue_weight
+
+
+def fleet_idle(jobs: int, budget_per_s: float, policy: PollPolicy) -> bool:
+    """Whether ``jobs`` in flight could each be queried every ``idle_interval_s`` within
+    ``budget_per_s``: then even jobs whose callbacks are expected follow KIE's schedule."""
+    return jobs <= budget_per_s * policy.idle_interval_s
+
+
+def planned_poll_delay(
+    age_s: float,
+    *,
+    typical_duration_s: float | None,
+    load: FleetLoad,
+    budget_per_s: float,
+    callbacks_healthy: bool,
+    first: bool,
+    policy: PollPolicy,
+    jitter: float,
+) -> tuple[float, float]:
+    """The delay before a job's next status query, within the fleet's budget.
+
+    The job's own interval (its base) is KIE's schedule for its age (:func:`next_poll_delay`),
+    or, while callbacks are healthy, the fleet is busy (not :func:`fleet_idle`) and the job
+    is not overdue, the healthy schedule: the first query waits until the job is overdue
+    (:func:`first_poll_delay`), later ones as long as the job has existed. The base is then
+    stretched by the pressure on the budget, ``p = load.demand_per_s / budget_per_s``, in
+    inverse proportion to the job's weight ``w`` (:func:`poll_weight`)::
+
+        delay = base * max(1, p / w)
+
+    A job so planned asks at most ``w / (base * p)`` queries a second; when each job's
+    contribution to ``load.demand_per_s`` is its ``w / base`` (the second value returned),
+    the fleet's total is at most ``budget_per_s``. While the fleet asks less than its budget
+    (``p <= w``) nothing is stretched. The arithmetic is O(1): the fleet comes in as the one
+    sum :class:`PollBudget` keeps.
+
+    Args:
+        age_s: seconds since the job was created (negative counts as 0).
+        typical_duration_s: how long jobs of its family and model usually take, or None.
+        load: the jobs in flight and the demand they wish for, this job's included.
+        budget_per_s: status queries a second the fleet may spend, > 0.
+        callbacks_healthy: whether callbacks can be expected to report the job's outcome.
+        first: the job has not been queried yet (on this instance).
+        policy: the schedule.
+        jitter: in [0, 1).
+
+    Returns:
+        ``(delay_s, wish_per_s)``: seconds from now to the next query, and the job's weighted
+        wish (``w / base``) to record in :meth:`PollBudget.wish`.
+
+    Raises:
+        ValueError: ``jitter`` is outside [0, 1), ``budget_per_s`` is not > 0, or an age or
+            duration is NaN or out of range.
+    """
+    if not (_finite(budget_per_s) and budget_per_s > 0):
+        raise ValueError(f"budget_per_s must be finite and > 0, got {budget_per_s}")
+    if not (_finite(load.demand_per_s) and load.demand_per_s >= 0):
+        raise ValueError(f"demand_per_s must be finite and >= 0, got {load.demand_per_s}")
+    step = next_poll_delay(age_s, policy, jitter=jitter)
+    age_s = max(age_s, 0.0)
+    weight = poll_weight(age_s, typical_duration_s, policy)
+    base = step
+    if callbacks_healthy and weight < 1 and not fleet_idle(load.jobs, budget_per_s, policy):
+        if first:
+            overdue_at = first_poll_delay(
+                policy,
+                callbacks_healthy=True,
+                typical_duration_s=typical_duration_s,
+                jitter=jitter,
+            )
+            base = max(step, overdue_at - age_s)
+        else:
+            base = next_poll_delay(age_s, policy, jitter=jitter, callbacks_healthy=True)
+    pressure = load.demand_per_s / budget_per_s
+    return base * max(1.0, pressure / weight), weight / base
+
+
+class PollBudget:
+    """The status-query budget shared by the jobs in flight: what each wishes for, summed.
+
+    Each job's wish (its ``w / base`` from :func:`planned_poll_delay`) is kept per key, and
+    their sum updated on every change, so that a plan costs O(1) whether 10 or 100,000 jobs
+    are in flight. The sum is recomputed from the wishes by :meth:`resum` (now and then), so
+    that float rounding does not build up.
+
+    Args:
+        per_s: status queries a second the fleet may spend, > 0.
+
+    Raises:
+        ValueError: ``per_s`` is not finite and > 0.
+    """
+
+    def __init__(self, per_s: float) -> None:
+        if not (_finite(per_s) and per_s > 0):
+            raise ValueError(f"per_s must be finite and > 0, got {per_s}")
+        self.per_s = float(per_s)
+        self._wishes: dict[object, float] = {}
+        self._sum = 0.0
+
+    def wish(self, key: object, per_s: float) -> None:
+        """Record (or replace) the weighted queries a second ``key`` wishes for."""
+        if not (_finite(per_s) and per_s >= 0):
+            raise ValueError(f"a wish must be finite and >= 0, got {per_s}")
+        self._sum += per_s - self._wishes.get(key, 0.0)
+        self._wishes[key] = per_s
+
+    def forget(self, key: object) -> None:
+        """``key`` is no longer in flight."""
+        self._sum -= self._wishes.pop(key, 0.0)
+        if not self._wishes:
+            self._sum = 0.0
+
+    def resum(self) -> None:
+        """Add the wishes up again (O(n): call it rarely, e.g. on a rescan of storage)."""
+        self._sum = math.fsum(self._wishes.values())
+
+    def load(self) -> FleetLoad:
+        """The jobs in flight and their summed wish."""
+        return FleetLoad(jobs=len(self._wishes), demand_per_s=max(self._sum, 0.0))
 
 
 # -- how well callbacks are doing -----------------------------------------------------------

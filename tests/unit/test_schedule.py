@@ -11,10 +11,15 @@ from hypothesis import strategies as st
 from kied.core.families import Family
 from kied.core.schedule import (
     CallbackHealth,
+    FleetLoad,
+    PollBudget,
     PollPolicy,
     backoff_delay,
     first_poll_delay,
+    fleet_idle,
     next_poll_delay,
+    planned_poll_delay,
+    poll_weight,
 )
 
 POLICY = PollPolicy()
@@ -373,3 +378,186 @@ def test_healthy_callbacks_back_off_with_the_jobs_age(elapsed, jitter, expected)
 def test_healthy_cap_is_validated():
     with pytest.raises(ValueError, match="healthy_max_interval_s"):
         PollPolicy(healthy_max_interval_s=-1.0)
+
+
+# ============================================================================================
+# sharing the status-query budget: poll_weight, fleet_idle, planned_poll_delay, PollBudget
+
+IDLE = FleetLoad(jobs=1, demand_per_s=0.0)
+
+
+def plan(
+    age_s: float,
+    *,
+    typical: float | None = None,
+    load: FleetLoad = IDLE,
+    budget: float = 8.0,
+    healthy: bool = False,
+    first: bool = False,
+    jitter: float = 0.0,
+) -> tuple[float, float]:
+    return planned_poll_delay(
+        age_s,
+        typical_duration_s=typical,
+        load=load,
+        budget_per_s=budget,
+        callbacks_healthy=healthy,
+        first=first,
+        policy=POLICY,
+        jitter=jitter,
+    )
+
+
+@pytest.mark.parametrize(
+    ("age_s", "typical", "weight"),
+    [
+        (0.0, 10.0, 0.25),
+        (9.999, 10.0, 0.25),
+        (10.0, 10.0, 1.0),  # overdue from the typical duration on
+        (59.9, None, 0.25),  # unknown: overdue after overdue_floor_s
+        (60.0, None, 1.0),
+        (0.0, 0.0, 1.0),
+    ],
+)
+def test_poll_weight_favours_overdue_jobs(age_s: float, typical: float | None, weight: float):
+    assert poll_weight(age_s, typical, POLICY) == weight
+
+
+def test_fleet_idle_is_every_job_every_idle_interval_within_the_budget() -> None:
+    assert fleet_idle(24, 8.0, POLICY)  # 24 jobs every 3 s: 8 a second
+    assert not fleet_idle(25, 8.0, POLICY)
+    assert fleet_idle(0, 0.5, POLICY)
+    assert not fleet_idle(2, 0.5, PollPolicy(idle_interval_s=1.0))
+
+
+@pytest.mark.parametrize("healthy", [False, True])
+def test_few_jobs_follow_kies_schedule_even_with_healthy_callbacks(healthy: bool) -> None:
+    # An idle fleet: the first query 2-3 s after creation, whatever callbacks do.
+    assert plan(0.0, healthy=healthy, first=True) == (2.0, 0.25 / 2.0)
+    assert plan(0.0, healthy=healthy, first=True, jitter=TOP)[0] == pytest.approx(3.0)
+    assert plan(45.0, healthy=healthy, load=FleetLoad(24, 2.0))[0] == 5.0
+    assert plan(200.0, healthy=healthy, load=FleetLoad(24, 8.0))[0] == 15.0
+
+
+def test_healthy_callbacks_and_a_busy_fleet_wait_until_the_job_is_overdue() -> None:
+    busy = FleetLoad(jobs=25, demand_per_s=0.5)
+    # First query: at overdue_floor_s (typical unknown), or 1.5 x the typical duration.
+    assert plan(0.0, healthy=True, first=True, load=busy) == (60.0, 0.25 / 60.0)
+    assert plan(10.0, healthy=True, first=True, load=busy)[0] == 50.0
+    assert plan(0.0, typical=50.0, healthy=True, first=True, load=busy)[0] == 75.0
+    # Later queries: as long as the job has existed (the healthy back-off).
+    assert plan(40.0, typical=50.0, healthy=True, load=busy)[0] == 40.0
+    # Overdue against its typical duration: KIE's schedule again, whatever callbacks do.
+    assert plan(50.0, typical=50.0, healthy=True, load=busy) == (5.0, 1.0 / 5.0)
+    # Without healthy callbacks a busy fleet keeps KIE's schedule, only stretched.
+    assert plan(0.0, first=True, load=busy)[0] == 2.0
+
+
+def test_pressure_stretches_by_weight_and_overdue_jobs_come_first() -> None:
+    load = FleetLoad(jobs=1000, demand_per_s=80.0)  # ten times the budget of 8
+    fresh, fresh_wish = plan(0.0, typical=20.0, load=load)
+    overdue, overdue_wish = plan(25.0, typical=20.0, load=load)
+    assert fresh == pytest.approx(2.0 * 10 / 0.25)  # 80 s
+    assert overdue == pytest.approx(2.0 * 10)  # 20 s: four times as often
+    assert (fresh_wish, overdue_wish) == (0.125, 0.5)
+    # Below the weight nothing is stretched.
+    assert plan(25.0, typical=20.0, load=FleetLoad(10, 8.0))[0] == 2.0
+    assert plan(0.0, typical=20.0, load=FleetLoad(10, 2.0))[0] == 2.0
+    assert plan(0.0, typical=20.0, load=FleetLoad(10, 4.0))[0] == 4.0
+
+
+def test_planned_delay_refuses_nonsense() -> None:
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="budget_per_s"):
+            plan(0.0, budget=bad)
+    with pytest.raises(ValueError, match="demand_per_s"):
+        plan(0.0, load=FleetLoad(1, math.nan))
+    with pytest.raises(ValueError, match="jitter"):
+        plan(0.0, jitter=1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        plan(math.nan)
+
+
+_JOB = st.tuples(
+    st.floats(min_value=-5, max_value=5000),  # age
+    st.one_of(st.none(), st.floats(min_value=0, max_value=600)),  # typical duration
+    st.floats(min_value=0, max_value=1, exclude_max=True),  # jitter
+    st.booleans(),  # first
+)
+
+
+@given(
+    jobs=st.lists(_JOB, min_size=1, max_size=300),
+    budget=st.floats(min_value=0.1, max_value=50),
+    healthy=st.booleans(),
+)
+def test_a_planned_fleet_stays_within_its_budget(
+    jobs: list[tuple[float, float | None, float, bool]], budget: float, healthy: bool
+) -> None:
+    # Every job plans once with the fleet idle, recording its wish; then every job plans
+    # again with the fleet's summed wish: the queries a second they then ask add up to at
+    # most the budget, and each asks no more often than KIE's schedule for its age.
+    ledger = PollBudget(budget)
+    for key, (age, typical, jitter, first) in enumerate(jobs):
+        _, wish = planned_poll_delay(
+            age,
+            typical_duration_s=typical,
+            load=FleetLoad(len(jobs), 0.0),
+            budget_per_s=budget,
+            callbacks_healthy=healthy,
+            first=first,
+            policy=POLICY,
+            jitter=jitter,
+        )
+        ledger.wish(key, wish)
+    load = ledger.load()
+    assert load.jobs == len(jobs)
+    total = 0.0
+    for age, typical, jitter, first in jobs:
+        delay, _ = planned_poll_delay(
+            age,
+            typical_duration_s=typical,
+            load=load,
+            budget_per_s=budget,
+            callbacks_healthy=healthy,
+            first=first,
+            policy=POLICY,
+            jitter=jitter,
+        )
+        assert delay >= next_poll_delay(age, POLICY, jitter=jitter)
+        total += 1.0 / delay
+    assert total <= budget * (1 + 1e-9)
+
+
+def test_poll_budget_keeps_the_sum_in_constant_time() -> None:
+    ledger = PollBudget(8.0)
+    assert ledger.load() == FleetLoad(0, 0.0)
+    ledger.wish("a", 0.5)
+    ledger.wish("b", 0.25)
+    ledger.wish("a", 0.125)  # replaced, not added
+    assert ledger.load() == FleetLoad(2, 0.375)
+    ledger.forget("a")
+    ledger.forget("a")  # twice is harmless
+    ledger.forget("nobody")
+    assert ledger.load() == FleetLoad(1, 0.25)
+    for key in range(1000):
+        ledger.wish(key, 0.1)
+    for key in range(1000):
+        ledger.forget(key)
+    ledger.resum()
+    assert ledger.load() == FleetLoad(1, 0.25)
+    ledger.forget("b")
+    assert ledger.load() == FleetLoad(0, 0.0)  # no rounding left over
+    with pytest.raises(ValueError, match="per_s"):
+        PollBudget(0)
+    with pytest.raises(ValueError, match="wish"):
+        ledger.wish("c", math.nan)
+    with pytest.raises(ValueError, match="wish"):
+        ledger.wish("c", -1.0)
+
+
+def test_policy_refuses_a_weight_below_one_and_a_bad_idle_interval() -> None:
+    with pytest.raises(ValueError, match="overdue_weight"):
+        PollPolicy(overdue_weight=0.5)
+    with pytest.raises(ValueError, match="idle_interval_s"):
+        PollPolicy(idle_interval_s=-1.0)
