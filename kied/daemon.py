@@ -104,6 +104,11 @@ class Daemon:
         self.metrics = Metrics(
             mode=lambda: self.mode.value,
             pollers=lambda: 0 if self._supervisor is None else self._supervisor.polling,
+            budget=lambda: (
+                (settings.status_queries_per_s, 0.0)
+                if self._supervisor is None
+                else self._supervisor.budget
+            ),
         )
         self.changes = JobChanges(metrics=self.metrics, health=self.health_of_callbacks, now=now)
         self.callbacks = CallbackIntake(
