@@ -110,8 +110,8 @@ class Metrics:
     Args:
         mode: the daemon's mode now, ``ACTIVE`` or ``PASSIVE``; read at each scrape.
         pollers: how many pollers run now; read at each scrape.
-        budget: the status-query budget (queries a second) and the weighted demand the jobs in
-            flight plan against it; read at each scrape.
+        budget: the status-query budget (queries a second), and the shortest interval an
+            overdue job gets under it now (seconds); read at each scrape.
         version: reported as ``kied_build_info{version}``.
     """
 
@@ -413,7 +413,7 @@ class _StateCollector:
         yield GaugeMetricFamily("kied_mode", "", labels=["mode"])
         yield GaugeMetricFamily("kied_pollers", "")
         yield GaugeMetricFamily("kied_status_query_budget_per_s", "")
-        yield GaugeMetricFamily("kied_status_query_demand_per_s", "")
+        yield GaugeMetricFamily("kied_status_query_share_seconds", "")
         yield GaugeMetricFamily("kied_status_query_rate_per_s", "")
 
     def collect(self) -> Iterator[Metric]:
@@ -429,17 +429,18 @@ class _StateCollector:
         yield GaugeMetricFamily(
             "kied_pollers", "Job pollers running now (0 while PASSIVE).", value=self._pollers()
         )
-        budget, demand = self._budget()
+        budget, share = self._budget()
         yield GaugeMetricFamily(
             "kied_status_query_budget_per_s",
             "Status queries a second the pollers plan to spend (KIED_STATUS_QUERIES_PER_S).",
             value=budget,
         )
         yield GaugeMetricFamily(
-            "kied_status_query_demand_per_s",
-            "The weighted status queries a second the jobs in flight wish for; above the"
-            " budget, their intervals are stretched by demand / budget (0 while PASSIVE).",
-            value=demand,
+            "kied_status_query_share_seconds",
+            "The shortest interval between status queries of an overdue job that the budget"
+            " allows now (the jobs' weights over the budget; a job not yet overdue waits"
+            " 4 times as long); KIE's own schedule applies when it is longer. 0 while PASSIVE.",
+            value=share,
         )
         yield GaugeMetricFamily(
             "kied_status_query_rate_per_s",

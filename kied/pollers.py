@@ -210,8 +210,9 @@ class PollerSupervisor:
 
     @property
     def budget(self) -> tuple[float, float]:
-        """The status-query budget and the weighted demand planned against it (per second)."""
-        return self._budget.per_s, self._budget.load().demand_per_s
+        """The status-query budget (a second), and the shortest interval an overdue job gets
+        under it now (:func:`~kied.core.schedule.share_interval_s`)."""
+        return self._budget.per_s, self._budget.share_s()
 
     def job_changed(self, job: Job) -> None:
         """A job was stored or changed: stop its poller, or start one.
@@ -343,17 +344,27 @@ class PollerSupervisor:
         self._note_confirm(job)
         scope = trio.CancelScope()
         self._scopes[job.id] = scope
-        if job.task_id is not None:
-            # Counted in the fleet's load at once, so that the jobs a new leader takes
-            # over plan against all of them, not against those started before them.
+        # Counted in the fleet's load at once, so that the jobs a new leader takes over
+        # (or an application submits in a burst) plan against all of them, not against
+        # those started before them; a job still being created weighs as a new one.
+        first_at: float | None = None
+        if job.task_id is None:
+            self._budget.weigh(job.id, 1.0 / self._policy.overdue_weight)
+        elif unheard:
+            # It may have ended while nobody listened: at once, at the budget's pace, in
+            # the order the jobs are started (oldest first).
+            self._budget.weigh(job.id, 1.0)
+            first_at = max(trio.current_time(), self._catch_up_at + 1.0 / self._budget.per_s)
+            self._catch_up_at = first_at
+        else:
             self._plan(job, first=True)
-        self._nursery.start_soon(self._poll, job, scope, resumed, unheard)
+        self._nursery.start_soon(self._poll, job, scope, resumed, first_at)
         return True
 
     def _plan(self, job: Job, *, first: bool) -> float:
         """Plan the job's next status query against the budget: the delay from now."""
         healthy = self._callbacks_expected()
-        delay, wish = planned_poll_delay(
+        delay, weight = planned_poll_delay(
             self._now() - job.created_at,
             typical_duration_s=self._health.typical_duration_s(job.family, job.model),
             load=self._budget.load(),
@@ -363,17 +374,12 @@ class PollerSupervisor:
             policy=self._policy,
             jitter=self._rng.random(),
         )
-        self._budget.wish(job.id, wish)
+        self._budget.weigh(job.id, weight)
         return delay
 
-    def _first_query_at(self, job: Job, *, resumed: bool, unheard: bool) -> float:
+    def _first_query_at(self, job: Job, *, resumed: bool) -> float:
         """When (trio time) to query a job first, on this instance."""
         now = trio.current_time()
-        if unheard:
-            # It may have ended while nobody listened: at once, at the budget's pace.
-            self._budget.wish(job.id, 1.0 / self._policy.steps[0][1])
-            at = self._catch_up_at = max(now, self._catch_up_at + 1.0 / self._budget.per_s)
-            return at
         delay = self._plan(job, first=True)
         if resumed:
             # Another leader followed it until now: somewhere in its interval, so that the
@@ -382,14 +388,18 @@ class PollerSupervisor:
         return now + delay
 
     async def _poll(
-        self, job: Job, scope: trio.CancelScope, resumed: bool = False, unheard: bool = False
+        self,
+        job: Job,
+        scope: trio.CancelScope,
+        resumed: bool = False,
+        first_at: float | None = None,
     ) -> None:
         try:
             with scope:
                 # The job's stored deadline is this scope's own: a restart does not
                 # restart the clock, and one scope per poller keeps 100,000 of them cheap.
                 scope.deadline = trio.current_time() + max(0.0, job.deadline_at - self._now())
-                await self._poll_until_terminal(job, resumed=resumed, unheard=unheard)
+                await self._poll_until_terminal(job, resumed=resumed, first_at=first_at)
             if scope.cancelled_caught and trio.current_time() >= scope.deadline:
                 report = Report(event=EventKind.DEADLINE, source=EndedBy.DEADLINE)
                 if job.id in self._lost:
@@ -413,19 +423,25 @@ class PollerSupervisor:
             logger.debug("[GEN] poller for job %s stopped", job.id)
 
     async def _poll_until_terminal(
-        self, job: Job, *, resumed: bool = False, unheard: bool = False
+        self, job: Job, *, resumed: bool = False, first_at: float | None = None
     ) -> None:
+        """Follow one job to its end: create its task if need be, then query KIE as
+        planned. ``resumed``: taken over from another leader; ``first_at``: when (trio
+        time) to query it first, if it may have ended unheard."""
         family = Family(job.family)
         if job.task_id is None:
             submitted = await self._submit(job, family)
             if submitted is None:
                 return
             job = submitted
-            resumed = unheard = False  # its task is new: nothing was missed
+            resumed, first_at = False, None  # its task is new: nothing was missed
         task_id = job.task_id
         assert task_id is not None
         policy = self._policy
-        next_at = self._first_query_at(job, resumed=resumed, unheard=unheard)
+        if first_at is None:
+            next_at = self._first_query_at(job, resumed=resumed)
+        else:
+            next_at = first_at
         failures = 0
         kie_state = job.kie_state
         #: the confirm request the last status query answered (see _confirm_due)

@@ -8,11 +8,10 @@ jobs share that budget, and on how well callbacks are doing:
 - :func:`next_poll_delay` is KIE's recommended schedule (every 2-3 s at first, then slower).
   While few jobs are in flight, every job follows it, even while callbacks look healthy: a lost
   callback then costs the user seconds, not a minute.
-- :class:`PollBudget` keeps, in O(1) per change, how many queries a second the jobs in flight
-  wish for, each weighted (:func:`poll_weight`: a job overdue against the typical duration of
-  its family and model weighs most). :func:`planned_poll_delay` stretches every job's interval
-  by that demand over the budget, in inverse proportion to its weight, so that the total stays
-  within the budget and overdue jobs are asked first.
+- :class:`PollBudget` keeps, in O(1) per change, the jobs in flight and their total weight
+  (:func:`poll_weight`: a job overdue against the typical duration of its family and model
+  weighs most). :func:`planned_poll_delay` gives each job at most its weight's share of the
+  budget, so that the total stays within it and overdue jobs are asked first.
 - While callbacks arrive and finish most jobs (:class:`CallbackHealth`) and the fleet is busy
   (:func:`fleet_idle`), a job's first status query waits until the job is overdue
   (:func:`first_poll_delay`: at least ``overdue_floor_s``, or ``overdue_factor`` times the
@@ -30,7 +29,10 @@ from __future__ import annotations
 import math
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 __all__ = [
     "CallbackHealth",
@@ -45,6 +47,7 @@ __all__ = [
     "planned_poll_delay",
     "poll_weight",
     "retry_after_s",
+    "share_interval_s",
 ]
 
 #: 2**this is the largest backoff factor computed; anything past it is capped anyway.
@@ -249,9 +252,8 @@ class FleetLoad:
 
     #: jobs whose task is followed now
     jobs: int
-    #: the weighted queries a second they wish for: the sum of each job's
-    #: ``poll_weight / interval`` at its last plan (see :func:`planned_poll_delay`)
-    demand_per_s: float
+    #: their weights (:func:`poll_weight`) added up
+    weight: float
 
 
 def poll_weight(age_s: float, typical_duration_s: float | None, policy: PollPolicy) -> float:
@@ -271,6 +273,16 @@ def fleet_idle(jobs: int, budget_per_s: float, policy: PollPolicy) -> bool:
     return jobs <= budget_per_s * policy.idle_interval_s
 
 
+def share_interval_s(load: FleetLoad, budget_per_s: float) -> float:
+    """The shortest interval a job of weight 1 gets: ``load.weight / budget_per_s``; a job
+    of weight ``w`` gets this divided by ``w``."""
+    if not (_finite(budget_per_s) and budget_per_s > 0):
+        raise ValueError(f"budget_per_s must be finite and > 0, got {budget_per_s}")
+    if not (_finite(load.weight) and load.weight >= 0):
+        raise ValueError(f"the fleet's weight must be finite and >= 0, got {load.weight}")
+    return load.weight / budget_per_s
+
+
 def planned_poll_delay(
     age_s: float,
     *,
@@ -286,23 +298,25 @@ def planned_poll_delay(
 
     The job's own interval (its base) is KIE's schedule for its age (:func:`next_poll_delay`),
     or, while callbacks are healthy, the fleet is busy (not :func:`fleet_idle`) and the job
-    is not overdue, the healthy schedule: the first query waits until the job is overdue
-    (:func:`first_poll_delay`), later ones as long as the job has existed. The base is then
-    stretched by the pressure on the budget, ``p = load.demand_per_s / budget_per_s``, in
-    inverse proportion to the job's weight ``w`` (:func:`poll_weight`)::
+    is not overdue, the healthy schedule: no query until the job is overdue
+    (:func:`first_poll_delay`), and later ones as long apart as the job has existed. The job
+    then gets at most its weight's share of the budget (:func:`share_interval_s`)::
 
-        delay = base * max(1, p / w)
+        delay = max(base, (load.weight / budget_per_s) / w)
 
-    A job so planned asks at most ``w / (base * p)`` queries a second; when each job's
-    contribution to ``load.demand_per_s`` is its ``w / base`` (the second value returned),
-    the fleet's total is at most ``budget_per_s``. While the fleet asks less than its budget
-    (``p <= w``) nothing is stretched. The arithmetic is O(1): the fleet comes in as the one
-    sum :class:`PollBudget` keeps.
+    and a first query is put off by a further ``jitter`` times that share, so that jobs
+    created or taken over together are spread over their share instead of asked at once.
+
+    A job so planned asks at most ``w * budget_per_s / load.weight`` queries a second, so
+    while ``load.weight`` adds up the weights of the jobs in flight, together they ask at
+    most ``budget_per_s``. While few jobs are in flight the share is short and every job
+    follows its base; as more come, every interval is stretched, an overdue job's least.
+    The arithmetic is O(1): the fleet comes in as the one sum :class:`PollBudget` keeps.
 
     Args:
         age_s: seconds since the job was created (negative counts as 0).
         typical_duration_s: how long jobs of its family and model usually take, or None.
-        load: the jobs in flight and the demand they wish for, this job's included.
+        load: the jobs in flight and their weight, this job's included.
         budget_per_s: status queries a second the fleet may spend, > 0.
         callbacks_healthy: whether callbacks can be expected to report the job's outcome.
         first: the job has not been queried yet (on this instance).
@@ -310,43 +324,41 @@ def planned_poll_delay(
         jitter: in [0, 1).
 
     Returns:
-        ``(delay_s, wish_per_s)``: seconds from now to the next query, and the job's weighted
-        wish (``w / base``) to record in :meth:`PollBudget.wish`.
+        ``(delay_s, weight)``: seconds from now to the next query, and the job's weight to
+        record in :meth:`PollBudget.weigh`.
 
     Raises:
-        ValueError: ``jitter`` is outside [0, 1), ``budget_per_s`` is not > 0, or an age or
-            duration is NaN or out of range.
+        ValueError: ``jitter`` is outside [0, 1), ``budget_per_s`` is not > 0, or an age,
+            weight or duration is NaN or out of range.
     """
-    if not (_finite(budget_per_s) and budget_per_s > 0):
-        raise ValueError(f"budget_per_s must be finite and > 0, got {budget_per_s}")
-    if not (_finite(load.demand_per_s) and load.demand_per_s >= 0):
-        raise ValueError(f"demand_per_s must be finite and >= 0, got {load.demand_per_s}")
+    share_s = share_interval_s(load, budget_per_s)
     step = next_poll_delay(age_s, policy, jitter=jitter)
     age_s = max(age_s, 0.0)
     weight = poll_weight(age_s, typical_duration_s, policy)
     base = step
     if callbacks_healthy and weight < 1 and not fleet_idle(load.jobs, budget_per_s, policy):
-        if first:
-            overdue_at = first_poll_delay(
-                policy,
-                callbacks_healthy=True,
-                typical_duration_s=typical_duration_s,
-                jitter=jitter,
-            )
-            base = max(step, overdue_at - age_s)
-        else:
-            base = next_poll_delay(age_s, policy, jitter=jitter, callbacks_healthy=True)
-    pressure = load.demand_per_s / budget_per_s
-    return base * max(1.0, pressure / weight), weight / base
+        overdue_at = first_poll_delay(
+            policy, callbacks_healthy=True, typical_duration_s=typical_duration_s, jitter=jitter
+        )
+        base = max(base, overdue_at - age_s)
+        if not first:
+            base = max(base, next_poll_delay(age_s, policy, jitter=jitter, callbacks_healthy=True))
+    own_share_s = share_s / weight
+    delay = max(base, own_share_s)
+    if first:
+        # Jobs created (or taken over) together would all be asked together: a first query
+        # is put off by up to the job's share, which spreads n such jobs over n / budget s.
+        delay += jitter * own_share_s
+    return delay, weight
 
 
 class PollBudget:
-    """The status-query budget shared by the jobs in flight: what each wishes for, summed.
+    """The status-query budget shared by the jobs in flight: their weights, added up.
 
-    Each job's wish (its ``w / base`` from :func:`planned_poll_delay`) is kept per key, and
-    their sum updated on every change, so that a plan costs O(1) whether 10 or 100,000 jobs
-    are in flight. The sum is recomputed from the wishes by :meth:`resum` (now and then), so
-    that float rounding does not build up.
+    Each job's weight (from :func:`planned_poll_delay`) is kept per key, and the sum updated
+    on every change, so that a plan costs O(1) whether 10 or 100,000 jobs are in flight. The
+    sum is recomputed from the weights by :meth:`resum` (now and then), so that float
+    rounding does not build up.
 
     Args:
         per_s: status queries a second the fleet may spend, > 0.
@@ -359,29 +371,33 @@ class PollBudget:
         if not (_finite(per_s) and per_s > 0):
             raise ValueError(f"per_s must be finite and > 0, got {per_s}")
         self.per_s = float(per_s)
-        self._wishes: dict[object, float] = {}
+        self._weights: dict[object, float] = {}
         self._sum = 0.0
 
-    def wish(self, key: object, per_s: float) -> None:
-        """Record (or replace) the weighted queries a second ``key`` wishes for."""
-        if not (_finite(per_s) and per_s >= 0):
-            raise ValueError(f"a wish must be finite and >= 0, got {per_s}")
-        self._sum += per_s - self._wishes.get(key, 0.0)
-        self._wishes[key] = per_s
+    def weigh(self, key: object, weight: float) -> None:
+        """Record (or replace) the weight of ``key``."""
+        if not (_finite(weight) and weight >= 0):
+            raise ValueError(f"a weight must be finite and >= 0, got {weight}")
+        self._sum += weight - self._weights.get(key, 0.0)
+        self._weights[key] = weight
 
     def forget(self, key: object) -> None:
         """``key`` is no longer in flight."""
-        self._sum -= self._wishes.pop(key, 0.0)
-        if not self._wishes:
+        self._sum -= self._weights.pop(key, 0.0)
+        if not self._weights:
             self._sum = 0.0
 
     def resum(self) -> None:
-        """Add the wishes up again (O(n): call it rarely, e.g. on a rescan of storage)."""
-        self._sum = math.fsum(self._wishes.values())
+        """Add the weights up again (O(n): call it rarely, e.g. on a rescan of storage)."""
+        self._sum = math.fsum(self._weights.values())
 
     def load(self) -> FleetLoad:
-        """The jobs in flight and their summed wish."""
-        return FleetLoad(jobs=len(self._wishes), demand_per_s=max(self._sum, 0.0))
+        """The jobs in flight and their total weight."""
+        return FleetLoad(jobs=len(self._weights), weight=max(self._sum, 0.0))
+
+    def share_s(self) -> float:
+        """:func:`share_interval_s` of the jobs in flight now."""
+        return share_interval_s(self.load(), self.per_s)
 
 
 # -- how well callbacks are doing -----------------------------------------------------------
@@ -477,6 +493,27 @@ class CallbackHealth:
         else:
             self._durations.move_to_end(key)
         durations.append(float(duration_s))
+
+    def seed(
+        self,
+        finishes: Iterable[tuple[str, str | None, float, FinishedBy]],
+        *,
+        last_callback_at: float | None,
+    ) -> None:
+        """Start again from what storage remembers: ``finishes`` (family, model, duration,
+        by whom), oldest first, and the newest callback's time.
+
+        A new leader calls it so as not to start cold. Storage has every instance's
+        finishes, so they replace those recorded here; a callback heard here later than
+        ``last_callback_at`` is kept.
+        """
+        self._finishes.clear()
+        self._counts.clear()
+        self._durations.clear()
+        for family, model, duration_s, by in finishes:
+            self.job_finished(family, model, duration_s, by=by)
+        if last_callback_at is not None:
+            self.callback_received(last_callback_at)
 
     def healthy(self, now: float) -> bool:
         """Whether callbacks can be trusted to report outcomes.

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
     from kied.core._json import JsonObject
     from kied.core.jobs import Job, JobId, NewJob, Report, TaskId
+    from kied.core.schedule import FinishedBy
 
 __all__ = [
     "Attached",
@@ -185,7 +186,7 @@ class Finish:
     family: str
     model: str | None
     #: ``callback`` (a callback's outcome, confirmed or not) or ``poll``
-    by: str
+    by: FinishedBy
     created_at: float
     ended_at: float
 

@@ -122,7 +122,7 @@ def test_the_exposition_parses_and_has_every_metric_from_the_start():
         "kied_mode",
         "kied_pollers",
         "kied_status_query_budget_per_s",
-        "kied_status_query_demand_per_s",
+        "kied_status_query_share_seconds",
         "kied_status_query_rate_per_s",
     }
     assert not any(s.name.endswith("_created") for f in families.values() for s in f.samples)
@@ -163,6 +163,6 @@ def test_the_status_query_budget_demand_and_rate_are_shown():
         metrics.status_query("pending")
     get = metrics.registry.get_sample_value
     assert get("kied_status_query_budget_per_s") == 8.0
-    assert get("kied_status_query_demand_per_s") == 2.5
+    assert get("kied_status_query_share_seconds") == 2.5
     assert get("kied_status_query_rate_per_s") == 3.0  # 30 over the last 10 s
     assert Metrics().registry.get_sample_value("kied_status_query_rate_per_s") == 0.0

@@ -20,6 +20,7 @@ from kied.core.schedule import (
     next_poll_delay,
     planned_poll_delay,
     poll_weight,
+    share_interval_s,
 )
 
 POLICY = PollPolicy()
@@ -383,7 +384,7 @@ def test_healthy_cap_is_validated():
 # ============================================================================================
 # sharing the status-query budget: poll_weight, fleet_idle, planned_poll_delay, PollBudget
 
-IDLE = FleetLoad(jobs=1, demand_per_s=0.0)
+IDLE = FleetLoad(jobs=1, weight=0.25)
 
 
 def plan(
@@ -430,47 +431,60 @@ def test_fleet_idle_is_every_job_every_idle_interval_within_the_budget() -> None
     assert not fleet_idle(2, 0.5, PollPolicy(idle_interval_s=1.0))
 
 
+def test_the_share_interval_is_the_fleets_weight_over_the_budget() -> None:
+    assert share_interval_s(FleetLoad(10, 4.0), 8.0) == 0.5
+    assert share_interval_s(FleetLoad(0, 0.0), 8.0) == 0.0
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="budget_per_s"):
+            share_interval_s(FleetLoad(1, 1.0), bad)
+    for weight in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="weight"):
+            share_interval_s(FleetLoad(1, weight), 8.0)
+
+
 @pytest.mark.parametrize("healthy", [False, True])
 def test_few_jobs_follow_kies_schedule_even_with_healthy_callbacks(healthy: bool) -> None:
     # An idle fleet: the first query 2-3 s after creation, whatever callbacks do.
-    assert plan(0.0, healthy=healthy, first=True) == (2.0, 0.25 / 2.0)
-    assert plan(0.0, healthy=healthy, first=True, jitter=TOP)[0] == pytest.approx(3.0)
-    assert plan(45.0, healthy=healthy, load=FleetLoad(24, 2.0))[0] == 5.0
-    assert plan(200.0, healthy=healthy, load=FleetLoad(24, 8.0))[0] == 15.0
+    assert plan(0.0, healthy=healthy, first=True) == (2.0, 0.25)
+    # (a first query is put off by up to the job's share: 0.25 / 8 / 0.25 s here)
+    assert plan(0.0, healthy=healthy, first=True, jitter=TOP)[0] == pytest.approx(3.125)
+    assert plan(45.0, healthy=healthy, load=FleetLoad(24, 6.0))[0] == 5.0
+    assert plan(200.0, healthy=healthy, load=FleetLoad(24, 24.0))[0] == 15.0
 
 
 def test_healthy_callbacks_and_a_busy_fleet_wait_until_the_job_is_overdue() -> None:
-    busy = FleetLoad(jobs=25, demand_per_s=0.5)
+    busy = FleetLoad(jobs=25, weight=25 * 0.25)
     # First query: at overdue_floor_s (typical unknown), or 1.5 x the typical duration.
-    assert plan(0.0, healthy=True, first=True, load=busy) == (60.0, 0.25 / 60.0)
+    assert plan(0.0, healthy=True, first=True, load=busy) == (60.0, 0.25)
     assert plan(10.0, healthy=True, first=True, load=busy)[0] == 50.0
     assert plan(0.0, typical=50.0, healthy=True, first=True, load=busy)[0] == 75.0
     # Later queries: as long as the job has existed (the healthy back-off).
     assert plan(40.0, typical=50.0, healthy=True, load=busy)[0] == 40.0
     # Overdue against its typical duration: KIE's schedule again, whatever callbacks do.
-    assert plan(50.0, typical=50.0, healthy=True, load=busy) == (5.0, 1.0 / 5.0)
-    # Without healthy callbacks a busy fleet keeps KIE's schedule, only stretched.
-    assert plan(0.0, first=True, load=busy)[0] == 2.0
+    assert plan(50.0, typical=50.0, healthy=True, load=busy) == (5.0, 1.0)
+    # Without healthy callbacks a busy fleet keeps KIE's schedule (stretched if need be).
+    assert plan(0.0, first=True, load=busy)[0] == pytest.approx(25 * 0.25 / 8 / 0.25)
 
 
-def test_pressure_stretches_by_weight_and_overdue_jobs_come_first() -> None:
-    load = FleetLoad(jobs=1000, demand_per_s=80.0)  # ten times the budget of 8
-    fresh, fresh_wish = plan(0.0, typical=20.0, load=load)
-    overdue, overdue_wish = plan(25.0, typical=20.0, load=load)
-    assert fresh == pytest.approx(2.0 * 10 / 0.25)  # 80 s
-    assert overdue == pytest.approx(2.0 * 10)  # 20 s: four times as often
-    assert (fresh_wish, overdue_wish) == (0.125, 0.5)
-    # Below the weight nothing is stretched.
+def test_the_share_stretches_by_weight_and_overdue_jobs_come_first() -> None:
+    load = FleetLoad(jobs=1000, weight=80.0)  # a share of 10 s for a weight of 1
+    fresh = plan(0.0, typical=20.0, load=load)
+    overdue = plan(25.0, typical=20.0, load=load)
+    old_overdue = plan(500.0, typical=20.0, load=load)
+    assert fresh == (40.0, 0.25)
+    assert overdue == (10.0, 1.0)  # four times as often
+    assert old_overdue == (15.0, 1.0)  # KIE's schedule for its age is slower still
+    # A short share leaves KIE's schedule as it is.
     assert plan(25.0, typical=20.0, load=FleetLoad(10, 8.0))[0] == 2.0
-    assert plan(0.0, typical=20.0, load=FleetLoad(10, 2.0))[0] == 2.0
-    assert plan(0.0, typical=20.0, load=FleetLoad(10, 4.0))[0] == 4.0
+    assert plan(0.0, typical=20.0, load=FleetLoad(10, 4.0))[0] == 2.0
+    assert plan(0.0, typical=20.0, load=FleetLoad(10, 6.0))[0] == 3.0
 
 
 def test_planned_delay_refuses_nonsense() -> None:
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="budget_per_s"):
             plan(0.0, budget=bad)
-    with pytest.raises(ValueError, match="demand_per_s"):
+    with pytest.raises(ValueError, match="weight"):
         plan(0.0, load=FleetLoad(1, math.nan))
     with pytest.raises(ValueError, match="jitter"):
         plan(0.0, jitter=1.0)
@@ -494,27 +508,17 @@ _JOB = st.tuples(
 def test_a_planned_fleet_stays_within_its_budget(
     jobs: list[tuple[float, float | None, float, bool]], budget: float, healthy: bool
 ) -> None:
-    # Every job plans once with the fleet idle, recording its wish; then every job plans
-    # again with the fleet's summed wish: the queries a second they then ask add up to at
-    # most the budget, and each asks no more often than KIE's schedule for its age.
+    # With the fleet's weights added up, the queries a second the jobs plan add up to at
+    # most the budget; no job asks more often than KIE's schedule for its age; and of two
+    # jobs of an age, an overdue one never waits longer.
     ledger = PollBudget(budget)
-    for key, (age, typical, jitter, first) in enumerate(jobs):
-        _, wish = planned_poll_delay(
-            age,
-            typical_duration_s=typical,
-            load=FleetLoad(len(jobs), 0.0),
-            budget_per_s=budget,
-            callbacks_healthy=healthy,
-            first=first,
-            policy=POLICY,
-            jitter=jitter,
-        )
-        ledger.wish(key, wish)
+    for key, (age, typical, _, _) in enumerate(jobs):
+        ledger.weigh(key, poll_weight(max(age, 0.0), typical, POLICY))
     load = ledger.load()
     assert load.jobs == len(jobs)
     total = 0.0
     for age, typical, jitter, first in jobs:
-        delay, _ = planned_poll_delay(
+        delay, weight = planned_poll_delay(
             age,
             typical_duration_s=typical,
             load=load,
@@ -525,23 +529,37 @@ def test_a_planned_fleet_stays_within_its_budget(
             jitter=jitter,
         )
         assert delay >= next_poll_delay(age, POLICY, jitter=jitter)
+        assert weight == poll_weight(max(age, 0.0), typical, POLICY)
         total += 1.0 / delay
+        if weight < 1:
+            overdue, _ = planned_poll_delay(
+                age,
+                typical_duration_s=0.0,
+                load=load,
+                budget_per_s=budget,
+                callbacks_healthy=healthy,
+                first=first,
+                policy=POLICY,
+                jitter=jitter,
+            )
+            assert overdue <= delay
     assert total <= budget * (1 + 1e-9)
 
 
 def test_poll_budget_keeps_the_sum_in_constant_time() -> None:
     ledger = PollBudget(8.0)
     assert ledger.load() == FleetLoad(0, 0.0)
-    ledger.wish("a", 0.5)
-    ledger.wish("b", 0.25)
-    ledger.wish("a", 0.125)  # replaced, not added
-    assert ledger.load() == FleetLoad(2, 0.375)
+    ledger.weigh("a", 1.0)
+    ledger.weigh("b", 0.25)
+    ledger.weigh("a", 0.5)  # replaced, not added
+    assert ledger.load() == FleetLoad(2, 0.75)
+    assert ledger.share_s() == 0.75 / 8
     ledger.forget("a")
     ledger.forget("a")  # twice is harmless
     ledger.forget("nobody")
     assert ledger.load() == FleetLoad(1, 0.25)
     for key in range(1000):
-        ledger.wish(key, 0.1)
+        ledger.weigh(key, 0.1)
     for key in range(1000):
         ledger.forget(key)
     ledger.resum()
@@ -550,10 +568,10 @@ def test_poll_budget_keeps_the_sum_in_constant_time() -> None:
     assert ledger.load() == FleetLoad(0, 0.0)  # no rounding left over
     with pytest.raises(ValueError, match="per_s"):
         PollBudget(0)
-    with pytest.raises(ValueError, match="wish"):
-        ledger.wish("c", math.nan)
-    with pytest.raises(ValueError, match="wish"):
-        ledger.wish("c", -1.0)
+    with pytest.raises(ValueError, match="weight"):
+        ledger.weigh("c", math.nan)
+    with pytest.raises(ValueError, match="weight"):
+        ledger.weigh("c", -1.0)
 
 
 def test_policy_refuses_a_weight_below_one_and_a_bad_idle_interval() -> None:
@@ -561,3 +579,34 @@ def test_policy_refuses_a_weight_below_one_and_a_bad_idle_interval() -> None:
         PollPolicy(overdue_weight=0.5)
     with pytest.raises(ValueError, match="idle_interval_s"):
         PollPolicy(idle_interval_s=-1.0)
+
+
+def test_seeding_health_starts_again_from_storage() -> None:
+    health = CallbackHealth(recent=4, min_samples=2)
+    health.job_finished("market", "m", 99.0, by="callback")
+    health.callback_received(500.0)
+    health.seed(
+        [("market", "m", 10.0, "callback"), ("market", "m", 12.0, "callback")]
+        + [("market", "m", 50.0, "poll")] * 3,
+        last_callback_at=400.0,
+    )
+    # The durations and finishes are storage's (the 99 s is gone; 3 of 4 by poll) ...
+    assert health.typical_duration_s("market", "m") == 12.0
+    assert not health.healthy(450.0)
+    # ... the newest callback heard here is kept.
+    health.seed([("market", "m", 10.0, "callback")], last_callback_at=100.0)
+    assert health.healthy(500.0 + 599.0)
+    fresh = CallbackHealth()
+    fresh.seed([], last_callback_at=None)
+    assert fresh.healthy(0.0)  # no evidence: presumed, as before
+
+
+def test_a_busy_healthy_fleet_queries_nothing_before_it_is_overdue_and_spreads_first_queries():
+    busy = FleetLoad(jobs=40, weight=10.0)  # a share of 1.25 s, 5 s for a weight of 1/4
+    # Asked once while the fleet was idle, a job then waits until it is overdue.
+    assert plan(2.0, healthy=True, load=busy)[0] == 58.0
+    assert plan(2.0, typical=50.0, healthy=True, load=busy)[0] == 73.0
+    # First queries are spread over the job's share: 40 jobs of weight 1/4 over 5 s.
+    assert plan(0.0, load=busy, first=True)[0] == 5.0
+    assert plan(0.0, load=busy, first=True, jitter=0.5)[0] == 5.0 + 2.5
+    assert plan(0.0, load=busy, jitter=0.5)[0] == 5.0  # later ones are not
