@@ -7,6 +7,7 @@ every status query's virtual time and task id kept.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+import kied.pollers
 from kied.core.jobs import EndedBy, JobState, Report
 from kied.core.jobs import EventKind as E
 from kied.testing import make_new_job
@@ -247,3 +249,28 @@ async def test_a_new_leader_seeds_callback_health_from_storage(tmp_path, autojum
         # No callback is kept in the inbox, and five finishes say callbacks did it; but
         # no callback was heard: health waits for one.
         assert not health.healthy(WALL0 + trio.current_time())
+
+
+async def test_taking_over_many_jobs_freezes_them_out_of_the_collectors_sight(
+    tmp_path, autojump_clock, monkeypatch
+):
+    monkeypatch.setattr(kied.pollers, "GC_FREEZE_JOBS", 8)
+    config = sim_config(duration_s=(100.0, 100.0), drop_callbacks=1.0)
+    async with open_stack(tmp_path, config, lead=False) as stack:
+        await stack.store.heard_listening("other", since=WALL0 - 1000.0, now=WALL0 + 10_000.0)
+        log = logged(stack)
+        jobs = await submitted(stack, 8)
+        await task_ids(stack, jobs)
+        stack.step_down()
+        assert gc.get_freeze_count() == 0
+        stack.lead()  # takes over 8 jobs: frozen
+        await trio.sleep(1)
+        assert gc.get_freeze_count() > 0
+        for job in jobs:
+            await stack.wait_terminal(job["id"])
+        supervisor = stack.daemon._supervisor
+        assert supervisor is not None
+        supervisor.request_rescan()  # fewer than a quarter left: handed back
+        await trio.sleep(1)
+        assert gc.get_freeze_count() == 0
+        assert log.queries
