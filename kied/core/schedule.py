@@ -522,14 +522,15 @@ class CallbackHealth:
         least ``min_callback_share`` of the recent finishes came by callback (with no finishes
         yet, the first condition decides).
 
-        Before there is any evidence at all (no callback heard, no job finished), callbacks
-        are presumed to work: a fresh instance lets its first jobs wait until overdue instead
-        of polling them every few seconds, and the first finish settles the question.
+        Nothing is presumed: until an authenticated callback is heard, callbacks are not
+        trusted, so a fresh instance (or one whose callbacks never come) spends its budget
+        of status queries rather than letting jobs wait until overdue
+        (:func:`planned_poll_delay`); the first callback settles the question.
         """
         last = self._last_callback_at
         total = len(self._finishes)
         if last is None:
-            return total == 0
+            return False
         if now - last > self._window_s:
             return False
         return total == 0 or self._counts["callback"] >= self._min_share * total

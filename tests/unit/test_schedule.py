@@ -229,8 +229,9 @@ def test_policy_refuses_nonsense(changes: dict[str, object]) -> None:
 # CallbackHealth
 
 
-def test_health_is_presumed_until_there_is_evidence() -> None:
-    assert CallbackHealth().healthy(1e9)
+def test_health_is_not_presumed_before_a_callback_is_heard() -> None:
+    # A fresh daemon whose callbacks are all lost must not wait for jobs to be overdue.
+    assert not CallbackHealth().healthy(1e9)
     polled = CallbackHealth()
     polled.job_finished("market", "m", 60.0, by="poll")  # a job ended with no callback heard
     assert not polled.healthy(1e9)
@@ -598,7 +599,7 @@ def test_seeding_health_starts_again_from_storage() -> None:
     assert health.healthy(500.0 + 599.0)
     fresh = CallbackHealth()
     fresh.seed([], last_callback_at=None)
-    assert fresh.healthy(0.0)  # no evidence: presumed, as before
+    assert not fresh.healthy(0.0)  # no evidence: nothing presumed
 
 
 def test_a_busy_healthy_fleet_queries_nothing_before_it_is_overdue_and_spreads_first_queries():
