@@ -109,8 +109,8 @@ class DemoOptions:
     malformed_callbacks: float = 0.0
     stuck: float = 0.0
     status_errors: float = 0.0
-    #: every job's deadline; lost callbacks are found by polling once a job is overdue,
-    #: which is about a minute on a daemon whose callbacks otherwise arrive
+    #: every job's deadline; lost callbacks are found by polling, within seconds while few
+    #: jobs are in flight
     timeout_s: float = 90.0
     seed: int | None = None
     verbose: bool = False
@@ -159,8 +159,10 @@ from KIE's completion to kied's record. Ctrl-C stops early and still prints it.
 What to expect: kied sends KIE at most 20 new tasks per 10 s, as KIE allows, so
 N jobs take at least N/2 s to start; the time a job waits in kied's createTask
 queue is not counted in its deadline (--timeout counts from its createTask). A
-job whose callback is lost or unreadable is found by polling once it is overdue,
-about a minute after it started; a stuck one ends at its deadline."""
+job whose callback is lost or unreadable is found by polling: within a few seconds
+of its task's end while few jobs are in flight, later as more share the
+status-query budget (KIED_STATUS_QUERIES_PER_S), overdue ones first; a stuck one
+ends at its deadline."""
 
 
 def _epilog() -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from enum import StrEnum
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from kied.archive import open_archive
 from kied.changes import JobChanges
 from kied.core.jobs import JobId
 from kied.core.schedule import CallbackHealth
+from kied.core.views import iso
 from kied.errors import (
     LeadershipLostError,
     StoreError,
@@ -43,6 +45,7 @@ from kied.errors import (
 from kied.intake import CallbackIntake
 from kied.journal import CallbackJournal, journal_directory, open_journal
 from kied.leadership import Leader, open_leadership
+from kied.listening import SPANS_KEPT_S, run_heartbeat, unheard_before
 from kied.metrics import Metrics
 from kied.pruner import Retention, run_pruner
 from kied.settings import FileLockSettings, NoLockSettings, PostgresStoreSettings, Settings
@@ -70,6 +73,10 @@ _STORE_WAIT_S = 5.0
 _JOURNAL_CHECK_S = 0.5
 _STORE_RETRY_MAX_S = 30.0
 _READY_PROBE_S = 2.0
+#: a new leader seeds its estimate of callback health with this many recent finishes
+_HISTORY_KEPT = 200
+#: ... and gives reading them (and the listening spans) this long
+_TAKE_OVER_READ_S = 10.0
 
 
 class Mode(StrEnum):
@@ -110,11 +117,19 @@ class Daemon:
         self._store_problem = "storage is opening"
         self._store_failed = False
         self._started_at = trio.current_time()
+        #: this instance's name in the listening spans, and when it began listening
+        self.instance = uuid.uuid4().hex
+        self.listening_since = now()
         self._supervisor: PollerSupervisor | None = None
         self.health_of_callbacks = CallbackHealth()
         self.metrics = Metrics(
             mode=lambda: self.mode.value,
             pollers=lambda: 0 if self._supervisor is None else self._supervisor.polling,
+            budget=lambda: (
+                (settings.status_queries_per_s, 0.0)
+                if self._supervisor is None
+                else self._supervisor.budget
+            ),
         )
         self.changes = JobChanges(metrics=self.metrics, health=self.health_of_callbacks, now=now)
         self.callbacks = CallbackIntake(
@@ -276,6 +291,42 @@ class Daemon:
                     logger.error("[GEN] storage unavailable, retrying in %.1f s: %s", delay, exc)
                 await trio.sleep(delay)
 
+    async def run_heartbeat(self) -> None:
+        """Record in storage that this instance listens for callbacks, until cancelled."""
+        await run_heartbeat(
+            self.store, instance=self.instance, since=self.listening_since, now=self.now
+        )
+
+    async def _take_over(self, store: JobStore) -> float | None:
+        """What a new leader reads first: how callbacks have been doing (seeding
+        :class:`CallbackHealth`), and before when jobs may have ended unheard."""
+        history = spans = None
+        problem = f"no answer within {_TAKE_OVER_READ_S:g} s"
+        with trio.move_on_after(_TAKE_OVER_READ_S):
+            try:
+                history = await store.callback_history(limit=_HISTORY_KEPT)
+                spans = await store.listening_spans(after=self.now() - SPANS_KEPT_S)
+            except StoreError as exc:
+                problem = str(exc)
+        now = self.now()
+        if history is None or spans is None:
+            # Without the record, every job taken over may have ended unheard.
+            logger.warning("[GEN] cannot read how callbacks have been doing: %s", problem)
+            return now
+        self.health_of_callbacks.seed(
+            [(f.family, f.model, f.ended_at - f.created_at, f.by) for f in history.finishes],
+            last_callback_at=history.last_callback_at,
+        )
+        before = unheard_before(spans, instance=self.instance, since=self.listening_since, now=now)
+        if before is not None:
+            logger.info(
+                "[GEN] no instance listened for callbacks for a while before %s: jobs created"
+                " before then are queried first",
+                iso(before),
+                extra={"action": "unheard_window", "unheard_before": before},
+            )
+        return before
+
     async def run_leadership(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -330,6 +381,7 @@ class Daemon:
         client_settings = KieClientSettings(
             base_url=self.settings.kie_base_url, api_key=self.settings.kie_api_key
         )
+        unheard = await self._take_over(store)
         async with open_kie_client(client_settings, transport=self._kie_transport) as kie:
             supervisor = PollerSupervisor(
                 store=store,
@@ -339,6 +391,7 @@ class Daemon:
                 health=self.health_of_callbacks,
                 changes=self.changes,
                 metrics=self.metrics,
+                unheard_before=unheard,
             )
             self._supervisor = supervisor
             self.changes.listener = supervisor
@@ -564,6 +617,7 @@ async def _serve_daemon(
                 storage.start_soon(run_watchdog, daemon.systemd, settings.watchdog_s / 2)
             await storage.start(daemon.run_storage)
             storage.start_soon(daemon.run_journal)
+            storage.start_soon(daemon.run_heartbeat)
             if isinstance(settings.store, PostgresStoreSettings):
                 storage.start_soon(daemon.run_job_listener, settings.store.url)
             async with trio.open_nursery() as leadership:

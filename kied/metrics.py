@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
@@ -46,6 +47,8 @@ _AUTH_LABELS: Final = ("open", "token", "hmac", "token+hmac", "rejected")
 _CALL_FAILURES: Final = ("busy", "rejected", "error")
 _LOST_SUBMISSION_RESOLUTIONS: Final = ("adopted", "recreated", "given_up")
 _MODES: Final = ("ACTIVE", "PASSIVE")
+#: kied_status_query_rate_per_s is measured over this many seconds
+_RATE_WINDOW_S: Final = 10.0
 #: The (state, ended_by) pairs a job can end with, shown at 0 from the start.
 _JOB_ENDS: Final = (
     (JobState.SUCCEEDED, EndedBy.CALLBACK),
@@ -108,6 +111,8 @@ class Metrics:
     Args:
         mode: the daemon's mode now, ``ACTIVE`` or ``PASSIVE``; read at each scrape.
         pollers: how many pollers run now; read at each scrape.
+        budget: the status-query budget (queries a second), and the shortest interval an
+            overdue job gets under it now (seconds); read at each scrape.
         version: reported as ``kied_build_info{version}``.
     """
 
@@ -116,9 +121,12 @@ class Metrics:
         *,
         mode: Callable[[], str] = lambda: "PASSIVE",
         pollers: Callable[[], int] = lambda: 0,
+        budget: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0),
         version: str = __version__,
     ) -> None:
         self.registry = CollectorRegistry()
+        #: when the status queries of the last _RATE_WINDOW_S were sent (time.monotonic)
+        self._recent_queries: deque[float] = deque()
         self._created_at = time.perf_counter()
         registry = self.registry
 
@@ -309,7 +317,11 @@ class Metrics:
             "kied_build_info", "kied's version, as a label.", ["version"], registry=registry
         )
         build.labels(version=version).set(1)
-        registry.register(_StateCollector(mode=mode, pollers=pollers))
+        registry.register(
+            _StateCollector(
+                mode=mode, pollers=pollers, budget=budget, query_rate=self.status_query_rate
+            )
+        )
 
     def exposition(self) -> bytes:
         """Everything, in the Prometheus text format (content type :data:`CONTENT_TYPE`)."""
@@ -342,6 +354,19 @@ class Metrics:
 
     def status_query(self, result: str) -> None:
         self._status_queries.labels(result=result).inc()
+        now = time.monotonic()
+        recent = self._recent_queries
+        recent.append(now)
+        while recent[0] <= now - _RATE_WINDOW_S:
+            recent.popleft()
+
+    def status_query_rate(self) -> float:
+        """Status queries a second, over the last ``_RATE_WINDOW_S`` seconds."""
+        recent = self._recent_queries
+        cutoff = time.monotonic() - _RATE_WINDOW_S
+        while recent and recent[0] <= cutoff:
+            recent.popleft()
+        return len(recent) / _RATE_WINDOW_S
 
     def create_task(self, result: str) -> None:
         self._create_task.labels(result=result).inc()
@@ -422,13 +447,25 @@ class _WithoutCreated:
 class _StateCollector:
     """The mode and the pollers, read from the daemon at each scrape: never stale."""
 
-    def __init__(self, *, mode: Callable[[], str], pollers: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        *,
+        mode: Callable[[], str],
+        pollers: Callable[[], int],
+        budget: Callable[[], tuple[float, float]],
+        query_rate: Callable[[], float],
+    ) -> None:
         self._mode = mode
         self._pollers = pollers
+        self._budget = budget
+        self._query_rate = query_rate
 
     def describe(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("kied_mode", "", labels=["mode"])
         yield GaugeMetricFamily("kied_pollers", "")
+        yield GaugeMetricFamily("kied_status_query_budget_per_s", "")
+        yield GaugeMetricFamily("kied_status_query_share_seconds", "")
+        yield GaugeMetricFamily("kied_status_query_rate_per_s", "")
 
     def collect(self) -> Iterator[Metric]:
         current = self._mode()
@@ -442,4 +479,22 @@ class _StateCollector:
         yield mode
         yield GaugeMetricFamily(
             "kied_pollers", "Job pollers running now (0 while PASSIVE).", value=self._pollers()
+        )
+        budget, share = self._budget()
+        yield GaugeMetricFamily(
+            "kied_status_query_budget_per_s",
+            "Status queries a second the pollers plan to spend (KIED_STATUS_QUERIES_PER_S).",
+            value=budget,
+        )
+        yield GaugeMetricFamily(
+            "kied_status_query_share_seconds",
+            "The shortest interval between status queries of an overdue job that the budget"
+            " allows now (the jobs' weights over the budget; a job not yet overdue waits"
+            " 4 times as long); KIE's own schedule applies when it is longer. 0 while PASSIVE.",
+            value=share,
+        )
+        yield GaugeMetricFamily(
+            "kied_status_query_rate_per_s",
+            f"Status queries sent a second, over the last {_RATE_WINDOW_S:g} s.",
+            value=self._query_rate(),
         )

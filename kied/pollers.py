@@ -7,6 +7,7 @@ state cancels that job's poller at once, and the job's stored deadline is a scop
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -31,10 +32,10 @@ from kied.core.jobs import (
 from kied.core.outcomes import outcome_report
 from kied.core.schedule import (
     CallbackHealth,
+    PollBudget,
     PollPolicy,
     backoff_delay,
-    first_poll_delay,
-    next_poll_delay,
+    planned_poll_delay,
 )
 from kied.core.views import iso
 from kied.errors import (
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from kied.settings import Settings
     from kied.store import JobStore
 
-__all__ = ["LOST_SUBMISSION", "UNKNOWN_TASK", "KieApi", "PollerSupervisor"]
+__all__ = ["GC_FREEZE_JOBS", "LOST_SUBMISSION", "UNKNOWN_TASK", "KieApi", "PollerSupervisor"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,13 @@ LOST_SUBMISSION = "submission_lost"
 #: twice as long, this many times (KIE's status may lag behind its callback)
 _CONFIRM_RETRY_S = 2.0
 _CONFIRM_RETRIES = 4
+#: taking over at least this many unfinished jobs, the leader freezes what it loaded out of
+#: the garbage collector's sight (``gc.freeze``): a full collection would otherwise walk
+#: every job, poller and cancel scope again and again (tens of ms a time at 100,000 jobs,
+#: stalling callbacks meanwhile), while those objects live until their jobs end. Below a
+#: quarter of it they are handed back (``gc.unfreeze``), so that cycles among ended
+#: pollers are collected.
+GC_FREEZE_JOBS = 10_000
 #: ``error.code`` of a job whose task KIE did not know for ``unknown_task_grace_s``
 UNKNOWN_TASK = "unknown_task"
 #: ... and when asked at least this many times in a row: one odd answer fails no job
@@ -130,7 +138,21 @@ class KieApi(Protocol):
 
 
 class PollerSupervisor:
-    """One poller per unfinished job, while this instance leads."""
+    """One poller per unfinished job, while this instance leads.
+
+    Every poller plans its next status query against the fleet's budget
+    (``KIED_STATUS_QUERIES_PER_S``, :func:`~kied.core.schedule.planned_poll_delay`): KIE's
+    own schedule while few jobs are in flight, stretched as more share the budget, overdue
+    jobs first. The client's rate limiter stays the hard cap; the plan is what keeps the
+    queue at it short.
+
+    Args:
+        unheard_before: when this instance takes over, jobs created before this (wall clock)
+            may have ended while no instance listened for callbacks (see
+            :mod:`kied.listening`); the leader queries them first, oldest first, at the
+            budget's pace. None: callbacks were heard throughout, and the jobs it takes
+            over keep their schedule.
+    """
 
     def __init__(
         self,
@@ -145,6 +167,7 @@ class PollerSupervisor:
         policy: PollPolicy | None = None,
         rng: random.Random | None = None,
         rescan_s: float = 30.0,
+        unheard_before: float | None = None,
     ) -> None:
         self._store = store
         self._kie = kie
@@ -174,11 +197,22 @@ class PollerSupervisor:
         self._late_confirms: set[JobId] = set()
         #: status queries sent, by result, for operators
         self.status_queries: dict[str, int] = {}
+        self._budget = PollBudget(settings.status_queries_per_s)
+        self._unheard_before = unheard_before
+        #: trio time of the next catch-up query (jobs that may have ended unheard)
+        self._catch_up_at = -math.inf
+        self._frozen = False
 
     @property
     def polling(self) -> int:
         """How many pollers run now."""
         return len(self._scopes)
+
+    @property
+    def budget(self) -> tuple[float, float]:
+        """The status-query budget (a second), and the shortest interval an overdue job gets
+        under it now (:func:`~kied.core.schedule.share_interval_s`)."""
+        return self._budget.per_s, self._budget.share_s()
 
     def job_changed(self, job: Job) -> None:
         """A job was stored or changed: stop its poller, or start one.
@@ -241,7 +275,7 @@ class PollerSupervisor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                await self._rescan()
+                await self._rescan(taking_over=True)
                 task_status.started()
                 while True:
                     with trio.move_on_after(self._rescan_s):
@@ -250,49 +284,122 @@ class PollerSupervisor:
                     await self._rescan()
             finally:
                 self._nursery = None
+                self._thaw()
 
     def request_rescan(self) -> None:
         """Look through storage for unfinished jobs now (wake-ups may have been lost)."""
         self._rescan_now.set()
 
-    async def _rescan(self) -> None:
+    async def _rescan(self, *, taking_over: bool = False) -> None:
         try:
             jobs = await self._store.unfinished_jobs()
         except StoreError as exc:
             logger.error("[GEN] cannot load unfinished jobs: %s", exc)
             return
-        started = 0
+        unheard_before = self._unheard_before if taking_over else None
+        if unheard_before is not None:
+            # Oldest first: the likelier to have ended unheard, the sooner it is asked.
+            jobs.sort(key=lambda job: job.created_at)
+        started = caught_up = 0
         for job in jobs:
-            if self._start(job):
+            unheard = unheard_before is not None and job.created_at < unheard_before
+            if self._start(job, resumed=taking_over, unheard=unheard):
                 started += 1
+                caught_up += unheard
                 if started % _START_CHUNK == 0:
                     # Let the pollers started so far settle before starting more: a leader
                     # taking over 100,000 jobs must not stall the callback route meanwhile.
                     await trio.lowlevel.checkpoint()
         if started:
             logger.info("[GEN] polling %d unfinished job(s)", started)
+        if caught_up:
+            logger.info(
+                "[GEN] %d job(s) may have ended while no instance listened for callbacks"
+                " (created before %s): querying them first, %g a second",
+                caught_up,
+                iso(unheard_before or 0.0),
+                self._budget.per_s,
+                extra={"action": "catch_up", "jobs": caught_up},
+            )
+        self._budget.resum()
+        if taking_over and len(jobs) >= GC_FREEZE_JOBS:
+            gc.freeze()
+            self._frozen = True
+        elif len(self._scopes) < GC_FREEZE_JOBS // 4:
+            self._thaw()
+
+    def _thaw(self) -> None:
+        if self._frozen:
+            self._frozen = False
+            gc.unfreeze()
 
     def _note_confirm(self, job: Job) -> None:
         requested = job.confirm_requested_at
         if requested is not None and requested > self._confirms.get(job.id, -math.inf):
             self._confirms[job.id] = requested
 
-    def _start(self, job: Job) -> bool:
+    def _start(self, job: Job, *, resumed: bool = False, unheard: bool = False) -> bool:
         if self._nursery is None or job.id in self._scopes:
             return False
         self._note_confirm(job)
         scope = trio.CancelScope()
         self._scopes[job.id] = scope
-        self._nursery.start_soon(self._poll, job, scope)
+        # Counted in the fleet's load at once, so that the jobs a new leader takes over
+        # (or an application submits in a burst) plan against all of them, not against
+        # those started before them; a job still being created weighs as a new one.
+        first_at: float | None = None
+        if job.task_id is None:
+            self._budget.weigh(job.id, 1.0 / self._policy.overdue_weight)
+        elif unheard:
+            # It may have ended while nobody listened: at once, at the budget's pace, in
+            # the order the jobs are started (oldest first).
+            self._budget.weigh(job.id, 1.0)
+            first_at = max(trio.current_time(), self._catch_up_at + 1.0 / self._budget.per_s)
+            self._catch_up_at = first_at
+        else:
+            self._plan(job, first=True)
+        self._nursery.start_soon(self._poll, job, scope, resumed, first_at)
         return True
 
-    async def _poll(self, job: Job, scope: trio.CancelScope) -> None:
+    def _plan(self, job: Job, *, first: bool) -> float:
+        """Plan the job's next status query against the budget: the delay from now."""
+        healthy = self._callbacks_expected()
+        delay, weight = planned_poll_delay(
+            self._now() - job.created_at,
+            typical_duration_s=self._health.typical_duration_s(job.family, job.model),
+            load=self._budget.load(),
+            budget_per_s=self._budget.per_s,
+            callbacks_healthy=healthy,
+            first=first,
+            policy=self._policy,
+            jitter=self._rng.random(),
+        )
+        self._budget.weigh(job.id, weight)
+        return delay
+
+    def _first_query_at(self, job: Job, *, resumed: bool) -> float:
+        """When (trio time) to query a job first, on this instance."""
+        now = trio.current_time()
+        delay = self._plan(job, first=True)
+        if resumed:
+            # Another leader followed it until now: somewhere in its interval, so that the
+            # jobs taken over are not all asked at once.
+            return now + delay * self._rng.random()
+        return now + delay
+
+    async def _poll(
+        self,
+        job: Job,
+        scope: trio.CancelScope,
+        resumed: bool = False,
+        first_at: float | None = None,
+    ) -> None:
         try:
             with scope:
                 # The job's stored deadline is this scope's own: a restart does not
                 # restart the clock, and one scope per poller keeps 100,000 of them cheap.
                 scope.deadline = trio.current_time() + max(0.0, job.deadline_at - self._now())
-                await self._poll_until_terminal(job)
+                await self._poll_until_terminal(job, resumed=resumed, first_at=first_at)
             if scope.cancelled_caught and trio.current_time() >= scope.deadline:
                 report = Report(event=EventKind.DEADLINE, source=EndedBy.DEADLINE)
                 if job.id in self._lost:
@@ -312,26 +419,29 @@ class PollerSupervisor:
             if self._scopes.get(job.id) is scope:
                 del self._scopes[job.id]
                 self._confirms.pop(job.id, None)
+                self._budget.forget(job.id)
             logger.debug("[GEN] poller for job %s stopped", job.id)
 
-    async def _poll_until_terminal(self, job: Job) -> None:
+    async def _poll_until_terminal(
+        self, job: Job, *, resumed: bool = False, first_at: float | None = None
+    ) -> None:
+        """Follow one job to its end: create its task if need be, then query KIE as
+        planned. ``resumed``: taken over from another leader; ``first_at``: when (trio
+        time) to query it first, if it may have ended unheard."""
         family = Family(job.family)
         if job.task_id is None:
             submitted = await self._submit(job, family)
             if submitted is None:
                 return
             job = submitted
+            resumed, first_at = False, None  # its task is new: nothing was missed
         task_id = job.task_id
         assert task_id is not None
         policy = self._policy
-        since_created = self._now() - job.created_at
-        first = first_poll_delay(
-            policy,
-            callbacks_healthy=self._callbacks_expected(),
-            typical_duration_s=self._health.typical_duration_s(job.family, job.model),
-            jitter=self._rng.random(),
-        )
-        next_at = trio.current_time() + max(0.0, first - since_created)
+        if first_at is None:
+            next_at = self._first_query_at(job, resumed=resumed)
+        else:
+            next_at = first_at
         failures = 0
         kie_state = job.kie_state
         #: the confirm request the last status query answered (see _confirm_due)
@@ -417,13 +527,7 @@ class PollerSupervisor:
                     progressed = await self._store.apply(job.id, report, now=self._now())
                     if progressed is not None:
                         self._changes.wrote(progressed, ended=False)
-            elapsed = self._now() - job.created_at
-            delay = next_poll_delay(
-                elapsed,
-                policy,
-                jitter=self._rng.random(),
-                callbacks_healthy=self._callbacks_expected(),
-            )
+            delay = self._plan(job, first=False)
             if confirming:
                 # KIE's status may lag behind its callback a little: ask again soon.
                 delay = min(delay, _CONFIRM_RETRY_S * 2**unconfirmed)

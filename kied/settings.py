@@ -185,6 +185,10 @@ class Settings:
     #: a job whose task KIE has not known for this long (and three status queries in a
     #: row) is failed with ``unknown_task`` rather than queried until its deadline
     unknown_task_grace_s: float = 120 * SECONDS
+    #: status queries a second the pollers plan to spend, all jobs together: KIE allows 10
+    #: a second per key, and the rest is the application's (the client's own limiter, 10 per
+    #: 1.1 s, stays the hard cap)
+    status_queries_per_s: float = 8.0
     #: unauthenticated callbacks stored per minute at most (beyond: answered, counted, dropped)
     rejected_per_minute: int = 600
     #: bound on the body of any /v1 request (413 beyond it)
@@ -263,6 +267,9 @@ environment (flags win over the environment):
                        loopback clients, and others that send KIED_API_TOKEN
   KIED_UNKNOWN_TASK_GRACE  seconds KIE may not know a job's task (status query: no record)
                        before the job fails with unknown_task; default 120
+  KIED_STATUS_QUERIES_PER_S  status queries a second kied plans to spend on all jobs
+                       together (KIE allows 10 per key; the rest is the application's);
+                       default 8, at most 9
   KIED_REJECTED_PER_MINUTE  unauthenticated callbacks kept per minute; default 600
   KIED_MAX_REQUEST_BYTES    bound on a /v1 request's body (413 beyond); default 1048576
   KIED_JOURNAL_DIR     where callbacks wait while the database is down; default beside
@@ -421,6 +428,9 @@ def load_settings(
     grace_src = pick(None, "KIED_UNKNOWN_TASK_GRACE")
     unknown_task_grace_s = 120.0 if grace_src is None else _positive_seconds(*grace_src)
 
+    budget_src = pick(None, "KIED_STATUS_QUERIES_PER_S")
+    status_queries_per_s = 8.0 if budget_src is None else _query_rate(*budget_src)
+
     rejected_src = pick(None, "KIED_REJECTED_PER_MINUTE")
     rejected_per_minute = 600 if rejected_src is None else _count(*rejected_src, low=0)
     request_src = pick(None, "KIED_MAX_REQUEST_BYTES")
@@ -476,6 +486,7 @@ def load_settings(
         allow_open=allow_open,
         metrics_token=metrics_token,
         unknown_task_grace_s=unknown_task_grace_s,
+        status_queries_per_s=status_queries_per_s,
         rejected_per_minute=rejected_per_minute,
         max_request_bytes=max_request_bytes,
         journal_dir=journal_dir,
@@ -568,6 +579,18 @@ def _count(name: str, value: str, *, low: int) -> int:
     if count < low:
         raise ConfigError(name, f"must be {low} or more, not {value!r}")
     return count
+
+
+def _query_rate(name: str, value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise ConfigError(name, f"must be a number of queries a second, not {value!r}") from None
+    if not 0 < rate <= 9:
+        raise ConfigError(
+            name, f"must be more than 0 and at most 9 (KIE allows 10 a second), not {value!r}"
+        )
+    return rate
 
 
 def _positive_seconds(name: str, value: str) -> float:

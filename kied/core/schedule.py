@@ -1,12 +1,24 @@
 """When to ask KIE about a task: the poll schedule, backoff, and how far callbacks are trusted.
 
-Polling is the safety net under KIE's callbacks, so how eagerly a poller asks depends on how
-well callbacks are doing. While they arrive and finish most jobs (:class:`CallbackHealth`), a
-job's first status query waits until the job is overdue: :func:`first_poll_delay` waits at
-least ``overdue_floor_s``, or ``overdue_factor`` times the typical duration of such jobs.
-Without healthy callbacks, polling starts at once and follows KIE's recommended schedule
-(:func:`next_poll_delay`). After a failed query, :func:`backoff_delay` backs off
-exponentially and honours ``Retry-After``.
+Polling is the safety net under KIE's callbacks. What is scarce is not a status query as such
+but the budget of them: KIE lets a key make 10 a second, and kied keeps a share of that for the
+application (``KIED_STATUS_QUERIES_PER_S``). So how eagerly a poller asks depends on how many
+jobs share that budget, and on how well callbacks are doing:
+
+- :func:`next_poll_delay` is KIE's recommended schedule (every 2-3 s at first, then slower).
+  While few jobs are in flight, every job follows it, even while callbacks look healthy: a lost
+  callback then costs the user seconds, not a minute.
+- :class:`PollBudget` keeps, in O(1) per change, the jobs in flight and their total weight
+  (:func:`poll_weight`: a job overdue against the typical duration of its family and model
+  weighs most). :func:`planned_poll_delay` gives each job at most its weight's share of the
+  budget, so that the total stays within it and overdue jobs are asked first.
+- While callbacks arrive and finish most jobs (:class:`CallbackHealth`) and the fleet is busy
+  (:func:`fleet_idle`), a job's first status query waits until the job is overdue
+  (:func:`first_poll_delay`: at least ``overdue_floor_s``, or ``overdue_factor`` times the
+  typical duration), so a busy fleet with working callbacks spends at most about one query
+  a job.
+- After a failed query, :func:`backoff_delay` backs off exponentially and honours
+  ``Retry-After``.
 
 Everything here is plain arithmetic: randomness comes in as a ``jitter`` argument in [0, 1)
 and time as ``at``/``now`` arguments, so the same inputs always give the same delays.
@@ -17,16 +29,25 @@ from __future__ import annotations
 import math
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 __all__ = [
     "CallbackHealth",
     "FinishedBy",
+    "FleetLoad",
+    "PollBudget",
     "PollPolicy",
     "backoff_delay",
     "first_poll_delay",
+    "fleet_idle",
     "next_poll_delay",
+    "planned_poll_delay",
+    "poll_weight",
     "retry_after_s",
+    "share_interval_s",
 ]
 
 #: 2**this is the largest backoff factor computed; anything past it is capped anyway.
@@ -64,6 +85,12 @@ class PollPolicy:
     backoff_max_s: float = 60.0
     #: a backoff is shortened by up to this fraction (never lengthened past backoff_max_s)
     backoff_jitter: float = 0.25
+    #: a job older than the typical duration of its family and model is overdue, and weighs
+    #: this many times as much as one that is not when the status-query budget is shared out
+    overdue_weight: float = 4.0
+    #: the fleet is idle while every job in flight could be queried this often within the
+    #: budget; then jobs follow KIE's schedule even while callbacks are healthy
+    idle_interval_s: float = 3.0
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -83,12 +110,15 @@ class PollPolicy:
             "backoff_base_s",
             "backoff_max_s",
             "healthy_max_interval_s",
+            "idle_interval_s",
         ):
             value = getattr(self, name)
             if not (_finite(value) and value >= 0):
                 raise ValueError(f"PollPolicy.{name} must be finite and >= 0, got {value}")
         if self.backoff_base_s <= 0 or self.backoff_max_s < self.backoff_base_s:
             raise ValueError("PollPolicy needs 0 < backoff_base_s <= backoff_max_s")
+        if not (_finite(self.overdue_weight) and self.overdue_weight >= 1):
+            raise ValueError(f"PollPolicy.overdue_weight must be >= 1, got {self.overdue_weight}")
         for name in ("overdue_jitter", "backoff_jitter"):
             value = getattr(self, name)
             if not (_finite(value) and 0 <= value <= 1):
@@ -213,6 +243,163 @@ def backoff_delay(
     return delay
 
 
+# -- sharing the status-query budget --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FleetLoad:
+    """The jobs in flight as the budget sees them (:meth:`PollBudget.load`)."""
+
+    #: jobs whose task is followed now
+    jobs: int
+    #: their weights (:func:`poll_weight`) added up
+    weight: float
+
+
+def poll_weight(age_s: float, typical_duration_s: float | None, policy: PollPolicy) -> float:
+    """How much a job weighs when the budget is shared out: 1 once it is overdue, else
+    ``1 / overdue_weight``.
+
+    A job is overdue once older than ``typical_duration_s``, or, while the typical duration
+    of its family and model is not known, than ``overdue_floor_s``.
+    """
+    overdue_after = policy.overdue_floor_s if typical_duration_s is None else typical_duration_s
+    return 1.0 if age_s >= overdue_after else 1.0 / policy.overdue_weight
+
+
+def fleet_idle(jobs: int, budget_per_s: float, policy: PollPolicy) -> bool:
+    """Whether ``jobs`` in flight could each be queried every ``idle_interval_s`` within
+    ``budget_per_s``: then even jobs whose callbacks are expected follow KIE's schedule."""
+    return jobs <= budget_per_s * policy.idle_interval_s
+
+
+def share_interval_s(load: FleetLoad, budget_per_s: float) -> float:
+    """The shortest interval a job of weight 1 gets: ``load.weight / budget_per_s``; a job
+    of weight ``w`` gets this divided by ``w``."""
+    if not (_finite(budget_per_s) and budget_per_s > 0):
+        raise ValueError(f"budget_per_s must be finite and > 0, got {budget_per_s}")
+    if not (_finite(load.weight) and load.weight >= 0):
+        raise ValueError(f"the fleet's weight must be finite and >= 0, got {load.weight}")
+    return load.weight / budget_per_s
+
+
+def planned_poll_delay(
+    age_s: float,
+    *,
+    typical_duration_s: float | None,
+    load: FleetLoad,
+    budget_per_s: float,
+    callbacks_healthy: bool,
+    first: bool,
+    policy: PollPolicy,
+    jitter: float,
+) -> tuple[float, float]:
+    """The delay before a job's next status query, within the fleet's budget.
+
+    The job's own interval (its base) is KIE's schedule for its age (:func:`next_poll_delay`),
+    or, while callbacks are healthy, the fleet is busy (not :func:`fleet_idle`) and the job
+    is not overdue, the healthy schedule: no query until the job is overdue
+    (:func:`first_poll_delay`), and later ones as long apart as the job has existed. The job
+    then gets at most its weight's share of the budget (:func:`share_interval_s`)::
+
+        delay = max(base, (load.weight / budget_per_s) / w)
+
+    and a first query is put off by a further ``jitter`` times that share, so that jobs
+    created or taken over together are spread over their share instead of asked at once.
+
+    A job so planned asks at most ``w * budget_per_s / load.weight`` queries a second, so
+    while ``load.weight`` adds up the weights of the jobs in flight, together they ask at
+    most ``budget_per_s``. While few jobs are in flight the share is short and every job
+    follows its base; as more come, every interval is stretched, an overdue job's least.
+    The arithmetic is O(1): the fleet comes in as the one sum :class:`PollBudget` keeps.
+
+    Args:
+        age_s: seconds since the job was created (negative counts as 0).
+        typical_duration_s: how long jobs of its family and model usually take, or None.
+        load: the jobs in flight and their weight, this job's included.
+        budget_per_s: status queries a second the fleet may spend, > 0.
+        callbacks_healthy: whether callbacks can be expected to report the job's outcome.
+        first: the job has not been queried yet (on this instance).
+        policy: the schedule.
+        jitter: in [0, 1).
+
+    Returns:
+        ``(delay_s, weight)``: seconds from now to the next query, and the job's weight to
+        record in :meth:`PollBudget.weigh`.
+
+    Raises:
+        ValueError: ``jitter`` is outside [0, 1), ``budget_per_s`` is not > 0, or an age,
+            weight or duration is NaN or out of range.
+    """
+    share_s = share_interval_s(load, budget_per_s)
+    step = next_poll_delay(age_s, policy, jitter=jitter)
+    age_s = max(age_s, 0.0)
+    weight = poll_weight(age_s, typical_duration_s, policy)
+    base = step
+    if callbacks_healthy and weight < 1 and not fleet_idle(load.jobs, budget_per_s, policy):
+        overdue_at = first_poll_delay(
+            policy, callbacks_healthy=True, typical_duration_s=typical_duration_s, jitter=jitter
+        )
+        base = max(base, overdue_at - age_s)
+        if not first:
+            base = max(base, next_poll_delay(age_s, policy, jitter=jitter, callbacks_healthy=True))
+    own_share_s = share_s / weight
+    delay = max(base, own_share_s)
+    if first:
+        # Jobs created (or taken over) together would all be asked together: a first query
+        # is put off by up to the job's share, which spreads n such jobs over n / budget s.
+        delay += jitter * own_share_s
+    return delay, weight
+
+
+class PollBudget:
+    """The status-query budget shared by the jobs in flight: their weights, added up.
+
+    Each job's weight (from :func:`planned_poll_delay`) is kept per key, and the sum updated
+    on every change, so that a plan costs O(1) whether 10 or 100,000 jobs are in flight. The
+    sum is recomputed from the weights by :meth:`resum` (now and then), so that float
+    rounding does not build up.
+
+    Args:
+        per_s: status queries a second the fleet may spend, > 0.
+
+    Raises:
+        ValueError: ``per_s`` is not finite and > 0.
+    """
+
+    def __init__(self, per_s: float) -> None:
+        if not (_finite(per_s) and per_s > 0):
+            raise ValueError(f"per_s must be finite and > 0, got {per_s}")
+        self.per_s = float(per_s)
+        self._weights: dict[object, float] = {}
+        self._sum = 0.0
+
+    def weigh(self, key: object, weight: float) -> None:
+        """Record (or replace) the weight of ``key``."""
+        if not (_finite(weight) and weight >= 0):
+            raise ValueError(f"a weight must be finite and >= 0, got {weight}")
+        self._sum += weight - self._weights.get(key, 0.0)
+        self._weights[key] = weight
+
+    def forget(self, key: object) -> None:
+        """``key`` is no longer in flight."""
+        self._sum -= self._weights.pop(key, 0.0)
+        if not self._weights:
+            self._sum = 0.0
+
+    def resum(self) -> None:
+        """Add the weights up again (O(n): call it rarely, e.g. on a rescan of storage)."""
+        self._sum = math.fsum(self._weights.values())
+
+    def load(self) -> FleetLoad:
+        """The jobs in flight and their total weight."""
+        return FleetLoad(jobs=len(self._weights), weight=max(self._sum, 0.0))
+
+    def share_s(self) -> float:
+        """:func:`share_interval_s` of the jobs in flight now."""
+        return share_interval_s(self.load(), self.per_s)
+
+
 # -- how well callbacks are doing -----------------------------------------------------------
 
 #: Who reported a job's outcome first.
@@ -307,6 +494,27 @@ class CallbackHealth:
             self._durations.move_to_end(key)
         durations.append(float(duration_s))
 
+    def seed(
+        self,
+        finishes: Iterable[tuple[str, str | None, float, FinishedBy]],
+        *,
+        last_callback_at: float | None,
+    ) -> None:
+        """Start again from what storage remembers: ``finishes`` (family, model, duration,
+        by whom), oldest first, and the newest callback's time.
+
+        A new leader calls it so as not to start cold. Storage has every instance's
+        finishes, so they replace those recorded here; a callback heard here later than
+        ``last_callback_at`` is kept.
+        """
+        self._finishes.clear()
+        self._counts.clear()
+        self._durations.clear()
+        for family, model, duration_s, by in finishes:
+            self.job_finished(family, model, duration_s, by=by)
+        if last_callback_at is not None:
+            self.callback_received(last_callback_at)
+
     def healthy(self, now: float) -> bool:
         """Whether callbacks can be trusted to report outcomes.
 
@@ -314,14 +522,15 @@ class CallbackHealth:
         least ``min_callback_share`` of the recent finishes came by callback (with no finishes
         yet, the first condition decides).
 
-        Before there is any evidence at all (no callback heard, no job finished), callbacks
-        are presumed to work: a fresh instance lets its first jobs wait until overdue instead
-        of polling them every few seconds, and the first finish settles the question.
+        Nothing is presumed: until an authenticated callback is heard, callbacks are not
+        trusted, so a fresh instance (or one whose callbacks never come) spends its budget
+        of status queries rather than letting jobs wait until overdue
+        (:func:`planned_poll_delay`); the first callback settles the question.
         """
         last = self._last_callback_at
         total = len(self._finishes)
         if last is None:
-            return total == 0
+            return False
         if now - last > self._window_s:
             return False
         return total == 0 or self._counts["callback"] >= self._min_share * total

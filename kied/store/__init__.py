@@ -12,13 +12,16 @@ from kied.settings import PostgresStoreSettings, SqliteStoreSettings
 from kied.store._base import ArchiveMode as ArchiveMode
 from kied.store._base import Attached as Attached
 from kied.store._base import CallbackEffect as CallbackEffect
+from kied.store._base import CallbackHistory as CallbackHistory
 from kied.store._base import CallbackRecord as CallbackRecord
 from kied.store._base import Delivery as Delivery
 from kied.store._base import DeliveryAttempt as DeliveryAttempt
 from kied.store._base import DeliveryState as DeliveryState
 from kied.store._base import Event as Event
+from kied.store._base import Finish as Finish
 from kied.store._base import InboxEntry as InboxEntry
 from kied.store._base import JobStore as JobStore
+from kied.store._base import ListeningSpan as ListeningSpan
 from kied.store._base import NewDelivery as NewDelivery
 from kied.store._base import Prunable as Prunable
 from kied.store._base import PruneKind as PruneKind
@@ -33,13 +36,16 @@ __all__ = [
     "ArchiveMode",
     "Attached",
     "CallbackEffect",
+    "CallbackHistory",
     "CallbackRecord",
     "Delivery",
     "DeliveryAttempt",
     "DeliveryState",
     "Event",
+    "Finish",
     "InboxEntry",
     "JobStore",
+    "ListeningSpan",
     "MemoryStore",
     "NewDelivery",
     "Prunable",

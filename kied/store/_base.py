@@ -11,18 +11,22 @@ if TYPE_CHECKING:
 
     from kied.core._json import JsonObject
     from kied.core.jobs import ArchivedFile, Job, JobId, NewJob, Report, TaskId
+    from kied.core.schedule import FinishedBy
 
 __all__ = [
     "ArchiveMode",
     "Attached",
     "CallbackEffect",
+    "CallbackHistory",
     "CallbackRecord",
     "Delivery",
     "DeliveryAttempt",
     "DeliveryState",
     "Event",
+    "Finish",
     "InboxEntry",
     "JobStore",
+    "ListeningSpan",
     "NewDelivery",
     "Prunable",
     "PruneKind",
@@ -170,6 +174,37 @@ class StoredCallback:
     entry: InboxEntry
     effect: CallbackEffect
     matched_job_id: JobId | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListeningSpan:
+    """An instance of kied accepted callbacks from ``since`` until at least ``until``."""
+
+    instance: str
+    since: float
+    until: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finish:
+    """A job that ended by callback or by poll, as :class:`CallbackHistory` remembers it."""
+
+    family: str
+    model: str | None
+    #: ``callback`` (a callback's outcome, confirmed or not) or ``poll``
+    by: FinishedBy
+    created_at: float
+    ended_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallbackHistory:
+    """What storage says of how callbacks have been doing, to seed a new leader's estimate."""
+
+    #: when the newest authenticated callback was received; None: none is kept
+    last_callback_at: float | None
+    #: the jobs that ended most recently by callback or poll, oldest first
+    finishes: tuple[Finish, ...]
 
 
 class PruneKind(StrEnum):
@@ -472,6 +507,23 @@ class JobStore(Protocol):
 
     async def disabled_endpoints(self) -> dict[str, str]:
         """Disabled endpoints, with why."""
+        ...
+
+    async def heard_listening(self, instance: str, *, since: float, now: float) -> None:
+        """Record that ``instance`` has accepted callbacks from ``since`` until ``now``.
+
+        Each instance calls it now and then while it listens; the spans tell a new leader
+        whether callbacks may have come while no instance listened.
+        """
+        ...
+
+    async def listening_spans(self, *, after: float) -> list[ListeningSpan]:
+        """The spans of the instances that listened at some time after ``after``, by
+        ``since``; older ones are deleted."""
+        ...
+
+    async def callback_history(self, *, limit: int) -> CallbackHistory:
+        """The newest authenticated callback's time and the ``limit`` newest finishes."""
         ...
 
     async def aclose(self) -> None:

@@ -37,6 +37,7 @@ from kied.store._base import (
     ArchiveMode,
     Attached,
     CallbackEffect,
+    CallbackHistory,
     CallbackRecord,
     Delivery,
     DeliveryAttempt,
@@ -44,6 +45,7 @@ from kied.store._base import (
     Event,
     InboxEntry,
     JobStore,
+    ListeningSpan,
     NewDelivery,
     Prunable,
     PruneKind,
@@ -58,6 +60,7 @@ from kied.store._common import (
     metadata_matches,
     new_event_id,
 )
+from kied.store._listening import history_of, spans_of
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -67,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = ["MemoryStore"]
 
 _OUTCOME_EVENTS = frozenset({EventKind.SUCCEEDED, EventKind.FAILED})
+_FINISHED_BY = frozenset({EndedBy.CALLBACK, EndedBy.CALLBACK_CONFIRMED, EndedBy.POLL})
 
 
 def _json_copy(value: JsonValue) -> JsonValue:
@@ -159,6 +163,8 @@ class MemoryStore(JobStore):
         self._signatures: dict[str, float] = {}
         self._archive_mode: ArchiveMode = "off"
         self._trash: dict[JobId, list[str]] = {}
+        #: listening spans by instance: (since, until)
+        self._listening: dict[str, tuple[float, float]] = {}
         self._closed = False
 
     async def _enter(self) -> None:
@@ -827,6 +833,37 @@ class MemoryStore(JobStore):
         await self._enter()
         for job_id in job_ids:
             self._trash.pop(job_id, None)
+
+    async def heard_listening(self, instance: str, *, since: float, now: float) -> None:
+        await self._enter()
+        self._listening[instance] = (since, now)
+
+    async def listening_spans(self, *, after: float) -> list[ListeningSpan]:
+        await self._enter()
+        rows = [(name, f"{since!r} {until!r}") for name, (since, until) in self._listening.items()]
+        kept, stale = spans_of(rows, after=after)
+        for name in stale:
+            del self._listening[name]
+        return kept
+
+    async def callback_history(self, *, limit: int) -> CallbackHistory:
+        await self._enter()
+        check_limit(limit)
+        last = max(
+            (row.entry.received_at for row in self._inbox if row.entry.authenticated),
+            default=None,
+        )
+        ended = [
+            job
+            for job in self._jobs.values()
+            if job.ended_at is not None and job.ended_by in _FINISHED_BY
+        ]
+        ended.sort(key=lambda job: job.ended_at or 0.0, reverse=True)
+        rows = [
+            (j.family, j.model, j.ended_by and j.ended_by.value, j.created_at, j.ended_at)
+            for j in ended[:limit]
+        ]
+        return history_of(last, rows)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

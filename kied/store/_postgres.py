@@ -111,6 +111,7 @@ from kied.store._common import (
     waiting_report,
 )
 from kied.store._deliveries import DeliveryMethods, DeliverySql
+from kied.store._listening import ListeningMethods, ListeningSql
 from kied.store._migrations import POSTGRES_MIGRATIONS
 from kied.store._queue import CallbackQueue
 
@@ -871,7 +872,7 @@ def _execute(sql: LiteralString, params: Mapping[str, Any], conn: _Connection) -
 # ---------------------------------------------------------------------------- the store
 
 
-class PostgresStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
+class PostgresStore(CallbackQueue[_QueuedCallback], DeliveryMethods, ListeningMethods, JobStore):
     """:class:`~kied.store.JobStore` on a PostgreSQL database, shared by every instance.
 
     Each operation is one function run in one worker thread on one pooled connection:
@@ -960,6 +961,7 @@ class PostgresStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
         return store
 
     _deliveries = DeliverySql(psycopg=True)
+    _listening = ListeningSql(psycopg=True)
 
     async def _db_read(self, operation: Callable[[Any], _T]) -> _T:
         return await self._read(operation)

@@ -92,6 +92,7 @@ from kied.store._common import (
     waiting_report,
 )
 from kied.store._deliveries import DeliveryMethods, DeliverySql
+from kied.store._listening import ListeningMethods, ListeningSql
 from kied.store._migrations import SQLITE_MIGRATIONS
 from kied.store._queue import CallbackQueue
 
@@ -532,7 +533,7 @@ def _record_callbacks(
 # ---------------------------------------------------------------------------- the store
 
 
-class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
+class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, ListeningMethods, JobStore):
     """:class:`~kied.store.JobStore` on one SQLite file.
 
     Every operation is one transaction run in one worker-thread call, through a
@@ -588,6 +589,7 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, JobStore):
         return cls(conn, limiter)
 
     _deliveries = DeliverySql(psycopg=False)
+    _listening = ListeningSql(psycopg=False)
 
     async def _db_read(self, operation: Callable[[Any], _T]) -> _T:
         return await self._run(operation)

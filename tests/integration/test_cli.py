@@ -90,6 +90,7 @@ def test_serve_help_lists_the_settings(tmp_path):
         "KIE_API_KEY",
         "KIE_BASE_URL",
         "KIED_PUBLIC_URL",
+        "KIED_STATUS_QUERIES_PER_S",
         "KIED_JOB_TIMEOUT",
     ):
         assert name in out

@@ -39,10 +39,13 @@ from kied.errors import ConfigError, ConflictError, IllegalTransitionError, Stor
 from kied.settings import PostgresStoreSettings, SqliteStoreSettings
 from kied.store import (
     CallbackEffect,
+    CallbackHistory,
     CallbackRecord,
     DeliveryState,
+    Finish,
     InboxEntry,
     JobStore,
+    ListeningSpan,
     SqliteStore,
     open_store,
 )
@@ -842,6 +845,71 @@ async def test_a_signature_is_remembered_once(store: JobStore) -> None:
         for _ in range(5):
             nursery.start_soon(attempt)
     assert sorted(results) == [False, False, False, False, True]
+
+
+async def test_listening_spans_are_kept_per_instance_and_old_ones_deleted(
+    store: JobStore,
+) -> None:
+    assert await store.listening_spans(after=0.0) == []
+    await store.heard_listening("a", since=1_000.0, now=1_010.0)
+    await store.heard_listening("b", since=900.0, now=950.0)
+    await store.heard_listening("a", since=1_000.0, now=1_020.5)  # replaces a's span
+    await store.heard_listening("c", since=1_030.0, now=1_030.0)
+    assert await store.listening_spans(after=0.0) == [
+        ListeningSpan(instance="b", since=900.0, until=950.0),
+        ListeningSpan(instance="a", since=1_000.0, until=1_020.5),
+        ListeningSpan(instance="c", since=1_030.0, until=1_030.0),
+    ]
+    # those that ended before `after` are left out, and deleted
+    assert [s.instance for s in await store.listening_spans(after=1_020.5)] == ["c"]
+    assert [s.instance for s in await store.listening_spans(after=0.0)] == ["c"]
+    # times survive exactly
+    await store.heard_listening("d", since=1_767_225_600.123456, now=1_767_225_601.654321)
+    spans = await store.listening_spans(after=1_767_225_600.0)
+    assert spans == [
+        ListeningSpan(instance="d", since=1_767_225_600.123456, until=1_767_225_601.654321)
+    ]
+    # other state rows are not taken for spans
+    await store.enqueue_deliveries([], cursor=7)
+    assert await store.webhook_cursor() == 7
+    assert len(await store.listening_spans(after=0.0)) == 1
+
+
+async def test_callback_history_is_the_newest_callback_and_finishes(store: JobStore) -> None:
+    empty = await store.callback_history(limit=10)
+    assert empty == CallbackHistory(last_callback_at=None, finishes=())
+    ends = [
+        ("j1", "m1", EndedBy.CALLBACK, 1_010.0),
+        ("j2", "m2", EndedBy.POLL, 1_030.0),
+        ("j3", None, EndedBy.CALLBACK_CONFIRMED, 1_020.0),
+        ("j4", "m1", EndedBy.DEADLINE, 1_040.0),  # neither callback nor poll: left out
+        ("j5", "m1", EndedBy.CANCEL, 1_050.0),
+    ]
+    for job_id, model, by, at in ends:
+        job, _ = await store.create_job(
+            make_new_job(job_id=job_id, model=model, task_id=f"t-{job_id}", created_at=1_000.0)
+        )
+        event = {
+            EndedBy.DEADLINE: E.DEADLINE,
+            EndedBy.CANCEL: E.CANCEL,
+        }.get(by, E.SUCCEEDED)
+        assert await store.apply(job.id, _report(event, source=by), now=at) is not None
+    await store.create_job(make_new_job(job_id="j6", created_at=1_000.0))  # unfinished
+    for at, authenticated in ((1_005.0, True), (1_025.0, True), (1_060.0, False)):
+        entry = make_inbox_entry(task_id="t-none", authenticated=authenticated, received_at=at)
+        await store.record_callback(entry, None)
+    history = await store.callback_history(limit=10)
+    assert history.last_callback_at == 1_025.0  # the unauthenticated one does not count
+    assert history.finishes == (
+        Finish(family="market", model="m1", by="callback", created_at=1_000.0, ended_at=1_010.0),
+        Finish(family="market", model=None, by="callback", created_at=1_000.0, ended_at=1_020.0),
+        Finish(family="market", model="m2", by="poll", created_at=1_000.0, ended_at=1_030.0),
+    )
+    newest = await store.callback_history(limit=2)
+    assert [f.ended_at for f in newest.finishes] == [1_020.0, 1_030.0]
+    assert (await store.callback_history(limit=0)).finishes == ()
+    with pytest.raises(ValueError, match="limit"):
+        await store.callback_history(limit=-1)
 
 
 async def test_old_signatures_are_pruned_in_batches(store: JobStore) -> None:

@@ -100,8 +100,8 @@ async def test_three_answers_in_a_row_are_needed_however_short_the_grace(tmp_pat
 
 
 async def test_a_task_known_within_the_grace_is_not_failed(tmp_path, autojump_clock):
-    # KIE's record of the task lags its creation by 150 s, longer than the first queries.
-    config = sim_config(duration_s=(400.0, 400.0), record_lag_s=150.0, drop_callbacks=1.0)
+    # KIE's record of the task lags its creation by 100 s, longer than the first queries.
+    config = sim_config(duration_s=(400.0, 400.0), record_lag_s=100.0, drop_callbacks=1.0)
     async with open_stack(tmp_path, config, lead=False) as stack:
         log = logged(stack)
         job = await stack.submit()
@@ -115,7 +115,7 @@ async def test_a_task_known_within_the_grace_is_not_failed(tmp_path, autojump_cl
     assert log.codes[:unknown] == [422] * unknown
     assert set(log.codes[unknown:]) == {200}
     created = job["created_at"] - WALL0
-    assert log.times[unknown - 1] < created + 150 <= log.times[unknown]
+    assert log.times[unknown - 1] < created + 100 <= log.times[unknown]
     assert done.last_error is not None
     assert done.last_error.startswith(f"KIE does not know task {done.task_id} ")
 

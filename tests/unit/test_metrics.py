@@ -126,6 +126,9 @@ def test_the_exposition_parses_and_has_every_metric_from_the_start():
         "kied_build_info",
         "kied_mode",
         "kied_pollers",
+        "kied_status_query_budget_per_s",
+        "kied_status_query_share_seconds",
+        "kied_status_query_rate_per_s",
     }
     assert not any(s.name.endswith("_created") for f in families.values() for s in f.samples)
     assert [(s.labels, s.value) for s in families["kied_mode"].samples] == [
@@ -157,3 +160,14 @@ def test_the_port_opening_is_measured_once_set():
     assert metrics.registry.get_sample_value("kied_start_to_listen_seconds") == 0
     metrics.port_opened()
     assert metrics.registry.get_sample_value("kied_start_to_listen_seconds") > 0
+
+
+def test_the_status_query_budget_demand_and_rate_are_shown():
+    metrics = Metrics(budget=lambda: (8.0, 2.5))
+    for _ in range(30):
+        metrics.status_query("pending")
+    get = metrics.registry.get_sample_value
+    assert get("kied_status_query_budget_per_s") == 8.0
+    assert get("kied_status_query_share_seconds") == 2.5
+    assert get("kied_status_query_rate_per_s") == 3.0  # 30 over the last 10 s
+    assert Metrics().registry.get_sample_value("kied_status_query_rate_per_s") == 0.0

@@ -11,10 +11,16 @@ from hypothesis import strategies as st
 from kied.core.families import Family
 from kied.core.schedule import (
     CallbackHealth,
+    FleetLoad,
+    PollBudget,
     PollPolicy,
     backoff_delay,
     first_poll_delay,
+    fleet_idle,
     next_poll_delay,
+    planned_poll_delay,
+    poll_weight,
+    share_interval_s,
 )
 
 POLICY = PollPolicy()
@@ -223,8 +229,9 @@ def test_policy_refuses_nonsense(changes: dict[str, object]) -> None:
 # CallbackHealth
 
 
-def test_health_is_presumed_until_there_is_evidence() -> None:
-    assert CallbackHealth().healthy(1e9)
+def test_health_is_not_presumed_before_a_callback_is_heard() -> None:
+    # A fresh daemon whose callbacks are all lost must not wait for jobs to be overdue.
+    assert not CallbackHealth().healthy(1e9)
     polled = CallbackHealth()
     polled.job_finished("market", "m", 60.0, by="poll")  # a job ended with no callback heard
     assert not polled.healthy(1e9)
@@ -373,3 +380,234 @@ def test_healthy_callbacks_back_off_with_the_jobs_age(elapsed, jitter, expected)
 def test_healthy_cap_is_validated():
     with pytest.raises(ValueError, match="healthy_max_interval_s"):
         PollPolicy(healthy_max_interval_s=-1.0)
+
+
+# ============================================================================================
+# sharing the status-query budget: poll_weight, fleet_idle, planned_poll_delay, PollBudget
+
+IDLE = FleetLoad(jobs=1, weight=0.25)
+
+
+def plan(
+    age_s: float,
+    *,
+    typical: float | None = None,
+    load: FleetLoad = IDLE,
+    budget: float = 8.0,
+    healthy: bool = False,
+    first: bool = False,
+    jitter: float = 0.0,
+) -> tuple[float, float]:
+    return planned_poll_delay(
+        age_s,
+        typical_duration_s=typical,
+        load=load,
+        budget_per_s=budget,
+        callbacks_healthy=healthy,
+        first=first,
+        policy=POLICY,
+        jitter=jitter,
+    )
+
+
+@pytest.mark.parametrize(
+    ("age_s", "typical", "weight"),
+    [
+        (0.0, 10.0, 0.25),
+        (9.999, 10.0, 0.25),
+        (10.0, 10.0, 1.0),  # overdue from the typical duration on
+        (59.9, None, 0.25),  # unknown: overdue after overdue_floor_s
+        (60.0, None, 1.0),
+        (0.0, 0.0, 1.0),
+    ],
+)
+def test_poll_weight_favours_overdue_jobs(age_s: float, typical: float | None, weight: float):
+    assert poll_weight(age_s, typical, POLICY) == weight
+
+
+def test_fleet_idle_is_every_job_every_idle_interval_within_the_budget() -> None:
+    assert fleet_idle(24, 8.0, POLICY)  # 24 jobs every 3 s: 8 a second
+    assert not fleet_idle(25, 8.0, POLICY)
+    assert fleet_idle(0, 0.5, POLICY)
+    assert not fleet_idle(2, 0.5, PollPolicy(idle_interval_s=1.0))
+
+
+def test_the_share_interval_is_the_fleets_weight_over_the_budget() -> None:
+    assert share_interval_s(FleetLoad(10, 4.0), 8.0) == 0.5
+    assert share_interval_s(FleetLoad(0, 0.0), 8.0) == 0.0
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="budget_per_s"):
+            share_interval_s(FleetLoad(1, 1.0), bad)
+    for weight in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="weight"):
+            share_interval_s(FleetLoad(1, weight), 8.0)
+
+
+@pytest.mark.parametrize("healthy", [False, True])
+def test_few_jobs_follow_kies_schedule_even_with_healthy_callbacks(healthy: bool) -> None:
+    # An idle fleet: the first query 2-3 s after creation, whatever callbacks do.
+    assert plan(0.0, healthy=healthy, first=True) == (2.0, 0.25)
+    # (a first query is put off by up to the job's share: 0.25 / 8 / 0.25 s here)
+    assert plan(0.0, healthy=healthy, first=True, jitter=TOP)[0] == pytest.approx(3.125)
+    assert plan(45.0, healthy=healthy, load=FleetLoad(24, 6.0))[0] == 5.0
+    assert plan(200.0, healthy=healthy, load=FleetLoad(24, 24.0))[0] == 15.0
+
+
+def test_healthy_callbacks_and_a_busy_fleet_wait_until_the_job_is_overdue() -> None:
+    busy = FleetLoad(jobs=25, weight=25 * 0.25)
+    # First query: at overdue_floor_s (typical unknown), or 1.5 x the typical duration.
+    assert plan(0.0, healthy=True, first=True, load=busy) == (60.0, 0.25)
+    assert plan(10.0, healthy=True, first=True, load=busy)[0] == 50.0
+    assert plan(0.0, typical=50.0, healthy=True, first=True, load=busy)[0] == 75.0
+    # Later queries: as long as the job has existed (the healthy back-off).
+    assert plan(40.0, typical=50.0, healthy=True, load=busy)[0] == 40.0
+    # Overdue against its typical duration: KIE's schedule again, whatever callbacks do.
+    assert plan(50.0, typical=50.0, healthy=True, load=busy) == (5.0, 1.0)
+    # Without healthy callbacks a busy fleet keeps KIE's schedule (stretched if need be).
+    assert plan(0.0, first=True, load=busy)[0] == pytest.approx(25 * 0.25 / 8 / 0.25)
+
+
+def test_the_share_stretches_by_weight_and_overdue_jobs_come_first() -> None:
+    load = FleetLoad(jobs=1000, weight=80.0)  # a share of 10 s for a weight of 1
+    fresh = plan(0.0, typical=20.0, load=load)
+    overdue = plan(25.0, typical=20.0, load=load)
+    old_overdue = plan(500.0, typical=20.0, load=load)
+    assert fresh == (40.0, 0.25)
+    assert overdue == (10.0, 1.0)  # four times as often
+    assert old_overdue == (15.0, 1.0)  # KIE's schedule for its age is slower still
+    # A short share leaves KIE's schedule as it is.
+    assert plan(25.0, typical=20.0, load=FleetLoad(10, 8.0))[0] == 2.0
+    assert plan(0.0, typical=20.0, load=FleetLoad(10, 4.0))[0] == 2.0
+    assert plan(0.0, typical=20.0, load=FleetLoad(10, 6.0))[0] == 3.0
+
+
+def test_planned_delay_refuses_nonsense() -> None:
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="budget_per_s"):
+            plan(0.0, budget=bad)
+    with pytest.raises(ValueError, match="weight"):
+        plan(0.0, load=FleetLoad(1, math.nan))
+    with pytest.raises(ValueError, match="jitter"):
+        plan(0.0, jitter=1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        plan(math.nan)
+
+
+_JOB = st.tuples(
+    st.floats(min_value=-5, max_value=5000),  # age
+    st.one_of(st.none(), st.floats(min_value=0, max_value=600)),  # typical duration
+    st.floats(min_value=0, max_value=1, exclude_max=True),  # jitter
+    st.booleans(),  # first
+)
+
+
+@given(
+    jobs=st.lists(_JOB, min_size=1, max_size=300),
+    budget=st.floats(min_value=0.1, max_value=50),
+    healthy=st.booleans(),
+)
+def test_a_planned_fleet_stays_within_its_budget(
+    jobs: list[tuple[float, float | None, float, bool]], budget: float, healthy: bool
+) -> None:
+    # With the fleet's weights added up, the queries a second the jobs plan add up to at
+    # most the budget; no job asks more often than KIE's schedule for its age; and of two
+    # jobs of an age, an overdue one never waits longer.
+    ledger = PollBudget(budget)
+    for key, (age, typical, _, _) in enumerate(jobs):
+        ledger.weigh(key, poll_weight(max(age, 0.0), typical, POLICY))
+    load = ledger.load()
+    assert load.jobs == len(jobs)
+    total = 0.0
+    for age, typical, jitter, first in jobs:
+        delay, weight = planned_poll_delay(
+            age,
+            typical_duration_s=typical,
+            load=load,
+            budget_per_s=budget,
+            callbacks_healthy=healthy,
+            first=first,
+            policy=POLICY,
+            jitter=jitter,
+        )
+        assert delay >= next_poll_delay(age, POLICY, jitter=jitter)
+        assert weight == poll_weight(max(age, 0.0), typical, POLICY)
+        total += 1.0 / delay
+        if weight < 1:
+            overdue, _ = planned_poll_delay(
+                age,
+                typical_duration_s=0.0,
+                load=load,
+                budget_per_s=budget,
+                callbacks_healthy=healthy,
+                first=first,
+                policy=POLICY,
+                jitter=jitter,
+            )
+            assert overdue <= delay
+    assert total <= budget * (1 + 1e-9)
+
+
+def test_poll_budget_keeps_the_sum_in_constant_time() -> None:
+    ledger = PollBudget(8.0)
+    assert ledger.load() == FleetLoad(0, 0.0)
+    ledger.weigh("a", 1.0)
+    ledger.weigh("b", 0.25)
+    ledger.weigh("a", 0.5)  # replaced, not added
+    assert ledger.load() == FleetLoad(2, 0.75)
+    assert ledger.share_s() == 0.75 / 8
+    ledger.forget("a")
+    ledger.forget("a")  # twice is harmless
+    ledger.forget("nobody")
+    assert ledger.load() == FleetLoad(1, 0.25)
+    for key in range(1000):
+        ledger.weigh(key, 0.1)
+    for key in range(1000):
+        ledger.forget(key)
+    ledger.resum()
+    assert ledger.load() == FleetLoad(1, 0.25)
+    ledger.forget("b")
+    assert ledger.load() == FleetLoad(0, 0.0)  # no rounding left over
+    with pytest.raises(ValueError, match="per_s"):
+        PollBudget(0)
+    with pytest.raises(ValueError, match="weight"):
+        ledger.weigh("c", math.nan)
+    with pytest.raises(ValueError, match="weight"):
+        ledger.weigh("c", -1.0)
+
+
+def test_policy_refuses_a_weight_below_one_and_a_bad_idle_interval() -> None:
+    with pytest.raises(ValueError, match="overdue_weight"):
+        PollPolicy(overdue_weight=0.5)
+    with pytest.raises(ValueError, match="idle_interval_s"):
+        PollPolicy(idle_interval_s=-1.0)
+
+
+def test_seeding_health_starts_again_from_storage() -> None:
+    health = CallbackHealth(recent=4, min_samples=2)
+    health.job_finished("market", "m", 99.0, by="callback")
+    health.callback_received(500.0)
+    health.seed(
+        [("market", "m", 10.0, "callback"), ("market", "m", 12.0, "callback")]
+        + [("market", "m", 50.0, "poll")] * 3,
+        last_callback_at=400.0,
+    )
+    # The durations and finishes are storage's (the 99 s is gone; 3 of 4 by poll) ...
+    assert health.typical_duration_s("market", "m") == 12.0
+    assert not health.healthy(450.0)
+    # ... the newest callback heard here is kept.
+    health.seed([("market", "m", 10.0, "callback")], last_callback_at=100.0)
+    assert health.healthy(500.0 + 599.0)
+    fresh = CallbackHealth()
+    fresh.seed([], last_callback_at=None)
+    assert not fresh.healthy(0.0)  # no evidence: nothing presumed
+
+
+def test_a_busy_healthy_fleet_queries_nothing_before_it_is_overdue_and_spreads_first_queries():
+    busy = FleetLoad(jobs=40, weight=10.0)  # a share of 1.25 s, 5 s for a weight of 1/4
+    # Asked once while the fleet was idle, a job then waits until it is overdue.
+    assert plan(2.0, healthy=True, load=busy)[0] == 58.0
+    assert plan(2.0, typical=50.0, healthy=True, load=busy)[0] == 73.0
+    # First queries are spread over the job's share: 40 jobs of weight 1/4 over 5 s.
+    assert plan(0.0, load=busy, first=True)[0] == 5.0
+    assert plan(0.0, load=busy, first=True, jitter=0.5)[0] == 5.0 + 2.5
+    assert plan(0.0, load=busy, jitter=0.5)[0] == 5.0  # later ones are not

@@ -273,3 +273,12 @@ def test_bad_systemd_and_log_values_name_the_setting(environ, argv, setting):
     assert info.value.setting == setting
     assert str(info.value).startswith(f"{setting}: ")
     assert "\n" not in str(info.value)
+
+
+def test_the_status_query_budget_defaults_to_8_and_is_validated():
+    assert load_settings({}).status_queries_per_s == 8.0
+    assert load_settings({"KIED_STATUS_QUERIES_PER_S": "2.5"}).status_queries_per_s == 2.5
+    assert load_settings({"KIED_STATUS_QUERIES_PER_S": "9"}).status_queries_per_s == 9.0
+    for bad in ("0", "-1", "9.5", "nan", "inf", "lots"):
+        with pytest.raises(ConfigError, match="KIED_STATUS_QUERIES_PER_S"):
+            load_settings({"KIED_STATUS_QUERIES_PER_S": bad})
