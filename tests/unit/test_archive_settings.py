@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import trio
 
 from kied.archive import DirArchive, archive_key, open_archive
 from kied.cli import secrets_of
@@ -151,6 +150,13 @@ async def test_put_replaces_whole_files_and_delete_forgets(tmp_path):
 async def test_open_archive_none_and_s3():
     async with open_archive(None) as archive:
         assert archive is None
-    with pytest.raises(ConfigError, match="KIED_ARCHIVE"):
-        async with open_archive(S3ArchiveSettings(bucket="b")):
-            await trio.lowlevel.checkpoint()
+    settings = S3ArchiveSettings(
+        bucket="b",
+        prefix="p",
+        endpoint_url="http://user:pw@127.0.0.1:9",
+        secret_access_key="hunter2",
+    )
+    async with open_archive(settings) as archive:
+        assert archive is not None
+        assert archive.kind == "s3"
+        assert archive.describe() == "s3://b/p at http://127.0.0.1:9"
