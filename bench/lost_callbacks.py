@@ -81,6 +81,9 @@ class Simulator:
             str(seed),
         )
         self.url = read_url(self.proc)
+        # Its log is not read from here on: drain it so that the pipe never fills (a full
+        # pipe blocks the simulator's next log line, and with it the whole simulator).
+        subprocess_drain(self.proc)
 
     def stats(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.url}/_sim/stats", timeout=30).json()["tasks"])

@@ -411,11 +411,11 @@ def main(argv: Sequence[str]) -> int:
         return 2
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    # As kied serve logs: one line per callback sent by httpx at INFO would drown the rest
+    # (and fill a pipe nobody reads), and no raw control character reaches a line.
+    from kied.cli import configure_logging
+
+    configure_logging(config.log_level.upper())
     failure: OSError | None = None
     try:
         trio.run(_main, config)
