@@ -28,7 +28,7 @@ from kied.core.views import job_view
 from kied.store._base import CallbackEffect, Event, InboxEntry, PruneKind, StoredCallback
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from kied.core._json import JsonObject, JsonValue
 
@@ -62,16 +62,17 @@ __all__ = [
     "PRUNE_INBOX",
     "PRUNE_JOBS",
     "PRUNE_SIGNATURES",
+    "PUT_STATE",
     "REMEMBER_SIGNATURE",
     "REQUEST_CONFIRM",
     "RETRY_ARCHIVE",
     "RETRY_FAILED_ARCHIVES",
-    "SET_ARCHIVE_MODE",
     "SET_OTHER_TASKS",
     "WAITING_CALLBACK_COLUMNS",
     "apply_statements",
     "check_limit",
     "confirms_only",
+    "end_archive",
     "entry_values",
     "event_from_row",
     "event_values",
@@ -180,8 +181,8 @@ FORGET_ARCHIVE_TRASH: Final[LiteralString] = "DELETE FROM archive_trash WHERE jo
 # statement that ends a job sees it: a job that succeeds with result URLs while it is on
 # is marked pending, in the same transaction, and with 'notify-after' its event is held
 # back (archive_owed_event) until the files are kept or kied gives up on them.
-SET_ARCHIVE_MODE: Final[LiteralString] = (
-    "INSERT INTO kied_state (name, value) VALUES ('archive', :mode)"
+PUT_STATE: Final[LiteralString] = (
+    "INSERT INTO kied_state (name, value) VALUES (:name, :value)"
     " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
 BEGIN_ARCHIVE: Final[LiteralString] = (
@@ -614,3 +615,28 @@ def confirms_only(auth: str) -> bool:
     """Whether a callback authenticated as ``auth`` only asks for its task's status to be
     confirmed, instead of being applied: its body is not authenticated."""
     return not body_is_authenticated(auth)
+
+
+def end_archive(
+    before: Job | None,
+    update: Callable[[], Job],
+    append_event: Callable[[EventType, Job], None],
+) -> Job | None:
+    """Apply a change to a job whose files are being archived, and write what it owes.
+
+    ``before`` is the job as read in the transaction; ``update`` runs the statement and
+    returns the job after it; ``append_event`` appends an event in the same transaction.
+    None when the job is not pending archive (the change is a no-op). Once the job leaves
+    ``pending``, the event held back for it (``KIED_NOTIFY_AFTER_ARCHIVE``) is written,
+    then ``job.archived`` if its files are kept.
+    """
+    if before is None or before.archive_state is not ArchiveState.PENDING:
+        return None
+    job = update()
+    if job.archive_state is ArchiveState.PENDING:
+        return job
+    if before.archive_owed_event is not None:
+        append_event(before.archive_owed_event, job)
+    if job.archive_state is ArchiveState.ARCHIVED:
+        append_event(EventType.ARCHIVED, job)
+    return job

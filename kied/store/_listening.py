@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final, LiteralString, TypeVar
 
 from kied.store._base import CallbackHistory, Finish, ListeningSpan
-from kied.store._common import check_limit, for_psycopg
+from kied.store._common import PUT_STATE, check_limit, for_psycopg
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -24,10 +24,6 @@ _T = TypeVar("_T")
 
 #: ``kied_state`` names of listening spans start with this
 _PREFIX: Final = "listening:"
-_PUT: Final[LiteralString] = (
-    "INSERT INTO kied_state (name, value) VALUES (:name, :value)"
-    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
-)
 _SPANS: Final[LiteralString] = (
     "SELECT name, value FROM kied_state WHERE substr(name, 1, :length) = :prefix"
 )
@@ -91,7 +87,7 @@ class ListeningSql:
         def convert(sql: LiteralString) -> LiteralString:
             return for_psycopg(sql) if psycopg else sql
 
-        self._put = convert(_PUT)
+        self._put = convert(PUT_STATE)
         self._spans = convert(_SPANS)
         self._delete = convert(_DELETE)
         self._last_callback = convert(_LAST_CALLBACK)

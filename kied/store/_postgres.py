@@ -27,7 +27,6 @@ from kied._pgconn import connection_info
 from kied.core.jobs import (
     ACTIVE_STATES,
     ArchivedFile,
-    ArchiveState,
     EndedBy,
     EventKind,
     EventType,
@@ -86,16 +85,17 @@ from kied.store._common import (
     PRUNE_INBOX,
     PRUNE_JOBS,
     PRUNE_SIGNATURES,
+    PUT_STATE,
     REMEMBER_SIGNATURE,
     REQUEST_CONFIRM,
     RETRY_ARCHIVE,
     RETRY_FAILED_ARCHIVES,
-    SET_ARCHIVE_MODE,
     SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
     check_limit,
     confirms_only,
+    end_archive,
     entry_values,
     event_from_row,
     event_values,
@@ -327,7 +327,7 @@ _PRUNE_JOBS: Final[LiteralString] = for_psycopg(PRUNE_JOBS)
 _INSERT_ARCHIVE_TRASH: Final[LiteralString] = for_psycopg(INSERT_ARCHIVE_TRASH)
 _ARCHIVE_TRASH: Final[LiteralString] = for_psycopg(ARCHIVE_TRASH)
 _FORGET_ARCHIVE_TRASH: Final[LiteralString] = for_psycopg(FORGET_ARCHIVE_TRASH)
-_SET_ARCHIVE_MODE: Final[LiteralString] = for_psycopg(SET_ARCHIVE_MODE)
+_PUT_STATE: Final[LiteralString] = for_psycopg(PUT_STATE)
 _BEGIN_ARCHIVE: Final[LiteralString] = for_psycopg(BEGIN_ARCHIVE)
 _DUE_ARCHIVES: Final[LiteralString] = for_psycopg(DUE_ARCHIVES)
 _NEXT_ARCHIVE_AT: Final[LiteralString] = for_psycopg(NEXT_ARCHIVE_AT)
@@ -610,17 +610,11 @@ def _end_archive(
 ) -> Job | None:
     _lock_events(conn)
     row = conn.execute(_SELECT_JOB_FOR_UPDATE, {"id": job_id}).fetchone()
-    before = None if row is None else job_from_row(row)
-    if before is None or before.archive_state is not ArchiveState.PENDING:
-        return None
-    job = job_from_row(_one(conn.execute(sql, {**params, "id": job_id}).fetchone()))
-    if job.archive_state is ArchiveState.PENDING:
-        return job
-    if before.archive_owed_event is not None:
-        _append_event(conn, before.archive_owed_event, job, params["now"])
-    if job.archive_state is ArchiveState.ARCHIVED:
-        _append_event(conn, EventType.ARCHIVED, job, params["now"])
-    return job
+    return end_archive(
+        None if row is None else job_from_row(row),
+        lambda: job_from_row(_one(conn.execute(sql, {**params, "id": job_id}).fetchone())),
+        lambda kind, job: _append_event(conn, kind, job, params["now"]),
+    )
 
 
 def _prune_jobs(conn: _Connection, params: Mapping[str, Any]) -> list[JobId]:
@@ -1201,7 +1195,7 @@ class PostgresStore(CallbackQueue[_QueuedCallback], DeliveryMethods, ListeningMe
         return Prunable(count=count, oldest=oldest)
 
     async def set_archive_mode(self, mode: ArchiveMode) -> None:
-        await self._write(partial(_execute, _SET_ARCHIVE_MODE, {"mode": mode}))
+        await self._write(partial(_execute, _PUT_STATE, {"name": "archive", "value": mode}))
 
     async def due_archives(self, *, now: float, limit: int) -> list[Job]:
         check_limit(limit)

@@ -14,7 +14,6 @@ import trio
 from kied.core.jobs import (
     ACTIVE_STATES,
     ArchivedFile,
-    ArchiveState,
     EndedBy,
     EventKind,
     EventType,
@@ -68,16 +67,17 @@ from kied.store._common import (
     PRUNE_INBOX,
     PRUNE_JOBS,
     PRUNE_SIGNATURES,
+    PUT_STATE,
     REMEMBER_SIGNATURE,
     REQUEST_CONFIRM,
     RETRY_ARCHIVE,
     RETRY_FAILED_ARCHIVES,
-    SET_ARCHIVE_MODE,
     SET_OTHER_TASKS,
     WAITING_CALLBACK_COLUMNS,
     apply_statements,
     check_limit,
     confirms_only,
+    end_archive,
     entry_values,
     event_from_row,
     event_values,
@@ -387,17 +387,11 @@ def _one(row: Any) -> Any:
 def _end_archive(
     conn: sqlite3.Connection, job_id: JobId, sql: LiteralString, params: dict[str, Any]
 ) -> Job | None:
-    before = _select_job(conn, job_id)
-    if before is None or before.archive_state is not ArchiveState.PENDING:
-        return None
-    job = job_from_row(_one(conn.execute(sql, {**params, "id": job_id}).fetchone()))
-    if job.archive_state is ArchiveState.PENDING:
-        return job
-    if before.archive_owed_event is not None:
-        _append_event(conn, before.archive_owed_event, job, params["now"])
-    if job.archive_state is ArchiveState.ARCHIVED:
-        _append_event(conn, EventType.ARCHIVED, job, params["now"])
-    return job
+    return end_archive(
+        _select_job(conn, job_id),
+        lambda: job_from_row(_one(conn.execute(sql, {**params, "id": job_id}).fetchone())),
+        lambda kind, job: _append_event(conn, kind, job, params["now"]),
+    )
 
 
 def _append_event(conn: sqlite3.Connection, kind: EventType, job: Job, now: float) -> None:
@@ -862,7 +856,9 @@ class SqliteStore(CallbackQueue[_QueuedCallback], DeliveryMethods, ListeningMeth
         return Prunable(count=count, oldest=oldest)
 
     async def set_archive_mode(self, mode: ArchiveMode) -> None:
-        await self._db_write(lambda conn: conn.execute(SET_ARCHIVE_MODE, {"mode": mode}))
+        await self._db_write(
+            lambda conn: conn.execute(PUT_STATE, {"name": "archive", "value": mode})
+        )
 
     async def due_archives(self, *, now: float, limit: int) -> list[Job]:
         check_limit(limit)
