@@ -120,6 +120,8 @@ class Daemon:
         #: this instance's name in the listening spans, and when it began listening
         self.instance = uuid.uuid4().hex
         self.listening_since = now()
+        #: when it stopped accepting callbacks (the stop began): its span ends there
+        self._stopped_listening_at: float | None = None
         self._supervisor: PollerSupervisor | None = None
         self.health_of_callbacks = CallbackHealth()
         self.metrics = Metrics(
@@ -168,6 +170,8 @@ class Daemon:
         stop's budget less the time to store their task ids and release the lock.
         """
         self._stopping = True
+        if self._stopped_listening_at is None:
+            self._stopped_listening_at = self.now()
         self.report_status("STOPPING=1")
         if self._supervisor is not None:
             settings = self.settings
@@ -294,8 +298,29 @@ class Daemon:
     async def run_heartbeat(self) -> None:
         """Record in storage that this instance listens for callbacks, until cancelled."""
         await run_heartbeat(
-            self.store, instance=self.instance, since=self.listening_since, now=self.now
+            self.store, instance=self.instance, since=self.listening_since, now=self.listened_until
         )
+
+    def listened_until(self) -> float:
+        """Now, or, once stopping, when the port stopped taking callbacks: a span never
+        claims time when no new connection was taken."""
+        stopped = self._stopped_listening_at
+        now = self.now()
+        return now if stopped is None else min(now, stopped)
+
+    async def record_listening_end(self) -> None:
+        """Write where this instance's listening span ends, when it stops: so a new
+        instance that began listening since the last heartbeat finds no gap (and so no
+        catch-up to make). Bounded by ``cleanup_s``; a failure only leaves the span at the
+        last heartbeat, which errs towards querying."""
+        with trio.move_on_after(self.settings.cleanup_s):
+            try:
+                store = await self.store()
+                await store.heard_listening(
+                    self.instance, since=self.listening_since, now=self.listened_until()
+                )
+            except StoreError as exc:
+                logger.debug("[GEN] cannot record where listening ended: %s", exc)
 
     async def _take_over(self, store: JobStore) -> float | None:
         """What a new leader reads first: how callbacks have been doing (seeding
@@ -629,6 +654,7 @@ async def _serve_daemon(
                 daemon.changes.stop_waiting()
                 root.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace_s
                 leadership.cancel_scope.cancel()
+            await daemon.record_listening_end()
             await http_done.wait()
             storage.cancel_scope.cancel()
     logger.info("[HTTP] stopped")

@@ -45,6 +45,8 @@ from kied.errors import (
     UpstreamError,
     UpstreamRejectedError,
 )
+from kied.kie._ratelimit import RateLimiter
+from kied.kie.client import STATUS_LIMIT
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -56,7 +58,15 @@ if TYPE_CHECKING:
     from kied.settings import Settings
     from kied.store import JobStore
 
-__all__ = ["GC_FREEZE_JOBS", "LOST_SUBMISSION", "UNKNOWN_TASK", "KieApi", "PollerSupervisor"]
+__all__ = [
+    "BUDGET_WINDOW_S",
+    "GC_FREEZE_JOBS",
+    "LOST_SUBMISSION",
+    "NOT_SENT",
+    "UNKNOWN_TASK",
+    "KieApi",
+    "PollerSupervisor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +101,16 @@ GC_FREEZE_JOBS = 10_000
 UNKNOWN_TASK = "unknown_task"
 #: ... and when asked at least this many times in a row: one odd answer fails no job
 _UNKNOWN_ANSWERS = 3
+#: ``error.code`` of a job that timed out in kied's own createTask queue, never sent to KIE
+NOT_SENT = "not_sent"
+#: the status-query budget holds over any window this long: the pollers' plans keep to it
+#: on average, and the supervisor's limiter makes it a hard cap. Within it a catch-up may
+#: go as fast as KIE allows a key (the client's limiter, 10 a second) for a few seconds.
+BUDGET_WINDOW_S = 10.0
+#: shares of the budget shorter than this change no plan (KIE's own schedule is slower)
+_SHARE_FLOOR_S = 0.5
+#: sleeping pollers are woken to plan again at most this often
+_REPLAN_MIN_S = 1.0
 
 
 class _SupersededError(Exception):
@@ -198,9 +218,21 @@ class PollerSupervisor:
         #: status queries sent, by result, for operators
         self.status_queries: dict[str, int] = {}
         self._budget = PollBudget(settings.status_queries_per_s)
+        window_limit = max(1, math.floor(settings.status_queries_per_s * BUDGET_WINDOW_S))
+        self._budget_limiter = RateLimiter(window_limit, BUDGET_WINDOW_S)
         self._unheard_before = unheard_before
-        #: trio time of the next catch-up query (jobs that may have ended unheard)
-        self._catch_up_at = -math.inf
+        #: catch-up queries planned (jobs that may have ended unheard), and when they began
+        self._catch_ups = 0
+        self._catch_up_t0 = 0.0
+        #: jobs waiting in kied's createTask queue (never sent to KIE yet)
+        self._queued: set[JobId] = set()
+        #: what the plans of sleeping pollers assumed: callbacks healthy, the budget's share
+        self._planned_for: tuple[bool, float] | None = None
+        self._plan_epoch = 0
+        self._replanned_at = -math.inf
+        self._replan_pending = False
+        #: pollers sleeping until a planned query (their wake-up events are in _wakeups)
+        self._sleeping: set[JobId] = set()
         self._frozen = False
 
     @property
@@ -234,6 +266,7 @@ class PollerSupervisor:
         elif job.state in ACTIVE_STATES and self._nursery is not None:
             self._note_confirm(job)  # kept while the job's poller runs
             self._start(job)
+        self._replan_if_changed()
 
     def stop_creating(self, deadline: float) -> None:
         """The daemon is stopping: send no new createTask, and give up waiting for the
@@ -282,9 +315,53 @@ class PollerSupervisor:
                         await self._rescan_now.wait()
                     self._rescan_now = trio.Event()
                     await self._rescan()
+                    self._replan_if_changed()  # callbacks may have gone quiet meanwhile
             finally:
                 self._nursery = None
                 self._thaw()
+
+    def _replan_if_changed(self) -> None:
+        """Wake every sleeping poller to plan its next query again, when the plans they
+        sleep on no longer fit: callbacks turned healthy or stopped being so, or the
+        budget's share halved or doubled (jobs ended or came). So a fresh daemon's first
+        plans (made before any callback was heard) are not kept once callbacks are seen
+        to work, and jobs left in flight get the budget that ended ones freed. O(1) unless
+        it wakes them, at most once every ``_REPLAN_MIN_S``."""
+        healthy = self._callbacks_expected()
+        share = max(self._budget.share_s(), _SHARE_FLOOR_S)
+        planned = self._planned_for
+        if planned is None:
+            self._planned_for = (healthy, share)
+            return
+        was_healthy, was_share = planned
+        if healthy == was_healthy and was_share / 2 < share < was_share * 2:
+            return
+        now = trio.current_time()
+        if now < self._replanned_at + _REPLAN_MIN_S:
+            if not self._replan_pending and self._nursery is not None:
+                self._replan_pending = True  # looked at again once the interval is over
+                self._nursery.start_soon(self._replan_later)
+            return
+        self._planned_for = (healthy, share)
+        self._replanned_at = now
+        self._plan_epoch += 1
+        if self._nursery is not None:
+            self._nursery.start_soon(self._wake_sleepers, list(self._sleeping))
+
+    async def _wake_sleepers(self, job_ids: list[JobId]) -> None:
+        # In chunks, as a rescan starts pollers: 100,000 pollers woken in one go would
+        # hold every callback for as long as they take to plan again.
+        for n, job_id in enumerate(job_ids, 1):
+            wake = self._wakeups.pop(job_id, None)
+            if wake is not None:
+                wake.set()
+            if n % _START_CHUNK == 0:
+                await trio.lowlevel.checkpoint()
+
+    async def _replan_later(self) -> None:
+        await trio.sleep_until(self._replanned_at + _REPLAN_MIN_S)
+        self._replan_pending = False
+        self._replan_if_changed()
 
     def request_rescan(self) -> None:
         """Look through storage for unfinished jobs now (wake-ups may have been lost)."""
@@ -351,21 +428,27 @@ class PollerSupervisor:
         if job.task_id is None:
             self._budget.weigh(job.id, 1.0 / self._policy.overdue_weight)
         elif unheard:
-            # It may have ended while nobody listened: at once, at the budget's pace, in
-            # the order the jobs are started (oldest first).
+            # It may have ended while nobody listened: at once, as fast as KIE lets a key
+            # query (a window of queries at a time), in the order the jobs are started
+            # (oldest first); the budget's limiter keeps the catch-up within its window.
             self._budget.weigh(job.id, 1.0)
-            first_at = max(trio.current_time(), self._catch_up_at + 1.0 / self._budget.per_s)
-            self._catch_up_at = first_at
+            if self._catch_ups == 0:
+                self._catch_up_t0 = trio.current_time()
+            burst, window_s = STATUS_LIMIT
+            first_at = self._catch_up_t0 + (self._catch_ups // burst) * window_s
+            self._catch_ups += 1
         else:
             self._plan(job, first=True)
         self._nursery.start_soon(self._poll, job, scope, resumed, first_at)
+        self._replan_if_changed()
         return True
 
-    def _plan(self, job: Job, *, first: bool) -> float:
-        """Plan the job's next status query against the budget: the delay from now."""
+    def _plan(self, job: Job, *, first: bool, age_s: float | None = None) -> float:
+        """Plan the job's next status query against the budget: the delay from when the
+        job was ``age_s`` old (default: now)."""
         healthy = self._callbacks_expected()
         delay, weight = planned_poll_delay(
-            self._now() - job.created_at,
+            self._now() - job.created_at if age_s is None else age_s,
             typical_duration_s=self._health.typical_duration_s(job.family, job.model),
             load=self._budget.load(),
             budget_per_s=self._budget.per_s,
@@ -377,15 +460,22 @@ class PollerSupervisor:
         self._budget.weigh(job.id, weight)
         return delay
 
-    def _first_query_at(self, job: Job, *, resumed: bool) -> float:
-        """When (trio time) to query a job first, on this instance."""
-        now = trio.current_time()
-        delay = self._plan(job, first=True)
-        if resumed:
-            # Another leader followed it until now: somewhere in its interval, so that the
-            # jobs taken over are not all asked at once.
-            return now + delay * self._rng.random()
-        return now + delay
+    def _planner(self, job: Job, *, first: bool, resumed: bool = False) -> Callable[[], float]:
+        """Plan the job's next query from now: a function that gives its time (trio time),
+        and gives it again, as planned from now, with what is known of the fleet and of
+        callbacks when it is called (:meth:`_wait_to_poll` calls it when the fleet changes).
+
+        ``resumed``: another leader followed the job until now, so its first query comes
+        somewhere in its interval, and the jobs taken over are not all asked at once.
+        """
+        planned_at = trio.current_time()
+        age_s = self._now() - job.created_at
+        part = self._rng.random() if resumed else 1.0
+
+        def plan() -> float:
+            return planned_at + part * self._plan(job, first=first, age_s=age_s)
+
+        return plan
 
     async def _poll(
         self,
@@ -404,6 +494,8 @@ class PollerSupervisor:
                 report = Report(event=EventKind.DEADLINE, source=EndedBy.DEADLINE)
                 if job.id in self._lost:
                     report = _lost_report(job, by_deadline=True)
+                elif job.id in self._queued:
+                    report = self._not_sent_report(job)
                 await self._finish(job, report)
         except Exception as exc:
             # A poller's failure is a fact about its job, never the daemon's end; the
@@ -416,11 +508,26 @@ class PollerSupervisor:
                     pass
         finally:
             self._lost.pop(job.id, None)
+            self._queued.discard(job.id)
             if self._scopes.get(job.id) is scope:
                 del self._scopes[job.id]
                 self._confirms.pop(job.id, None)
                 self._budget.forget(job.id)
+                self._replan_if_changed()
             logger.debug("[GEN] poller for job %s stopped", job.id)
+
+    def _not_sent_report(self, job: Job) -> Report:
+        waited_s = self._now() - job.created_at
+        return Report(
+            event=EventKind.DEADLINE,
+            source=EndedBy.DEADLINE,
+            error_code=NOT_SENT,
+            error_message=(
+                f"waited {waited_s:.0f} s in kied's createTask queue (KIE takes 20 new tasks"
+                " per 10 s from a key) and was never sent: the job's deadline, or"
+                f" KIED_CREATE_QUEUE_MAX ({self._settings.create_queue_max_s:g} s), passed first"
+            ),
+        )
 
     async def _poll_until_terminal(
         self, job: Job, *, resumed: bool = False, first_at: float | None = None
@@ -438,8 +545,10 @@ class PollerSupervisor:
         task_id = job.task_id
         assert task_id is not None
         policy = self._policy
+        replan: Callable[[], float] | None = None
         if first_at is None:
-            next_at = self._first_query_at(job, resumed=resumed)
+            replan = self._planner(job, first=True, resumed=resumed)
+            next_at = replan()
         else:
             next_at = first_at
         failures = 0
@@ -452,9 +561,12 @@ class PollerSupervisor:
         unknown_since: float | None = None
         unknown_answers = 0
         while True:
-            await self._wait_to_poll(job.id, next_at, confirmed)
-            # Few pollers at a time go from storage to KIE: the rate limit lets ten status
-            # queries through a second, and the rest wait here without holding anything.
+            await self._wait_to_poll(job.id, next_at, confirmed, replan)
+            replan = None
+            # The budget over its window, then few pollers at a time from storage to KIE:
+            # the rate limit lets ten status queries through a second, and the rest wait
+            # here without holding anything.
+            await self._budget_limiter.acquire()
             async with self._query_slots:
                 current = await self._store.get_job(job.id)  # storage first
                 if current is None or current.state not in ACTIVE_STATES:
@@ -527,6 +639,10 @@ class PollerSupervisor:
                     progressed = await self._store.apply(job.id, report, now=self._now())
                     if progressed is not None:
                         self._changes.wrote(progressed, ended=False)
+            if not confirming and unknown_since is None:
+                replan = self._planner(job, first=False)
+                next_at = replan()
+                continue
             delay = self._plan(job, first=False)
             if confirming:
                 # KIE's status may lag behind its callback a little: ask again soon.
@@ -544,14 +660,33 @@ class PollerSupervisor:
         requested = self._confirms.get(job_id)
         return requested is not None and (confirmed is None or requested > confirmed)
 
-    async def _wait_to_poll(self, job_id: JobId, next_at: float, confirmed: float | None) -> None:
-        """Sleep until ``next_at`` (trio time), or until a callback asks to confirm."""
-        while not self._confirm_due(job_id, confirmed):
-            if trio.current_time() >= next_at:
-                break
-            wake = self._wake_event(job_id)
-            with trio.move_on_at(next_at):
-                await wake.wait()
+    async def _wait_to_poll(
+        self,
+        job_id: JobId,
+        next_at: float,
+        confirmed: float | None,
+        replan: Callable[[], float] | None = None,
+    ) -> None:
+        """Sleep until ``next_at`` (trio time), or until a callback asks to confirm.
+
+        With ``replan``, the time is planned again whenever the fleet changes enough
+        (:meth:`_replan_if_changed`): sooner or later, as the new plan says.
+        """
+        epoch = self._plan_epoch
+        try:
+            while not self._confirm_due(job_id, confirmed):
+                if replan is not None and epoch != self._plan_epoch:
+                    epoch = self._plan_epoch
+                    next_at = replan()
+                if trio.current_time() >= next_at:
+                    break
+                wake = self._wake_event(job_id)
+                if replan is not None:
+                    self._sleeping.add(job_id)
+                with trio.move_on_at(next_at):
+                    await wake.wait()
+        finally:
+            self._sleeping.discard(job_id)
         await trio.lowlevel.checkpoint()
 
     def _confirm_late(self, job: Job) -> None:
@@ -581,6 +716,7 @@ class PollerSupervisor:
 
     async def _confirm_once(self, job: Job, task_id: TaskId) -> None:
         try:
+            await self._budget_limiter.acquire()
             async with self._query_slots:
                 status = await self._kie.get_status(Family(job.family), task_id)
         except UpstreamError as exc:
@@ -680,6 +816,7 @@ class PollerSupervisor:
 
             async def before_send() -> None:
                 # The rate limiter has let the request through: record it, then send it.
+                self._queued.discard(job.id)
                 if self._stop_deadline is not None:
                     raise _StoppingError
                 marked = await self._store.begin_submission(
@@ -698,6 +835,8 @@ class PollerSupervisor:
                 sending.deadline = min(sending.deadline, trio.current_time() + _SEND_BOUND_S)
                 self._sending.add(sending)
 
+            if count == 0:
+                self._queued.add(job.id)  # waits in kied's queue, never sent yet
             try:
                 task_id = await self._kie.create_task(
                     family,

@@ -185,9 +185,9 @@ class Settings:
     #: a job whose task KIE has not known for this long (and three status queries in a
     #: row) is failed with ``unknown_task`` rather than queried until its deadline
     unknown_task_grace_s: float = 120 * SECONDS
-    #: status queries a second the pollers plan to spend, all jobs together: KIE allows 10
-    #: a second per key, and the rest is the application's (the client's own limiter, 10 per
-    #: 1.1 s, stays the hard cap)
+    #: status queries a second the pollers spend, all jobs together, over any 10 s: KIE
+    #: allows 10 a second per key, and the rest is the application's (within the 10 s a
+    #: catch-up may go at the client's own limit, 10 per 1.05 s)
     status_queries_per_s: float = 8.0
     #: unauthenticated callbacks stored per minute at most (beyond: answered, counted, dropped)
     rejected_per_minute: int = 600

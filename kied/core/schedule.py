@@ -297,10 +297,12 @@ def planned_poll_delay(
     """The delay before a job's next status query, within the fleet's budget.
 
     The job's own interval (its base) is KIE's schedule for its age (:func:`next_poll_delay`),
-    or, while callbacks are healthy, the fleet is busy (not :func:`fleet_idle`) and the job
-    is not overdue, the healthy schedule: no query until the job is overdue
-    (:func:`first_poll_delay`), and later ones as long apart as the job has existed. The job
-    then gets at most its weight's share of the budget (:func:`share_interval_s`)::
+    or, while callbacks are healthy and the fleet is busy (not :func:`fleet_idle`), the
+    healthy schedule: no query until the job is overdue (:func:`first_poll_delay`: at least
+    ``overdue_floor_s``, or ``overdue_factor`` times the typical duration), and later ones as
+    long apart as the job has existed, so that a busy fleet whose callbacks work spends at
+    most about one query a job. The job then gets at most its weight's share of the budget
+    (:func:`share_interval_s`)::
 
         delay = max(base, (load.weight / budget_per_s) / w)
 
@@ -336,7 +338,7 @@ def planned_poll_delay(
     age_s = max(age_s, 0.0)
     weight = poll_weight(age_s, typical_duration_s, policy)
     base = step
-    if callbacks_healthy and weight < 1 and not fleet_idle(load.jobs, budget_per_s, policy):
+    if callbacks_healthy and not fleet_idle(load.jobs, budget_per_s, policy):
         overdue_at = first_poll_delay(
             policy, callbacks_healthy=True, typical_duration_s=typical_duration_s, jitter=jitter
         )

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CREATE_LIMIT",
+    "STATUS_LIMIT",
     "KieClient",
     "KieClientSettings",
     "TaskStatus",
@@ -104,6 +105,8 @@ _NO_RECORD: Final = re.compile(
 
 #: createTask requests per window, and the window in seconds: see ``create_limit``
 CREATE_LIMIT: Final[tuple[int, float]] = (20, 10.5)
+#: status queries per window, and the window in seconds: see ``status_limit``
+STATUS_LIMIT: Final[tuple[int, float]] = (10, 1.05)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,7 +128,8 @@ class KieClientSettings:
     #: grants sent back to back would otherwise reach KIE slightly closer together.
     create_limit: tuple[int, float] = CREATE_LIMIT
     #: ``(requests, per seconds)`` for status queries: Market allows 10 per second per key
-    status_limit: tuple[int, float] = (10, 1.1)
+    #: (the same 5 % margin)
+    status_limit: tuple[int, float] = STATUS_LIMIT
 
     def __post_init__(self) -> None:
         try:

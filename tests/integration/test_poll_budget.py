@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -18,6 +19,7 @@ import trio
 import kied.pollers
 from kied.core.jobs import EndedBy, JobState, Report
 from kied.core.jobs import EventKind as E
+from kied.kie.client import STATUS_LIMIT
 from kied.testing import make_new_job
 from tests.integration.test_pollers import WALL0, Stack, open_stack, sim_config
 
@@ -195,8 +197,12 @@ async def test_a_takeover_after_an_unheard_window_queries_those_jobs_first(
     first_of = {}
     for at, task in after:
         first_of.setdefault(task, at)
-    # 16 jobs at 8 a second: the first at once, the last 15/8 s later, in creation order.
-    assert [first_of[t] for t in early] == pytest.approx([200.0 + i / BUDGET for i in range(16)])
+    # 16 jobs, as fast as KIE lets a key query (the client's window), oldest first: ten at
+    # once, the other six a window (1.05 s) later.
+    burst, window_s = STATUS_LIMIT
+    assert (burst, window_s) == (10, 1.05)
+    expected = [200.0 + (i // burst) * window_s for i in range(16)]
+    assert [first_of[t] for t in early] == pytest.approx(expected)
     # The late jobs, 180 s old, are queried somewhere in their interval (15-30 s), and
     # the catch-up leaves them for later: they were heard.
     assert all(first_of[t] >= 200.0 for t in late)
@@ -277,3 +283,79 @@ async def test_taking_over_many_jobs_freezes_them_out_of_the_collectors_sight(
         await trio.sleep(1)
         assert gc.get_freeze_count() == 0
         assert log.queries
+
+
+async def with_durations(stack: Stack, duration_s: float, count: int) -> list[str]:
+    """Submit ``count`` jobs whose tasks take ``duration_s``; their task ids."""
+    stack.sim.config = replace(stack.sim.config, duration_s=(duration_s, duration_s))
+    return await task_ids(stack, await submitted(stack, count))
+
+
+async def test_plans_made_before_the_first_callback_give_way_once_callbacks_are_seen_to_work(
+    tmp_path, autojump_clock
+):
+    # A fresh daemon knows nothing of callbacks: it plans its first jobs on KIE's schedule,
+    # stretched by the budget (0.5 a second: four jobs make a busy fleet), first queries
+    # 8-16 s after creation. The first callback (a 5-s task) shows that callbacks work:
+    # the three 50-s jobs are planned again, not before they are overdue (60 s), so their
+    # callbacks come first and none of them is queried (kept to their first plans, each
+    # would be queried once).
+    config = sim_config(duration_s=(5.0, 5.0))
+    async with open_stack(tmp_path, config, lead=False, status_queries_per_s=0.5) as stack:
+        log = logged(stack)
+        await trio.sleep(1)
+        short = await with_durations(stack, 5.0, 1)
+        long = await with_durations(stack, 50.0, 3)
+        await trio.sleep(120)
+        ended = [await stack.job(job_id) for job_id in stack.store._jobs]
+    assert [job.ended_by for job in ended] == [EndedBy.CALLBACK] * 4
+    assert {str(job.task_id) for job in ended} == {*short, *long}
+    assert log.queries == []
+
+
+async def test_jobs_left_in_flight_get_the_budget_that_ended_jobs_freed(tmp_path, autojump_clock):
+    # 50 jobs of 600-s tasks, callbacks dropped, a budget of 1 a second: each job is
+    # queried about every 50 s. At t=100 all but 8 end (cancelled): the 8 are planned again
+    # at once, on KIE's schedule for their age (every 5-10 s), instead of sleeping out
+    # intervals of up to 50 s planned for 50 jobs.
+    config = sim_config(duration_s=(600.0, 600.0), drop_callbacks=1.0)
+    async with open_stack(tmp_path, config, lead=False, status_queries_per_s=1.0) as stack:
+        log = logged(stack)
+        await trio.sleep(1)
+        jobs = await submitted(stack, 50)
+        tasks = await task_ids(stack, jobs)
+        await trio.sleep_until(100.0)
+        for job in jobs[8:]:
+            await stack.daemon.jobs.cancel(job["id"])
+        await trio.sleep(60.0)
+    first_of: dict[str, float] = {}
+    for at, task in log.between(100.0, 160.0):
+        first_of.setdefault(task, at)
+    # (within their 5-10 s, and the budget's window: at most 10 queries in any 10 s)
+    assert max(first_of[task] for task in tasks[:8]) <= 100.0 + 20.0
+    assert max_rate([at for at, _ in log.queries], 10.0) <= 1.0
+
+
+async def test_a_catch_up_goes_as_fast_as_kie_allows_within_the_budgets_window(
+    tmp_path, autojump_clock
+):
+    # 30 jobs created before an unheard stretch, a budget of 2 a second (20 in any 10 s):
+    # the catch-up asks 10 at once and 10 more a window of KIE's limit (1.05 s) later, then
+    # waits for the budget's window: the other 10 come 10 s after the first.
+    config = sim_config(duration_s=(400.0, 400.0), drop_callbacks=1.0)
+    async with open_stack(tmp_path, config, lead=False, status_queries_per_s=2.0) as stack:
+        stack.daemon.listening_since = WALL0 + 100.0
+        log = logged(stack)
+        tasks = await task_ids(stack, await submitted(stack, 30))
+        stack.step_down()
+        await trio.sleep_until(200.0)
+        stack.lead()
+        await trio.sleep(30.0)
+    first_of: dict[str, float] = {}
+    for at, task in log.between(200.0, 230.0):
+        first_of.setdefault(task, at)
+    firsts = sorted(first_of[t] for t in tasks)
+    assert firsts[:10] == pytest.approx([200.0] * 10)
+    assert firsts[10:20] == pytest.approx([201.05] * 10)
+    assert firsts[20:] == pytest.approx([210.0] * 10)
+    assert max_rate([at for at, _ in log.between(200.0, 230.0)], 10.0) <= 2.0

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from kied.settings import load_settings
+from kied.store import open_store
 from tests.procs import kied, read_url, stop
 
 if TYPE_CHECKING:
@@ -192,3 +193,16 @@ async def test_an_event_stream_ends_when_the_daemon_stops(settings, start_daemon
     # The stream ended (the loop above returned) well inside the graceful timeout.
     assert stopped_at is not None
     assert time.monotonic() - stopped_at < 1.0
+
+
+async def test_a_stop_records_where_listening_ended(settings, start_daemon):
+    # The span ends when the stop began, not at the last heartbeat (every 5 s): a new
+    # instance that began listening meanwhile finds no gap, and makes no catch-up.
+    daemon = await start_daemon(settings)
+    await trio.sleep(1.0)  # past the first heartbeat (at the start)
+    stopped_at = time.time()
+    await daemon.shutdown()
+    async with open_store(settings.store) as store:
+        spans = await store.listening_spans(after=0.0)
+    assert len(spans) == 1
+    assert stopped_at - 0.1 <= spans[0].until <= time.time()

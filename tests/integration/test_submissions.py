@@ -21,7 +21,7 @@ from kied.api import callback_url
 from kied.core.jobs import EndedBy, JobId, JobState, TaskId
 from kied.kie.simulator import Family as SimFamily
 from kied.kie.simulator import TaskOverrides
-from kied.pollers import LOST_SUBMISSION
+from kied.pollers import LOST_SUBMISSION, NOT_SENT
 from kied.store import CallbackEffect
 from tests.conftest import wait_for
 from tests.integration.test_pollers import WALL0, open_stack, sim_config, wall_clock
@@ -373,3 +373,11 @@ async def test_a_job_waits_in_kieds_queue_no_longer_than_the_queue_bound(tmp_pat
         assert {round(j.ended_at - j.created_at, 3) for j in timed_out} == {5.0}
         assert {j.ended_by for j in timed_out} == {EndedBy.DEADLINE}
         assert trio.current_time() - t0 == pytest.approx(5.0)
+        # The job says why: it never left kied's queue.
+        assert {j.error_code for j in timed_out} == {NOT_SENT}
+        assert {j.error_message for j in timed_out} == {
+            "waited 5 s in kied's createTask queue (KIE takes 20 new tasks per 10 s from a"
+            " key) and was never sent: the job's deadline, or KIED_CREATE_QUEUE_MAX (5 s),"
+            " passed first"
+        }
+        assert {j.error_code for j in ended if j.state is JobState.SUCCEEDED} == {None}

@@ -461,8 +461,12 @@ def test_healthy_callbacks_and_a_busy_fleet_wait_until_the_job_is_overdue() -> N
     assert plan(0.0, typical=50.0, healthy=True, first=True, load=busy)[0] == 75.0
     # Later queries: as long as the job has existed (the healthy back-off).
     assert plan(40.0, typical=50.0, healthy=True, load=busy)[0] == 40.0
-    # Overdue against its typical duration: KIE's schedule again, whatever callbacks do.
-    assert plan(50.0, typical=50.0, healthy=True, load=busy) == (5.0, 1.0)
+    # Older than its typical duration, it weighs more, but its callback is still expected:
+    # no query before 1.5 x the typical duration, then as long apart as it has existed.
+    assert plan(50.0, typical=50.0, healthy=True, load=busy) == (50.0, 1.0)
+    assert plan(60.0, typical=50.0, healthy=True, load=busy, first=True) == (15.0, 1.0)
+    assert plan(80.0, typical=50.0, healthy=True, load=busy) == (80.0, 1.0)
+    assert plan(500.0, typical=50.0, healthy=True, load=busy) == (120.0, 1.0)
     # Without healthy callbacks a busy fleet keeps KIE's schedule (stretched if need be).
     assert plan(0.0, first=True, load=busy)[0] == pytest.approx(25 * 0.25 / 8 / 0.25)
 
