@@ -35,7 +35,9 @@ from kied.core.schedule import (
     PollBudget,
     PollPolicy,
     backoff_delay,
+    fleet_idle,
     planned_poll_delay,
+    share_interval_s,
 )
 from kied.core.views import iso
 from kied.errors import (
@@ -226,8 +228,9 @@ class PollerSupervisor:
         self._catch_up_t0 = 0.0
         #: jobs waiting in kied's createTask queue (never sent to KIE yet)
         self._queued: set[JobId] = set()
-        #: what the plans of sleeping pollers assumed: callbacks healthy, the budget's share
-        self._planned_for: tuple[bool, float] | None = None
+        #: what the plans of sleeping pollers assumed: callbacks healthy, the fleet idle,
+        #: the budget's share
+        self._planned_for: tuple[bool, bool, float] | None = None
         self._plan_epoch = 0
         self._replanned_at = -math.inf
         self._replan_pending = False
@@ -322,19 +325,22 @@ class PollerSupervisor:
 
     def _replan_if_changed(self) -> None:
         """Wake every sleeping poller to plan its next query again, when the plans they
-        sleep on no longer fit: callbacks turned healthy or stopped being so, or the
-        budget's share halved or doubled (jobs ended or came). So a fresh daemon's first
-        plans (made before any callback was heard) are not kept once callbacks are seen
-        to work, and jobs left in flight get the budget that ended ones freed. O(1) unless
-        it wakes them, at most once every ``_REPLAN_MIN_S``."""
+        sleep on no longer fit: callbacks turned healthy or stopped being so, the fleet
+        turned idle or busy (:func:`~kied.core.schedule.fleet_idle`), or the budget's share
+        halved or doubled (jobs ended or came). So a fresh daemon's first plans (made
+        before any callback was heard) are not kept once callbacks are seen to work, and
+        jobs left in flight get the budget that ended ones freed. O(1) unless it wakes
+        them, at most once every ``_REPLAN_MIN_S``."""
         healthy = self._callbacks_expected()
-        share = max(self._budget.share_s(), _SHARE_FLOOR_S)
+        load = self._budget.load()
+        idle = fleet_idle(load.jobs, self._budget.per_s, self._policy)
+        share = max(share_interval_s(load, self._budget.per_s), _SHARE_FLOOR_S)
         planned = self._planned_for
         if planned is None:
-            self._planned_for = (healthy, share)
+            self._planned_for = (healthy, idle, share)
             return
-        was_healthy, was_share = planned
-        if healthy == was_healthy and was_share / 2 < share < was_share * 2:
+        was_healthy, was_idle, was_share = planned
+        if (healthy, idle) == (was_healthy, was_idle) and was_share / 2 < share < was_share * 2:
             return
         now = trio.current_time()
         if now < self._replanned_at + _REPLAN_MIN_S:
@@ -342,7 +348,7 @@ class PollerSupervisor:
                 self._replan_pending = True  # looked at again once the interval is over
                 self._nursery.start_soon(self._replan_later)
             return
-        self._planned_for = (healthy, share)
+        self._planned_for = (healthy, idle, share)
         self._replanned_at = now
         self._plan_epoch += 1
         if self._nursery is not None:

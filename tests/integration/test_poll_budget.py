@@ -8,6 +8,7 @@ every status query's virtual time and task id kept.
 from __future__ import annotations
 
 import gc
+import json
 from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -149,11 +150,12 @@ async def test_many_jobs_stay_within_the_budget_and_overdue_ones_come_first(
 async def test_healthy_callbacks_and_a_busy_fleet_cost_at_most_one_query_a_job(
     tmp_path, autojump_clock
 ):
-    # 40 jobs (more than the 24 the budget could query every 3 s), callbacks working,
-    # tasks of 50 s: the first query waits until a job is overdue (60 s), so the callback
-    # comes first and no job is queried at all.
+    # 40 jobs and a budget of 1 a second (more than the 3 it could query every 3 s, until
+    # the last callbacks), callbacks working, tasks of 50 s: the first query waits until a
+    # job is overdue (60 s), so the callback comes first and no job is queried at all.
+    # (Once no more than 3 jobs are in flight, they would follow KIE's schedule again.)
     config = sim_config(duration_s=(50.0, 50.0))
-    async with open_stack(tmp_path, config, lead=False) as stack:
+    async with open_stack(tmp_path, config, lead=False, status_queries_per_s=1.0) as stack:
         log = logged(stack)
         await trio.sleep(1)  # the new leader has seeded its health from storage
         # Callbacks are known to work: one was heard a moment ago.
@@ -359,3 +361,35 @@ async def test_a_catch_up_goes_as_fast_as_kie_allows_within_the_budgets_window(
     assert firsts[10:20] == pytest.approx([201.05] * 10)
     assert firsts[20:] == pytest.approx([210.0] * 10)
     assert max_rate([at for at, _ in log.between(200.0, 230.0)], 10.0) <= 2.0
+
+
+async def test_jobs_left_few_follow_kies_schedule_again_though_callbacks_work(
+    tmp_path, autojump_clock
+):
+    # The default budget (8 a second): 30 jobs are a busy fleet, 24 an idle one. Callbacks
+    # work (they come for six 20-s jobs), so while 30 jobs are in flight none is queried
+    # before it is overdue. Once the six have ended, the 24 jobs left (100-s tasks whose
+    # callbacks are lost) are planned again on KIE's schedule (every 5-10 s at their age):
+    # a lost callback costs seconds, not the minute the healthy schedule would wait (a
+    # query at 60 s, the next at 120 s).
+    lost: set[str] = set()
+
+    async def wire(request: httpx.Request) -> list[httpx.Request]:
+        task = json.loads(request.content)["data"].get("taskId")
+        return [] if task in lost else [request]
+
+    config = sim_config(duration_s=(20.0, 20.0))
+    async with open_stack(tmp_path, config, lead=False, callbacks_on_the_way=wire) as stack:
+        log = logged(stack)
+        await trio.sleep(1)
+        stack.daemon.health_of_callbacks.callback_received(WALL0 + trio.current_time())
+        await with_durations(stack, 20.0, 6)
+        lost.update(await with_durations(stack, 100.0, 24))
+        for job_id in list(stack.store._jobs):
+            await stack.wait_terminal(job_id)
+        ended = {str(job.task_id): job for job in stack.store._jobs.values()}
+        completed = {task: (await stack.stats(task))["completed_at"] for task in lost}
+    late = [ended[task].ended_at - completed[task] for task in lost]
+    assert {ended[task].ended_by for task in lost} == {EndedBy.POLL}
+    assert max(late) <= 10.0
+    assert [at for at, _ in log.queries if at < 21.0] == []  # busy: nothing queried
