@@ -306,12 +306,17 @@ def planned_poll_delay(
 
         delay = max(base, (load.weight / budget_per_s) / w)
 
-    and a first query is put off by a further ``jitter`` times that share, so that jobs
-    created or taken over together are spread over their share instead of asked at once.
+    A first query has no interval to keep: it comes after the base and a further ``jitter``
+    times that share, so that jobs created or taken over together are spread evenly over
+    their share, from their base on, instead of asked at once (or left unasked for a
+    whole share)::
+
+        first delay = base + jitter * (load.weight / budget_per_s) / w
 
     A job so planned asks at most ``w * budget_per_s / load.weight`` queries a second, so
     while ``load.weight`` adds up the weights of the jobs in flight, together they ask at
-    most ``budget_per_s``. While few jobs are in flight the share is short and every job
+    most ``budget_per_s`` (first queries too: n jobs of weight w planned together ask
+    theirs over ``n * w / budget_per_s`` seconds). While few jobs are in flight the share is short and every job
     follows its base; as more come, every interval is stretched, an overdue job's least.
     The arithmetic is O(1): the fleet comes in as the one sum :class:`PollBudget` keeps.
 
@@ -346,12 +351,12 @@ def planned_poll_delay(
         if not first:
             base = max(base, next_poll_delay(age_s, policy, jitter=jitter, callbacks_healthy=True))
     own_share_s = share_s / weight
-    delay = max(base, own_share_s)
     if first:
         # Jobs created (or taken over) together would all be asked together: a first query
-        # is put off by up to the job's share, which spreads n such jobs over n / budget s.
-        delay += jitter * own_share_s
-    return delay, weight
+        # comes somewhere in the job's share after its base, which spreads n such jobs over
+        # n / budget s.
+        return base + jitter * own_share_s, weight
+    return max(base, own_share_s), weight
 
 
 class PollBudget:

@@ -297,22 +297,23 @@ async def test_plans_made_before_the_first_callback_give_way_once_callbacks_are_
     tmp_path, autojump_clock
 ):
     # A fresh daemon knows nothing of callbacks: it plans its first jobs on KIE's schedule,
-    # stretched by the budget (0.5 a second: four jobs make a busy fleet), first queries
-    # 8-16 s after creation. The first callback (a 5-s task) shows that callbacks work:
-    # the three 50-s jobs are planned again, not before they are overdue (60 s), so their
-    # callbacks come first and none of them is queried (kept to their first plans, each
-    # would be queried once).
+    # spread over the budget's share (0.25 a second: four jobs make a busy fleet), first
+    # queries 2-19 s after creation. The first callback (a 5-s task) shows that callbacks
+    # work: the three 50-s jobs not yet queried are planned again, not before they are
+    # overdue (60 s), so their callbacks come first and nothing is queried after it (kept
+    # to their first plans, most of them would be queried once).
     config = sim_config(duration_s=(5.0, 5.0))
-    async with open_stack(tmp_path, config, lead=False, status_queries_per_s=0.5) as stack:
+    async with open_stack(tmp_path, config, lead=False, status_queries_per_s=0.25) as stack:
         log = logged(stack)
         await trio.sleep(1)
         short = await with_durations(stack, 5.0, 1)
         long = await with_durations(stack, 50.0, 3)
         await trio.sleep(120)
-        ended = [await stack.job(job_id) for job_id in stack.store._jobs]
-    assert [job.ended_by for job in ended] == [EndedBy.CALLBACK] * 4
-    assert {str(job.task_id) for job in ended} == {*short, *long}
-    assert log.queries == []
+        ended = {str(job.task_id): job for job in stack.store._jobs.values()}
+    assert {job.ended_by for job in ended.values()} == {EndedBy.CALLBACK}
+    assert set(ended) == {*short, *long}
+    first_callback = ended[short[0]].ended_at - WALL0
+    assert [at for at, _ in log.queries if at > first_callback] == []
 
 
 async def test_jobs_left_in_flight_get_the_budget_that_ended_jobs_freed(tmp_path, autojump_clock):

@@ -467,8 +467,11 @@ def test_healthy_callbacks_and_a_busy_fleet_wait_until_the_job_is_overdue() -> N
     assert plan(60.0, typical=50.0, healthy=True, load=busy, first=True) == (15.0, 1.0)
     assert plan(80.0, typical=50.0, healthy=True, load=busy) == (80.0, 1.0)
     assert plan(500.0, typical=50.0, healthy=True, load=busy) == (120.0, 1.0)
-    # Without healthy callbacks a busy fleet keeps KIE's schedule (stretched if need be).
-    assert plan(0.0, first=True, load=busy)[0] == pytest.approx(25 * 0.25 / 8 / 0.25)
+    # Without healthy callbacks a busy fleet keeps KIE's schedule (stretched if need be):
+    # first queries spread over the job's share (3.125 s here) from KIE's 2-3 s on.
+    assert plan(0.0, first=True, load=busy)[0] == 2.0
+    assert plan(0.0, first=True, load=busy, jitter=TOP)[0] == pytest.approx(3.0 + 3.125)
+    assert plan(5.0, load=busy, jitter=TOP)[0] == pytest.approx(3.125)
 
 
 def test_the_share_stretches_by_weight_and_overdue_jobs_come_first() -> None:
@@ -514,8 +517,9 @@ def test_a_planned_fleet_stays_within_its_budget(
     jobs: list[tuple[float, float | None, float, bool]], budget: float, healthy: bool
 ) -> None:
     # With the fleet's weights added up, the queries a second the jobs plan add up to at
-    # most the budget; no job asks more often than KIE's schedule for its age; and of two
-    # jobs of an age, an overdue one never waits longer.
+    # most the budget; no job asks more often than KIE's schedule for its age; a first
+    # query comes within the job's share after that; and of two jobs of an age, an overdue
+    # one never waits longer.
     ledger = PollBudget(budget)
     for key, (age, typical, _, _) in enumerate(jobs):
         ledger.weigh(key, poll_weight(max(age, 0.0), typical, POLICY))
@@ -535,7 +539,22 @@ def test_a_planned_fleet_stays_within_its_budget(
         )
         assert delay >= next_poll_delay(age, POLICY, jitter=jitter)
         assert weight == poll_weight(max(age, 0.0), typical, POLICY)
-        total += 1.0 / delay
+        if first:
+            # (one query, not a rate: a cohort of first queries is spread over the share)
+            later, _ = planned_poll_delay(
+                age,
+                typical_duration_s=typical,
+                load=load,
+                budget_per_s=budget,
+                callbacks_healthy=healthy,
+                first=False,
+                policy=POLICY,
+                jitter=jitter,
+            )
+            own_share = load.weight / budget / weight
+            assert delay <= later + own_share * (1 + 1e-9)
+        else:
+            total += 1.0 / delay
         if weight < 1:
             overdue, _ = planned_poll_delay(
                 age,
@@ -611,7 +630,8 @@ def test_a_busy_healthy_fleet_queries_nothing_before_it_is_overdue_and_spreads_f
     # Asked once while the fleet was idle, a job then waits until it is overdue.
     assert plan(2.0, healthy=True, load=busy)[0] == 58.0
     assert plan(2.0, typical=50.0, healthy=True, load=busy)[0] == 73.0
-    # First queries are spread over the job's share: 40 jobs of weight 1/4 over 5 s.
-    assert plan(0.0, load=busy, first=True)[0] == 5.0
-    assert plan(0.0, load=busy, first=True, jitter=0.5)[0] == 5.0 + 2.5
-    assert plan(0.0, load=busy, jitter=0.5)[0] == 5.0  # later ones are not
+    # First queries are spread over the job's share (40 jobs of weight 1/4 over 5 s), from
+    # KIE's 2-3 s on, rather than left unasked for a whole share.
+    assert plan(0.0, load=busy, first=True)[0] == 2.0
+    assert plan(0.0, load=busy, first=True, jitter=0.5)[0] == 2.5 + 2.5
+    assert plan(0.0, load=busy, jitter=0.5)[0] == 5.0  # later ones keep the share
