@@ -220,8 +220,7 @@ class PollerSupervisor:
         #: status queries sent, by result, for operators
         self.status_queries: dict[str, int] = {}
         self._budget = PollBudget(settings.status_queries_per_s)
-        window_limit = max(1, math.floor(settings.status_queries_per_s * BUDGET_WINDOW_S))
-        self._budget_limiter = RateLimiter(window_limit, BUDGET_WINDOW_S)
+        self._budget_limiter = _budget_limiter(settings.status_queries_per_s)
         self._unheard_before = unheard_before
         #: catch-up queries planned (jobs that may have ended unheard), and when they began
         self._catch_ups = 0
@@ -1067,6 +1066,13 @@ class PollerSupervisor:
     def _count(self, result: str) -> None:
         self.status_queries[result] = self.status_queries.get(result, 0) + 1
         self._metrics.status_query(result)
+
+
+def _budget_limiter(per_s: float) -> RateLimiter:
+    """The budget as a hard cap: ``per_s`` over any :data:`BUDGET_WINDOW_S` (or over the
+    time one query takes at that rate, when longer)."""
+    window_s = max(BUDGET_WINDOW_S, 1.0 / per_s)
+    return RateLimiter(max(1, math.floor(per_s * window_s + 1e-9)), window_s)
 
 
 def _failure(exc: UpstreamError) -> str:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import kied.pollers
 from kied.core.families import Family
 from kied.core.schedule import (
     CallbackHealth,
@@ -635,3 +636,15 @@ def test_a_busy_healthy_fleet_queries_nothing_before_it_is_overdue_and_spreads_f
     assert plan(0.0, load=busy, first=True)[0] == 2.0
     assert plan(0.0, load=busy, first=True, jitter=0.5)[0] == 2.5 + 2.5
     assert plan(0.0, load=busy, jitter=0.5)[0] == 5.0  # later ones keep the share
+
+
+@pytest.mark.parametrize(
+    ("per_s", "limit", "window_s"),
+    [(8.0, 80, 10.0), (9.0, 90, 10.0), (2.3, 23, 10.0), (0.25, 2, 10.0), (0.01, 1, 100.0)],
+)
+def test_the_budget_is_a_hard_cap_over_ten_seconds_or_one_query(
+    per_s: float, limit: int, window_s: float
+) -> None:
+    limiter = kied.pollers._budget_limiter(per_s)
+    assert (limiter.limit, limiter.window_s) == (limit, pytest.approx(window_s))
+    assert limiter.limit / limiter.window_s <= per_s
