@@ -34,7 +34,7 @@ from kied.api import JobsService
 from kied.archive import open_archive
 from kied.changes import JobChanges
 from kied.core.jobs import JobId
-from kied.core.schedule import CallbackHealth
+from kied.core.schedule import CallbackHealth, budget_window
 from kied.core.views import iso
 from kied.errors import (
     LeadershipLostError,
@@ -404,7 +404,9 @@ class Daemon:
         from kied.pollers import PollerSupervisor
 
         client_settings = KieClientSettings(
-            base_url=self.settings.kie_base_url, api_key=self.settings.kie_api_key
+            base_url=self.settings.kie_base_url,
+            api_key=self.settings.kie_api_key,
+            status_budget=budget_window(self.settings.status_queries_per_s),
         )
         unheard = await self._take_over(store)
         async with open_kie_client(client_settings, transport=self._kie_transport) as kie:

@@ -35,6 +35,7 @@ from kied.core.schedule import (
     PollBudget,
     PollPolicy,
     backoff_delay,
+    budget_window,
     fleet_idle,
     planned_poll_delay,
     share_interval_s,
@@ -47,7 +48,6 @@ from kied.errors import (
     UpstreamError,
     UpstreamRejectedError,
 )
-from kied.kie._ratelimit import RateLimiter
 from kied.kie.client import STATUS_LIMIT
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ if TYPE_CHECKING:
     from kied.store import JobStore
 
 __all__ = [
-    "BUDGET_WINDOW_S",
     "GC_FREEZE_JOBS",
     "LOST_SUBMISSION",
     "NOT_SENT",
@@ -105,10 +104,6 @@ UNKNOWN_TASK = "unknown_task"
 _UNKNOWN_ANSWERS = 3
 #: ``error.code`` of a job that timed out in kied's own createTask queue, never sent to KIE
 NOT_SENT = "not_sent"
-#: the status-query budget holds over any window this long: the pollers' plans keep to it
-#: on average, and the supervisor's limiter makes it a hard cap. Within it a catch-up may
-#: go as fast as KIE allows a key (the client's limiter, 10 a second) for a few seconds.
-BUDGET_WINDOW_S = 10.0
 #: shares of the budget shorter than this change no plan (KIE's own schedule is slower)
 _SHARE_FLOOR_S = 0.5
 #: sleeping pollers are woken to plan again at most this often
@@ -220,7 +215,8 @@ class PollerSupervisor:
         #: status queries sent, by result, for operators
         self.status_queries: dict[str, int] = {}
         self._budget = PollBudget(settings.status_queries_per_s)
-        self._budget_limiter = _budget_limiter(settings.status_queries_per_s)
+        #: the budget as KIE's client keeps it (a hard cap): queries per window
+        self._budget_window = budget_window(settings.status_queries_per_s)
         self._unheard_before = unheard_before
         #: catch-up queries planned (jobs that may have ended unheard), and when they began
         self._catch_ups = 0
@@ -433,14 +429,17 @@ class PollerSupervisor:
         if job.task_id is None:
             self._budget.weigh(job.id, 1.0 / self._policy.overdue_weight)
         elif unheard:
-            # It may have ended while nobody listened: at once, as fast as KIE lets a key
-            # query (a window of queries at a time), in the order the jobs are started
-            # (oldest first); the budget's limiter keeps the catch-up within its window.
+            # It may have ended while nobody listened: at once, in the order the jobs are
+            # started (oldest first), as fast as KIE lets a key query (ten at a time) until
+            # the budget's window is spent, then again once it has passed: the pace the
+            # client's limiter lets them through, so none waits in its queue.
             self._budget.weigh(job.id, 1.0)
             if self._catch_ups == 0:
                 self._catch_up_t0 = trio.current_time()
-            burst, window_s = STATUS_LIMIT
-            first_at = self._catch_up_t0 + (self._catch_ups // burst) * window_s
+            burst, kie_window_s = STATUS_LIMIT
+            budget_limit, budget_window_s = self._budget_window
+            windows, nth = divmod(self._catch_ups, budget_limit)
+            first_at = self._catch_up_t0 + windows * budget_window_s + (nth // burst) * kie_window_s
             self._catch_ups += 1
         else:
             self._plan(job, first=True)
@@ -568,10 +567,9 @@ class PollerSupervisor:
         while True:
             await self._wait_to_poll(job.id, next_at, confirmed, replan)
             replan = None
-            # The budget over its window, then few pollers at a time from storage to KIE:
-            # the rate limit lets ten status queries through a second, and the rest wait
-            # here without holding anything.
-            await self._budget_limiter.acquire()
+            # Few pollers at a time go from storage to KIE: the rate limit (and the budget)
+            # lets ten status queries through a second at most, and the rest wait here
+            # without holding anything.
             async with self._query_slots:
                 current = await self._store.get_job(job.id)  # storage first
                 if current is None or current.state not in ACTIVE_STATES:
@@ -721,7 +719,6 @@ class PollerSupervisor:
 
     async def _confirm_once(self, job: Job, task_id: TaskId) -> None:
         try:
-            await self._budget_limiter.acquire()
             async with self._query_slots:
                 status = await self._kie.get_status(Family(job.family), task_id)
         except UpstreamError as exc:
@@ -1066,13 +1063,6 @@ class PollerSupervisor:
     def _count(self, result: str) -> None:
         self.status_queries[result] = self.status_queries.get(result, 0) + 1
         self._metrics.status_query(result)
-
-
-def _budget_limiter(per_s: float) -> RateLimiter:
-    """The budget as a hard cap: ``per_s`` over any :data:`BUDGET_WINDOW_S` (or over the
-    time one query takes at that rate, when longer)."""
-    window_s = max(BUDGET_WINDOW_S, 1.0 / per_s)
-    return RateLimiter(max(1, math.floor(per_s * window_s + 1e-9)), window_s)
 
 
 def _failure(exc: UpstreamError) -> str:

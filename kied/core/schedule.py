@@ -35,12 +35,14 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 __all__ = [
+    "BUDGET_WINDOW_S",
     "CallbackHealth",
     "FinishedBy",
     "FleetLoad",
     "PollBudget",
     "PollPolicy",
     "backoff_delay",
+    "budget_window",
     "first_poll_delay",
     "fleet_idle",
     "next_poll_delay",
@@ -52,6 +54,10 @@ __all__ = [
 
 #: 2**this is the largest backoff factor computed; anything past it is capped anyway.
 _MAX_DOUBLINGS: Final = 64
+#: the status-query budget holds over any window this long: the pollers' plans keep to it
+#: on average, and KIE's client keeps it as a hard cap (:func:`budget_window`). Within it,
+#: a catch-up may go as fast as KIE lets a key query (10 a second) for a few seconds.
+BUDGET_WINDOW_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -357,6 +363,19 @@ def planned_poll_delay(
         # n / budget s.
         return base + jitter * own_share_s, weight
     return max(base, own_share_s), weight
+
+
+def budget_window(per_s: float) -> tuple[int, float]:
+    """The status-query budget as a hard cap, ``(queries, per seconds)``: ``per_s`` over any
+    :data:`BUDGET_WINDOW_S`, or over the time one query takes at that rate when longer.
+
+    Raises:
+        ValueError: ``per_s`` is not finite and > 0.
+    """
+    if not (_finite(per_s) and per_s > 0):
+        raise ValueError(f"per_s must be finite and > 0, got {per_s}")
+    window_s = max(BUDGET_WINDOW_S, 1.0 / per_s)
+    return max(1, math.floor(per_s * window_s + 1e-9)), window_s
 
 
 class PollBudget:

@@ -130,6 +130,9 @@ class KieClientSettings:
     #: ``(requests, per seconds)`` for status queries: Market allows 10 per second per key
     #: (the same 5 % margin)
     status_limit: tuple[int, float] = STATUS_LIMIT
+    #: ``(requests, per seconds)``: kied's own status-query budget, kept by the same
+    #: limiter at the moment a query is sent; None: KIE's limit alone
+    status_budget: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -140,7 +143,9 @@ class KieClientSettings:
             raise ValueError(f"base_url must be an http(s) URL, got {self.base_url!r}")
         if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
-        for name in ("create_limit", "status_limit"):
+        for name in ("create_limit", "status_limit", "status_budget"):
+            if getattr(self, name) is None:
+                continue
             limit, window_s = getattr(self, name)
             if limit < 1 or not (math.isfinite(window_s) and window_s > 0):
                 raise ValueError(
@@ -202,7 +207,10 @@ class KieClient:
         self._http = http
         self._timeout_s = settings.request_timeout_s
         self._create_limiter = RateLimiter(*settings.create_limit)
-        self._status_limiter = RateLimiter(*settings.status_limit)
+        budget = settings.status_budget
+        self._status_limiter = RateLimiter(
+            *settings.status_limit, also=() if budget is None else (budget,)
+        )
 
     async def create_task(
         self,

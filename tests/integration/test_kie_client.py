@@ -750,6 +750,24 @@ async def test_status_queries_are_limited_separately(
     assert done["create"] == [0.0] * 5
 
 
+async def test_status_queries_keep_the_budget_at_the_moment_they_are_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # KIE's 10 per 1.05 s and kied's budget of 5 per 10 s, kept by one limiter.
+    times: list[float] = []
+    async with open_fake_kie(status_budget=(5, 10.0)) as (kie, _fake):
+        t0 = trio.current_time()
+
+        async def one() -> None:
+            await call_kie(kie, "status")
+            times.append(trio.current_time() - t0)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(one)
+    assert sorted(times) == pytest.approx([0.0] * 5 + [10.0] * 5 + [20.0] * 2)
+
+
 async def test_limits_are_configurable_and_the_wait_is_not_a_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -789,10 +807,12 @@ async def test_waiting_for_the_limiter_is_cancellable(
         {"request_timeout_s": math.inf},
         {"create_limit": (0, 10.0)},
         {"status_limit": (10, 0.0)},
+        {"status_budget": (0, 10.0)},
+        {"status_budget": (80, math.nan)},
     ],
 )
 def test_settings_refuse_nonsense(changes: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match=r"base_url|request_timeout_s|_limit"):
+    with pytest.raises(ValueError, match=r"base_url|request_timeout_s|_limit|_budget"):
         client_settings(**changes)
 
 

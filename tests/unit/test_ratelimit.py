@@ -155,3 +155,16 @@ async def test_memory_holds_one_stamp_per_slot(autojump_clock: trio.testing.Mock
 def test_nonsense_limits_are_refused(limit: int, window_s: float) -> None:
     with pytest.raises(ValueError, match=r"limit|window_s"):
         RateLimiter(limit, window_s)
+
+
+async def test_every_window_must_have_room(autojump_clock: trio.testing.MockClock) -> None:
+    # KIE's 10 a second, and a budget of 15 in any 10 s: 15 at once (ten, then five a
+    # second later), then nothing until the first grants leave the 10-s window.
+    times = await acquire_all(RateLimiter(10, 1.0, also=((15, 10.0),)), 30)
+    assert sorted(times) == [0.0] * 10 + [1.0] * 5 + [10.0] * 10 + [11.0] * 5
+
+
+@pytest.mark.parametrize("window", [(0, 10.0), (5, 0.0), (5, math.inf), (True, 1.0)])
+def test_a_bad_extra_window_is_refused(window: tuple[int, float]) -> None:
+    with pytest.raises(ValueError, match=r"limit|window_s"):
+        RateLimiter(10, 1.0, also=(window,))

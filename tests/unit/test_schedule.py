@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kied.pollers
 from kied.core.families import Family
 from kied.core.schedule import (
     CallbackHealth,
@@ -16,6 +15,7 @@ from kied.core.schedule import (
     PollBudget,
     PollPolicy,
     backoff_delay,
+    budget_window,
     first_poll_delay,
     fleet_idle,
     next_poll_delay,
@@ -645,6 +645,8 @@ def test_a_busy_healthy_fleet_queries_nothing_before_it_is_overdue_and_spreads_f
 def test_the_budget_is_a_hard_cap_over_ten_seconds_or_one_query(
     per_s: float, limit: int, window_s: float
 ) -> None:
-    limiter = kied.pollers._budget_limiter(per_s)
-    assert (limiter.limit, limiter.window_s) == (limit, pytest.approx(window_s))
-    assert limiter.limit / limiter.window_s <= per_s
+    assert budget_window(per_s) == (limit, pytest.approx(window_s))
+    assert limit / window_s <= per_s
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="per_s"):
+            budget_window(bad)
