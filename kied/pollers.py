@@ -11,7 +11,7 @@ import gc
 import logging
 import math
 import random
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import trio
 import trio.lowlevel
@@ -38,6 +38,7 @@ from kied.core.schedule import (
     budget_window,
     fleet_idle,
     planned_poll_delay,
+    poll_weight,
     share_interval_s,
 )
 from kied.core.views import iso
@@ -108,6 +109,16 @@ NOT_SENT = "not_sent"
 _SHARE_FLOOR_S = 0.5
 #: sleeping pollers are woken to plan again at most this often
 _REPLAN_MIN_S = 1.0
+
+
+class _Plan(NamedTuple):
+    """A job's next status query as planned: when the plan was made (trio time), the part
+    of the planned delay to wait (1, or a random part for a job taken over), and whether it
+    is the job's first query on this instance. Small: 100,000 sleeping pollers keep one."""
+
+    made_at: float
+    part: float
+    first: bool
 
 
 class _SupersededError(Exception):
@@ -378,6 +389,13 @@ class PollerSupervisor:
         if unheard_before is not None:
             # Oldest first: the likelier to have ended unheard, the sooner it is asked.
             jobs.sort(key=lambda job: job.created_at)
+        # Every job is counted in the fleet's load before any poller plans, so that the
+        # pollers started first (a new leader starts them 500 at a time) plan against all of
+        # them, rather than against a load that doubles and doubles, each time waking all.
+        now = self._now()
+        for job in jobs:
+            if job.id not in self._scopes:
+                self._budget.weigh(job.id, self._weight(job, now, unheard_before))
         started = caught_up = 0
         for job in jobs:
             unheard = unheard_before is not None and job.created_at < unheard_before
@@ -405,6 +423,15 @@ class PollerSupervisor:
             self._frozen = True
         elif len(self._scopes) < GC_FREEZE_JOBS // 4:
             self._thaw()
+
+    def _weight(self, job: Job, now: float, unheard_before: float | None) -> float:
+        """What a job weighs in the fleet's load before its poller has planned."""
+        if job.task_id is None:
+            return 1.0 / self._policy.overdue_weight  # still to be created: a new job
+        if unheard_before is not None and job.created_at < unheard_before:
+            return 1.0  # it may have ended unheard
+        typical_s = self._health.typical_duration_s(job.family, job.model)
+        return poll_weight(now - job.created_at, typical_s, self._policy)
 
     def _thaw(self) -> None:
         if self._frozen:
@@ -464,22 +491,20 @@ class PollerSupervisor:
         self._budget.weigh(job.id, weight)
         return delay
 
-    def _planner(self, job: Job, *, first: bool, resumed: bool = False) -> Callable[[], float]:
-        """Plan the job's next query from now: a function that gives its time (trio time),
-        and gives it again, as planned from now, with what is known of the fleet and of
-        callbacks when it is called (:meth:`_wait_to_poll` calls it when the fleet changes).
+    def _new_plan(self, *, first: bool, resumed: bool = False) -> _Plan:
+        """A plan of the job's next query made now; :meth:`_planned_at` gives its time.
 
         ``resumed``: another leader followed the job until now, so its first query comes
         somewhere in its interval, and the jobs taken over are not all asked at once.
         """
-        planned_at = trio.current_time()
-        age_s = self._now() - job.created_at
-        part = self._rng.random() if resumed else 1.0
+        return _Plan(trio.current_time(), self._rng.random() if resumed else 1.0, first)
 
-        def plan() -> float:
-            return planned_at + part * self._plan(job, first=first, age_s=age_s)
-
-        return plan
+    def _planned_at(self, job: Job, plan: _Plan) -> float:
+        """When (trio time) ``plan`` has the job queried, with what is known now of the fleet
+        and of callbacks: :meth:`_wait_to_poll` asks again when the fleet changes."""
+        made_at_wall = self._now() - (trio.current_time() - plan.made_at)
+        age_s = made_at_wall - job.created_at
+        return plan.made_at + plan.part * self._plan(job, first=plan.first, age_s=age_s)
 
     async def _poll(
         self,
@@ -549,10 +574,10 @@ class PollerSupervisor:
         task_id = job.task_id
         assert task_id is not None
         policy = self._policy
-        replan: Callable[[], float] | None = None
+        plan: _Plan | None = None
         if first_at is None:
-            replan = self._planner(job, first=True, resumed=resumed)
-            next_at = replan()
+            plan = self._new_plan(first=True, resumed=resumed)
+            next_at = self._planned_at(job, plan)
         else:
             next_at = first_at
         failures = 0
@@ -565,8 +590,8 @@ class PollerSupervisor:
         unknown_since: float | None = None
         unknown_answers = 0
         while True:
-            await self._wait_to_poll(job.id, next_at, confirmed, replan)
-            replan = None
+            await self._wait_to_poll(job, next_at, confirmed, plan)
+            plan = None
             # Few pollers at a time go from storage to KIE: the rate limit (and the budget)
             # lets ten status queries through a second at most, and the rest wait here
             # without holding anything.
@@ -643,8 +668,8 @@ class PollerSupervisor:
                     if progressed is not None:
                         self._changes.wrote(progressed, ended=False)
             if not confirming and unknown_since is None:
-                replan = self._planner(job, first=False)
-                next_at = replan()
+                plan = self._new_plan(first=False)
+                next_at = self._planned_at(job, plan)
                 continue
             delay = self._plan(job, first=False)
             if confirming:
@@ -664,27 +689,24 @@ class PollerSupervisor:
         return requested is not None and (confirmed is None or requested > confirmed)
 
     async def _wait_to_poll(
-        self,
-        job_id: JobId,
-        next_at: float,
-        confirmed: float | None,
-        replan: Callable[[], float] | None = None,
+        self, job: Job, next_at: float, confirmed: float | None, plan: _Plan | None = None
     ) -> None:
         """Sleep until ``next_at`` (trio time), or until a callback asks to confirm.
 
-        With ``replan``, the time is planned again whenever the fleet changes enough
+        With ``plan``, the time is planned again whenever the fleet changes enough
         (:meth:`_replan_if_changed`): sooner or later, as the new plan says.
         """
+        job_id = job.id
         epoch = self._plan_epoch
         try:
             while not self._confirm_due(job_id, confirmed):
-                if replan is not None and epoch != self._plan_epoch:
+                if plan is not None and epoch != self._plan_epoch:
                     epoch = self._plan_epoch
-                    next_at = replan()
+                    next_at = self._planned_at(job, plan)
                 if trio.current_time() >= next_at:
                     break
                 wake = self._wake_event(job_id)
-                if replan is not None:
+                if plan is not None:
                     self._sleeping.add(job_id)
                 with trio.move_on_at(next_at):
                     await wake.wait()

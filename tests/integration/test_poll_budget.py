@@ -394,3 +394,24 @@ async def test_jobs_left_few_follow_kies_schedule_again_though_callbacks_work(
     assert {ended[task].ended_by for task in lost} == {EndedBy.POLL}
     assert max(late) <= 10.0
     assert [at for at, _ in log.queries if at < 21.0] == []  # busy: nothing queried
+
+
+async def test_a_new_leader_plans_every_job_against_all_it_takes_over(tmp_path, autojump_clock):
+    # 1,200 jobs taken over, their pollers started 500 at a time: every job is counted in
+    # the fleet's load before any poller plans, so none plans against a part of them (and
+    # none has to be woken to plan again as the rest come).
+    config = sim_config(duration_s=(600.0, 600.0), drop_callbacks=1.0)
+    async with open_stack(tmp_path, config, lead=False) as stack:
+        await stack.store.heard_listening("other", since=WALL0 - 1000.0, now=WALL0 + 10_000.0)
+        now = WALL0 + trio.current_time()
+        for i in range(1200):
+            await stack.store.create_job(
+                make_new_job(model=MODEL, task_id=f"t-{i}", created_at=now - 300.0)
+            )
+        stack.lead()
+        await trio.sleep(5)
+        supervisor = stack.daemon._supervisor
+        assert supervisor is not None
+        assert supervisor.polling == 1200
+        assert supervisor._plan_epoch == 0
+        assert supervisor.budget == (BUDGET, pytest.approx(1200 / BUDGET))
