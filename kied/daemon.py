@@ -45,7 +45,7 @@ from kied.errors import (
 from kied.intake import CallbackIntake
 from kied.journal import CallbackJournal, journal_directory, open_journal
 from kied.leadership import Leader, open_leadership
-from kied.listening import SPANS_KEPT_S, run_heartbeat, unheard_before
+from kied.listening import SPANS_KEPT_S, record_listening, run_heartbeat, unheard_before
 from kied.metrics import Metrics
 from kied.pruner import Retention, run_pruner
 from kied.settings import FileLockSettings, NoLockSettings, PostgresStoreSettings, Settings
@@ -311,16 +311,14 @@ class Daemon:
     async def record_listening_end(self) -> None:
         """Write where this instance's listening span ends, when it stops: so a new
         instance that began listening since the last heartbeat finds no gap (and so no
-        catch-up to make). Bounded by ``cleanup_s``; a failure only leaves the span at the
-        last heartbeat, which errs towards querying."""
-        with trio.move_on_after(self.settings.cleanup_s):
-            try:
-                store = await self.store()
-                await store.heard_listening(
-                    self.instance, since=self.listening_since, now=self.listened_until()
-                )
-            except StoreError as exc:
-                logger.debug("[GEN] cannot record where listening ended: %s", exc)
+        catch-up to make). Bounded by ``cleanup_s``."""
+        await record_listening(
+            self.store,
+            instance=self.instance,
+            since=self.listening_since,
+            now=self.listened_until,
+            within_s=self.settings.cleanup_s,
+        )
 
     async def _take_over(self, store: JobStore) -> float | None:
         """What a new leader reads first: how callbacks have been doing (seeding

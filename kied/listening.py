@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from kied.store import JobStore, ListeningSpan
 
-__all__ = ["HEARTBEAT_S", "SPANS_KEPT_S", "run_heartbeat", "unheard_before"]
+__all__ = ["HEARTBEAT_S", "SPANS_KEPT_S", "record_listening", "run_heartbeat", "unheard_before"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +85,24 @@ async def run_heartbeat(
     or is slow only delays the next one (it is logged at DEBUG).
     """
     while True:
-        with trio.move_on_after(HEARTBEAT_S):
-            try:
-                opened = await store()
-                await opened.heard_listening(instance, since=since, now=now())
-            except StoreError as exc:
-                logger.debug("[GEN] cannot record that this instance listens: %s", exc)
+        await record_listening(store, instance=instance, since=since, now=now, within_s=HEARTBEAT_S)
         await trio.sleep(HEARTBEAT_S)
+
+
+async def record_listening(
+    store: Callable[[], Awaitable[JobStore]],
+    *,
+    instance: str,
+    since: float,
+    now: Callable[[], float],
+    within_s: float,
+) -> None:
+    """Record once that ``instance`` has listened from ``since`` until ``now()``, giving up
+    after ``within_s``; a failure leaves the span where it was (logged at DEBUG), which errs
+    towards querying."""
+    with trio.move_on_after(within_s):
+        try:
+            opened = await store()
+            await opened.heard_listening(instance, since=since, now=now())
+        except StoreError as exc:
+            logger.debug("[GEN] cannot record that this instance listens: %s", exc)

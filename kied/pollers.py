@@ -324,7 +324,6 @@ class PollerSupervisor:
                         await self._rescan_now.wait()
                     self._rescan_now = trio.Event()
                     await self._rescan()
-                    self._replan_if_changed()  # callbacks may have gone quiet meanwhile
             finally:
                 self._nursery = None
                 self._thaw()
@@ -390,16 +389,18 @@ class PollerSupervisor:
             # Oldest first: the likelier to have ended unheard, the sooner it is asked.
             jobs.sort(key=lambda job: job.created_at)
         # Every job is counted in the fleet's load before any poller plans, so that the
-        # pollers started first (a new leader starts them 500 at a time) plan against all of
-        # them, rather than against a load that doubles and doubles, each time waking all.
-        now = self._now()
-        for job in jobs:
-            if job.id not in self._scopes:
-                self._budget.weigh(job.id, self._weight(job, now, unheard_before))
+        # pollers started first (500 at a time) plan against all of them, rather than
+        # against a load that doubles and doubles, each time waking them all.
+        fresh = [
+            (job, unheard_before is not None and job.created_at < unheard_before)
+            for job in jobs
+            if job.id not in self._scopes
+        ]
+        for job, unheard in fresh:
+            self._weigh(job, unheard=unheard)
         started = caught_up = 0
-        for job in jobs:
-            unheard = unheard_before is not None and job.created_at < unheard_before
-            if self._start(job, resumed=taking_over, unheard=unheard):
+        for job, unheard in fresh:
+            if self._start(job, resumed=taking_over, unheard=unheard, weighed=True):
                 started += 1
                 caught_up += unheard
                 if started % _START_CHUNK == 0:
@@ -418,20 +419,24 @@ class PollerSupervisor:
                 extra={"action": "catch_up", "jobs": caught_up},
             )
         self._budget.resum()
+        self._replan_if_changed()  # and callbacks may have gone quiet since the last rescan
         if taking_over and len(jobs) >= GC_FREEZE_JOBS:
             gc.freeze()
             self._frozen = True
         elif len(self._scopes) < GC_FREEZE_JOBS // 4:
             self._thaw()
 
-    def _weight(self, job: Job, now: float, unheard_before: float | None) -> float:
-        """What a job weighs in the fleet's load before its poller has planned."""
+    def _weigh(self, job: Job, *, unheard: bool) -> None:
+        """Count a job in the fleet's load before its poller has planned: a job still being
+        created weighs as a new one, one that may have ended unheard as an overdue one."""
         if job.task_id is None:
-            return 1.0 / self._policy.overdue_weight  # still to be created: a new job
-        if unheard_before is not None and job.created_at < unheard_before:
-            return 1.0  # it may have ended unheard
-        typical_s = self._health.typical_duration_s(job.family, job.model)
-        return poll_weight(now - job.created_at, typical_s, self._policy)
+            weight = 1.0 / self._policy.overdue_weight
+        elif unheard:
+            weight = 1.0
+        else:
+            typical_s = self._health.typical_duration_s(job.family, job.model)
+            weight = poll_weight(self._now() - job.created_at, typical_s, self._policy)
+        self._budget.weigh(job.id, weight)
 
     def _thaw(self) -> None:
         if self._frozen:
@@ -443,24 +448,26 @@ class PollerSupervisor:
         if requested is not None and requested > self._confirms.get(job.id, -math.inf):
             self._confirms[job.id] = requested
 
-    def _start(self, job: Job, *, resumed: bool = False, unheard: bool = False) -> bool:
+    def _start(
+        self, job: Job, *, resumed: bool = False, unheard: bool = False, weighed: bool = False
+    ) -> bool:
+        """Start the job's poller, unless it has one. ``weighed``: the job is counted in
+        the fleet's load already (a rescan counts all it starts first)."""
         if self._nursery is None or job.id in self._scopes:
             return False
         self._note_confirm(job)
         scope = trio.CancelScope()
         self._scopes[job.id] = scope
-        # Counted in the fleet's load at once, so that the jobs a new leader takes over
-        # (or an application submits in a burst) plan against all of them, not against
-        # those started before them; a job still being created weighs as a new one.
+        # Counted in the fleet's load at once, so that the jobs an application submits in
+        # a burst plan against all of them, not against those started before them.
+        if not weighed:
+            self._weigh(job, unheard=unheard)
         first_at: float | None = None
-        if job.task_id is None:
-            self._budget.weigh(job.id, 1.0 / self._policy.overdue_weight)
-        elif unheard:
+        if job.task_id is not None and unheard:
             # It may have ended while nobody listened: at once, in the order the jobs are
             # started (oldest first), as fast as KIE lets a key query (ten at a time) until
             # the budget's window is spent, then again once it has passed: the pace the
             # client's limiter lets them through, so none waits in its queue.
-            self._budget.weigh(job.id, 1.0)
             if self._catch_ups == 0:
                 self._catch_up_t0 = trio.current_time()
             burst, kie_window_s = STATUS_LIMIT
@@ -468,10 +475,7 @@ class PollerSupervisor:
             windows, nth = divmod(self._catch_ups, budget_limit)
             first_at = self._catch_up_t0 + windows * budget_window_s + (nth // burst) * kie_window_s
             self._catch_ups += 1
-        else:
-            self._plan(job, first=True)
         self._nursery.start_soon(self._poll, job, scope, resumed, first_at)
-        self._replan_if_changed()
         return True
 
     def _plan(self, job: Job, *, first: bool, age_s: float | None = None) -> float:
@@ -668,18 +672,19 @@ class PollerSupervisor:
                     if progressed is not None:
                         self._changes.wrote(progressed, ended=False)
             if not confirming and unknown_since is None:
+                # The plan is made again whenever the fleet changes while it sleeps.
                 plan = self._new_plan(first=False)
                 next_at = self._planned_at(job, plan)
-                continue
-            delay = self._plan(job, first=False)
-            if confirming:
-                # KIE's status may lag behind its callback a little: ask again soon.
-                delay = min(delay, _CONFIRM_RETRY_S * 2**unconfirmed)
-                unconfirmed += 1
-            next_at = trio.current_time() + delay
-            if unknown_since is not None and trio.current_time() < give_up_at:
-                # Asked again at the end of the grace, so an unknown task ends on time.
-                next_at = min(next_at, give_up_at)
+            else:
+                delay = self._plan(job, first=False)
+                if confirming:
+                    # KIE's status may lag behind its callback a little: ask again soon.
+                    delay = min(delay, _CONFIRM_RETRY_S * 2**unconfirmed)
+                    unconfirmed += 1
+                next_at = trio.current_time() + delay
+                if unknown_since is not None and trio.current_time() < give_up_at:
+                    # Asked again at the end of the grace, so an unknown task ends on time.
+                    next_at = min(next_at, give_up_at)
 
     def _confirm_due(self, job_id: JobId, confirmed: float | None) -> bool:
         """Whether a callback asked to confirm the job's task status since the request

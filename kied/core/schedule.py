@@ -322,8 +322,9 @@ def planned_poll_delay(
     A job so planned asks at most ``w * budget_per_s / load.weight`` queries a second, so
     while ``load.weight`` adds up the weights of the jobs in flight, together they ask at
     most ``budget_per_s`` (first queries too: n jobs of weight w planned together ask
-    theirs over ``n * w / budget_per_s`` seconds). While few jobs are in flight the share is short and every job
-    follows its base; as more come, every interval is stretched, an overdue job's least.
+    theirs over ``n * w / budget_per_s`` seconds). While few jobs are in flight the share
+    is short and every job follows its base; as more come, every interval is stretched, an
+    overdue job's least.
     The arithmetic is O(1): the fleet comes in as the one sum :class:`PollBudget` keeps.
 
     Args:

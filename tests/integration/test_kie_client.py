@@ -711,61 +711,47 @@ async def test_network_errors_are_transient(
 # Rate limits
 
 
-async def test_creates_are_limited_to_20_per_10_s(autojump_clock: trio.testing.MockClock) -> None:
-    times: list[float] = []
+async def call_times(kie: KieClient, calls: list[str]) -> dict[str, list[float]]:
+    """Make every call (``create``, ``status``) at once: when each kind's calls ended,
+    sorted, from the start."""
+    t0 = trio.current_time()
+    done: dict[str, list[float]] = {call: [] for call in calls}
+
+    async def one(call: str) -> None:
+        await call_kie(kie, call)
+        done[call].append(trio.current_time() - t0)
+
     with trio.fail_after(600):
-        async with open_fake_kie() as (kie, fake):
-            t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for call in calls:
+                nursery.start_soon(one, call)
+    return {call: sorted(times) for call, times in done.items()}
 
-            async def create() -> None:
-                await call_kie(kie, "create")
-                times.append(trio.current_time() - t0)
 
-            async with trio.open_nursery() as nursery:
-                for _ in range(25):
-                    nursery.start_soon(create)
-    assert sorted(times) == [0.0] * 20 + [10.5] * 5  # the default window has a margin
+async def test_creates_are_limited_to_20_per_10_s(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_fake_kie() as (kie, fake):
+        times = await call_times(kie, ["create"] * 25)
+    assert times["create"] == [0.0] * 20 + [10.5] * 5  # the default window has a margin
     assert len(fake.requests) == 25
 
 
 async def test_status_queries_are_limited_separately(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    done: dict[str, list[float]] = {"create": [], "status": []}
-    with trio.fail_after(600):
-        async with open_fake_kie() as (kie, _fake):
-            t0 = trio.current_time()
-
-            async def one(call: str) -> None:
-                await call_kie(kie, call)
-                done[call].append(trio.current_time() - t0)
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(25):
-                    nursery.start_soon(one, "status")
-                for _ in range(5):
-                    nursery.start_soon(one, "create")
+    async with open_fake_kie() as (kie, _fake):
+        times = await call_times(kie, ["status"] * 25 + ["create"] * 5)
     # 10 a second, with a 5 % margin (1.05 s)
-    assert sorted(done["status"]) == pytest.approx([0.0] * 10 + [1.05] * 10 + [2.1] * 5)
-    assert done["create"] == [0.0] * 5
+    assert times["status"] == pytest.approx([0.0] * 10 + [1.05] * 10 + [2.1] * 5)
+    assert times["create"] == [0.0] * 5
 
 
 async def test_status_queries_keep_the_budget_at_the_moment_they_are_sent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # KIE's 10 per 1.05 s and kied's budget of 5 per 10 s, kept by one limiter.
-    times: list[float] = []
     async with open_fake_kie(status_budget=(5, 10.0)) as (kie, _fake):
-        t0 = trio.current_time()
-
-        async def one() -> None:
-            await call_kie(kie, "status")
-            times.append(trio.current_time() - t0)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(12):
-                nursery.start_soon(one)
-    assert sorted(times) == pytest.approx([0.0] * 5 + [10.0] * 5 + [20.0] * 2)
+        times = await call_times(kie, ["status"] * 12)
+    assert times["status"] == pytest.approx([0.0] * 5 + [10.0] * 5 + [20.0] * 2)
 
 
 async def test_limits_are_configurable_and_the_wait_is_not_a_timeout(
